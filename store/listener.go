@@ -1,0 +1,195 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+	"github.com/jackc/pgx/v5"
+)
+
+// ListenerAppName is the application_name of the Listener's connection (to find its backend).
+const ListenerAppName = "notifyd-listener"
+
+// ChannelPrefix is the NOTIFY channel prefix; the channel is ChannelPrefix + the schema name.
+const ChannelPrefix = "notifyd:"
+
+// Change says that a user's notifications From..To (inclusive seqs) were committed.
+type Change struct {
+	UserID   string
+	From, To int64
+}
+
+// Listener receives the NOTIFYs sent by the notifications trigger, on a dedicated connection.
+type Listener struct {
+	s   *Store
+	log *slog.Logger
+
+	// HealthInterval is how long Run waits for a notification before pinging the
+	// connection to detect silent loss. Set before Run; default 15s.
+	HealthInterval time.Duration
+	// PingTimeout bounds that ping. Default 5s.
+	PingTimeout time.Duration
+	// AppName is the application_name of the connection (set before Run), to find its
+	// backend in pg_stat_activity. Default ListenerAppName.
+	AppName string
+}
+
+// NewListener returns a Listener using the store's connection settings. log may be nil.
+func (s *Store) NewListener(log *slog.Logger) *Listener {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Listener{s: s, log: log, HealthInterval: 15 * time.Second, PingTimeout: 5 * time.Second, AppName: ListenerAppName}
+}
+
+// Run listens until ctx ends, then returns nil. It calls onReady once, when the first LISTEN is
+// active; onChanges for every NOTIFY (parsed payload), in arrival order, from this goroutine;
+// and onReconnect after every later (re)connect, once LISTEN is active again, so the caller can
+// catch up from the tables (NOTIFYs sent while disconnected are lost). A dead connection is
+// detected by the error of the wait or, when nothing arrives for HealthInterval, by a ping.
+// Reconnects use exponential backoff without a time limit. Any callback may be nil.
+func (l *Listener) Run(ctx context.Context, onReady func(), onChanges func([]Change), onReconnect func()) error {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 100 * time.Millisecond
+	bo.MaxInterval = 5 * time.Second
+	connected := false
+	for {
+		conn, err := l.connect(ctx)
+		if err == nil {
+			bo.Reset()
+			if !connected {
+				connected = true
+				if onReady != nil {
+					onReady()
+				}
+			} else {
+				l.log.Info("store listener reconnected")
+				if onReconnect != nil {
+					onReconnect()
+				}
+			}
+			err = l.listen(ctx, conn, onChanges)
+			closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+			_ = conn.Close(closeCtx)
+			cancel()
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		wait := bo.NextBackOff()
+		l.log.Warn("store listener disconnected", "err", err, "retry_in", wait)
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// connect opens a dedicated connection (not from the pool) and LISTENs on the channel of its
+// current schema.
+func (l *Listener) connect(ctx context.Context) (*pgx.Conn, error) {
+	cfg := l.s.pool.Config().ConnConfig.Copy()
+	cfg.RuntimeParams["application_name"] = l.AppName
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("store listener: connect: %w", err)
+	}
+	var schema string
+	err = conn.QueryRow(ctx, "SELECT current_schema()").Scan(&schema)
+	if err == nil {
+		_, err = conn.Exec(ctx, "LISTEN "+pgx.Identifier{ChannelPrefix + schema}.Sanitize())
+	}
+	if err != nil {
+		_ = conn.Close(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("store listener: listen: %w", err)
+	}
+	return conn, nil
+}
+
+// listen delivers notifications until the connection fails or ctx ends.
+func (l *Listener) listen(ctx context.Context, conn *pgx.Conn, onChanges func([]Change)) error {
+	for {
+		wctx, cancel := context.WithTimeout(ctx, l.HealthInterval)
+		n, err := conn.WaitForNotification(wctx)
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			// Quiet for a while: make sure the connection is still alive.
+			pctx, cancel := context.WithTimeout(ctx, l.PingTimeout)
+			err = conn.Ping(pctx)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("store listener: ping: %w", err)
+			}
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("store listener: wait: %w", err)
+		}
+		changes, perr := ParsePayload(n.Payload)
+		if perr != nil {
+			l.log.Warn("store listener: bad payload lines skipped", "err", perr)
+		}
+		if len(changes) > 0 && onChanges != nil {
+			onChanges(changes)
+		}
+	}
+}
+
+// ParsePayload parses a NOTIFY payload of the notifications trigger: lines
+// "user_id<TAB>from<TAB>to" separated by newlines (a user id may itself contain tabs; the two
+// numbers are taken from the end of the line). Empty lines are skipped. It returns every
+// well-formed change, and an error naming the malformed lines if there were any.
+func ParsePayload(p string) ([]Change, error) {
+	var changes []Change
+	var errs []error
+	for i, line := range strings.Split(p, "\n") {
+		if line == "" {
+			continue
+		}
+		c, err := parseLine(line)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("line %d: %w", i+1, err))
+			continue
+		}
+		changes = append(changes, c)
+	}
+	if len(errs) > 0 {
+		return changes, fmt.Errorf("store: parse payload: %w", errors.Join(errs...))
+	}
+	return changes, nil
+}
+
+func parseLine(line string) (Change, error) {
+	t2 := strings.LastIndexByte(line, '\t')
+	if t2 < 0 {
+		return Change{}, errors.New("want user<TAB>from<TAB>to")
+	}
+	t1 := strings.LastIndexByte(line[:t2], '\t')
+	if t1 <= 0 {
+		return Change{}, errors.New("want user<TAB>from<TAB>to")
+	}
+	from, err := strconv.ParseInt(line[t1+1:t2], 10, 64)
+	if err != nil {
+		return Change{}, fmt.Errorf("from: %w", err)
+	}
+	to, err := strconv.ParseInt(line[t2+1:], 10, 64)
+	if err != nil {
+		return Change{}, fmt.Errorf("to: %w", err)
+	}
+	if from < 1 || to < from {
+		return Change{}, fmt.Errorf("bad range %d..%d", from, to)
+	}
+	return Change{UserID: line[:t1], From: from, To: to}, nil
+}

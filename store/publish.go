@@ -1,0 +1,382 @@
+package store
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgerrcode"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// maxPublishAttempts bounds the retries of a publish statement that lost a race
+// (a concurrent duplicate idempotency key gives 23505) or a deadlock.
+const maxPublishAttempts = 5
+
+// NewNotification is one notification to store.
+type NewNotification struct {
+	// UserID is the recipient (required).
+	UserID string
+	// Topic is the application's name for the kind of notification (required).
+	Topic string
+	// Data is a JSON value; empty means {}.
+	Data json.RawMessage
+	// IdempotencyKey, when not empty, makes a repeat of (UserID, IdempotencyKey) return the
+	// first result instead of storing a new row.
+	IdempotencyKey string
+	// ExpiresAt, when set, hides the notification from replay, inbox and unread counts after it.
+	ExpiresAt *time.Time
+}
+
+// Notification is a stored notification.
+type Notification struct {
+	ID        string
+	UserID    string
+	Seq       int64
+	Topic     string
+	Data      json.RawMessage
+	CreatedAt time.Time
+	ReadAt    *time.Time
+	ExpiresAt *time.Time
+}
+
+// Published is the outcome of storing one NewNotification.
+type Published struct {
+	ID        string
+	UserID    string
+	Seq       int64
+	CreatedAt time.Time
+	// Duplicate reports that the idempotency key was seen before: the other fields are those
+	// of the first notification stored with it, and nothing new was stored.
+	Duplicate bool
+}
+
+func validate(n *NewNotification) error {
+	switch {
+	case n.UserID == "":
+		return fmt.Errorf("%w: empty user id", ErrInvalid)
+	case n.Topic == "":
+		return fmt.Errorf("%w: empty topic", ErrInvalid)
+	case len(n.Data) > 0 && !json.Valid(n.Data):
+		return fmt.Errorf("%w: data is not valid JSON", ErrInvalid)
+	}
+	return nil
+}
+
+// publishSQL stores a batch in one statement (so one transaction and one NOTIFY). Rows whose
+// (user_id, idempotency_key) exists already are not inserted (the BEFORE trigger would burn a
+// seq) but returned from the existing row with dup = true. Rows are inserted in ord order, which
+// the caller makes user_id order, so concurrent batches take the user_seqs row locks in one
+// global order and cannot deadlock.
+const publishSQL = `
+WITH input AS (
+	SELECT t.id::uuid AS id, t.user_id, t.topic, t.data::jsonb AS data, t.ikey, t.expires_at, t.ord
+	FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+		WITH ORDINALITY AS t(id, user_id, topic, data, ikey, expires_at, ord)
+), dup AS (
+	SELECT i.id AS req_id, n.id, n.seq, n.created_at
+	FROM input i
+	JOIN notifications n ON n.user_id = i.user_id AND n.idempotency_key = i.ikey
+	WHERE i.ikey IS NOT NULL
+), ins AS (
+	INSERT INTO notifications (id, user_id, topic, data, idempotency_key, expires_at)
+	SELECT i.id, i.user_id, i.topic, i.data, i.ikey, i.expires_at
+	FROM input i
+	WHERE NOT EXISTS (SELECT 1 FROM dup d WHERE d.req_id = i.id)
+	ORDER BY i.ord
+	RETURNING id, seq, created_at
+)
+SELECT req_id::text, id::text, seq, created_at, true FROM dup
+UNION ALL
+SELECT id::text, id::text, seq, created_at, false FROM ins`
+
+// Publish stores all of ns in one transaction (all or nothing) and returns their results in
+// input order. Rows are inserted sorted by user id (deadlock-free against concurrent batches)
+// with one INSERT ... SELECT FROM unnest statement, so one NOTIFY goes out for the batch.
+//
+// Idempotency: a row whose (UserID, IdempotencyKey) already exists, or repeats an earlier row
+// of the same batch, is not inserted and comes back with Duplicate set and the first result.
+// A concurrent insert of the same key (23505) or a deadlock retries the statement, bounded.
+// An invalid notification fails the whole call with ErrInvalid before touching the database.
+func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published, error) {
+	if len(ns) == 0 {
+		return nil, nil
+	}
+	for i := range ns {
+		if err := validate(&ns[i]); err != nil {
+			return nil, fmt.Errorf("store: publish: notification %d: %w", i, err)
+		}
+	}
+
+	// Sort by user (byte order, stable), drop in-batch repeats of an idempotency key.
+	order := make([]int, len(ns))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(ns[a].UserID, ns[b].UserID) })
+
+	type ukey struct{ user, key string }
+	firstOf := map[ukey]int{}
+	alias := map[int]int{} // input index -> input index of the first row with its key
+	var (
+		sent    []int // input indexes sent, in insertion order
+		ids     = make([]string, 0, len(ns))
+		users   = make([]string, 0, len(ns))
+		topics  = make([]string, 0, len(ns))
+		datas   = make([]string, 0, len(ns))
+		keys    = make([]*string, 0, len(ns))
+		expires = make([]*time.Time, 0, len(ns))
+	)
+	for _, i := range order {
+		n := &ns[i]
+		var key *string
+		if n.IdempotencyKey != "" {
+			k := ukey{n.UserID, n.IdempotencyKey}
+			if first, ok := firstOf[k]; ok {
+				alias[i] = first
+				continue
+			}
+			firstOf[k] = i
+			key = &n.IdempotencyKey
+		}
+		id, err := uuid.NewV7()
+		if err != nil {
+			return nil, fmt.Errorf("store: publish: new id: %w", err)
+		}
+		data := "{}"
+		if len(n.Data) > 0 {
+			data = string(n.Data)
+		}
+		sent = append(sent, i)
+		ids = append(ids, id.String())
+		users = append(users, n.UserID)
+		topics = append(topics, n.Topic)
+		datas = append(datas, data)
+		keys = append(keys, key)
+		expires = append(expires, n.ExpiresAt)
+	}
+
+	byID := make(map[string]Published, len(sent))
+	for attempt := 1; ; attempt++ {
+		clear(byID)
+		err := s.publishOnce(ctx, byID, ids, users, topics, datas, keys, expires)
+		if err == nil {
+			break
+		}
+		if attempt >= maxPublishAttempts || !retryable(err) || ctx.Err() != nil {
+			return nil, fmt.Errorf("store: publish %d notification(s): %w", len(ns), err)
+		}
+		// Short jittered pause: the conflicting transaction is committing now.
+		t := time.NewTimer(time.Duration(attempt) * time.Duration(1+rand.IntN(5)) * time.Millisecond)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("store: publish %d notification(s): %w", len(ns), ctx.Err())
+		}
+	}
+
+	out := make([]Published, len(ns))
+	for j, i := range sent {
+		p, ok := byID[ids[j]]
+		if !ok {
+			return nil, fmt.Errorf("store: publish: no result for notification %d", i)
+		}
+		p.UserID = ns[i].UserID
+		out[i] = p
+	}
+	for i, first := range alias {
+		out[i] = out[first]
+		out[i].Duplicate = true
+	}
+	return out, nil
+}
+
+func (s *Store) publishOnce(ctx context.Context, byID map[string]Published, args ...any) error {
+	s.stats.publishStatements.Add(1)
+	rows, err := s.pool.Query(ctx, publishSQL, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var reqID string
+		var p Published
+		if err := rows.Scan(&reqID, &p.ID, &p.Seq, &p.CreatedAt, &p.Duplicate); err != nil {
+			return err
+		}
+		byID[reqID] = p
+	}
+	return rows.Err()
+}
+
+func retryable(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	switch pgErr.Code {
+	case pgerrcode.UniqueViolation, pgerrcode.DeadlockDetected, pgerrcode.SerializationFailure:
+		return true
+	}
+	return false
+}
+
+// pubReq is one queued PublishOne call.
+type pubReq struct {
+	ctx context.Context
+	n   NewNotification
+	res chan pubRes // buffered(1)
+}
+
+type pubRes struct {
+	p   Published
+	err error
+}
+
+// PublishOne stores one notification. Concurrent callers are grouped into shared transactions
+// (group commit): a loop takes what is queued, up to Options.GroupCommitMax, waiting at most
+// Options.GroupCommitWait for more only when others are already queued, and each caller returns
+// once its row is committed. A group that fails is retried one request at a time, so a bad
+// request never fails its neighbours. ctx bounds the caller's wait; if it ends after the
+// request was handed to a group, the notification may still be stored.
+func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, error) {
+	if err := validate(&n); err != nil {
+		return Published{}, fmt.Errorf("store: publish: %w", err)
+	}
+	r := &pubReq{ctx: ctx, n: n, res: make(chan pubRes, 1)}
+	s.closeMu.RLock()
+	if s.closed {
+		s.closeMu.RUnlock()
+		return Published{}, ErrClosed
+	}
+	select {
+	case s.reqs <- r:
+		s.closeMu.RUnlock()
+	case <-ctx.Done():
+		s.closeMu.RUnlock()
+		return Published{}, fmt.Errorf("store: publish: %w", ctx.Err())
+	}
+	s.stats.publishOneCalls.Add(1)
+	select {
+	case res := <-r.res:
+		return res.p, res.err
+	case <-ctx.Done():
+		return Published{}, fmt.Errorf("store: publish: %w", ctx.Err())
+	}
+}
+
+// groupLoop forms groups of PublishOne requests and stores each in a worker goroutine. It
+// takes a worker slot before forming a group, so while all workers are busy, requests queue up
+// and become the next, larger group.
+func (s *Store) groupLoop() {
+	var wg sync.WaitGroup
+	defer close(s.loopDone)
+	defer wg.Wait()
+	for {
+		var first *pubReq
+		select {
+		case first = <-s.reqs:
+		case <-s.stop:
+			// Close holds off new senders; store what is queued.
+			wg.Wait()
+			for {
+				select {
+				case r := <-s.reqs:
+					s.storeGroup(s.collect(r, false))
+				default:
+					return
+				}
+			}
+		}
+		s.workers <- struct{}{}
+		group := s.collect(first, true)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-s.workers }()
+			s.storeGroup(group)
+		}()
+	}
+}
+
+// collect returns first plus what is queued, up to GroupCommitMax. With wait, and when others
+// were queued (a busy moment), it waits up to GroupCommitWait for the group to fill.
+func (s *Store) collect(first *pubReq, wait bool) []*pubReq {
+	group := []*pubReq{first}
+	limit := s.opt.GroupCommitMax
+drain:
+	for len(group) < limit {
+		select {
+		case r := <-s.reqs:
+			group = append(group, r)
+		default:
+			break drain
+		}
+	}
+	if !wait || len(group) == 1 || len(group) >= limit {
+		return group
+	}
+	t := time.NewTimer(s.opt.GroupCommitWait)
+	defer t.Stop()
+	for len(group) < limit {
+		select {
+		case r := <-s.reqs:
+			group = append(group, r)
+		case <-t.C:
+			return group
+		case <-s.stop:
+			return group
+		}
+	}
+	return group
+}
+
+// storeGroup stores the group in one transaction, or one by one if that fails.
+func (s *Store) storeGroup(group []*pubReq) {
+	live := group[:0]
+	for _, r := range group {
+		if err := r.ctx.Err(); err != nil {
+			r.res <- pubRes{err: fmt.Errorf("store: publish: %w", err)}
+			continue
+		}
+		live = append(live, r)
+	}
+	if len(live) == 0 {
+		return
+	}
+	s.stats.publishOneGroups.Add(1)
+	// Detached from the callers: one caller giving up must not fail the others.
+	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
+	defer cancel()
+	ns := make([]NewNotification, len(live))
+	for i, r := range live {
+		ns[i] = r.n
+	}
+	ps, err := s.Publish(ctx, ns)
+	if err == nil {
+		for i, r := range live {
+			r.res <- pubRes{p: ps[i]}
+		}
+		return
+	}
+	if len(live) == 1 {
+		live[0].res <- pubRes{err: err}
+		return
+	}
+	for _, r := range live {
+		ps, err := s.Publish(ctx, []NewNotification{r.n})
+		if err != nil {
+			r.res <- pubRes{err: err}
+			continue
+		}
+		r.res <- pubRes{p: ps[0]}
+	}
+}

@@ -1,0 +1,368 @@
+package store_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/notifyd/notifyd/store"
+	"github.com/notifyd/notifyd/store/storetest"
+)
+
+// seqsOf returns the user's seqs in seq order.
+func seqsOf(t *testing.T, s *store.Store, user string) []int64 {
+	t.Helper()
+	rows, err := s.Pool().Query(testCtx(t), "SELECT seq FROM notifications WHERE user_id = $1 ORDER BY seq", user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seqs []int64
+	for rows.Next() {
+		var q int64
+		if err := rows.Scan(&q); err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, q)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return seqs
+}
+
+func checkDense(t *testing.T, s *store.Store, user string, want int) {
+	t.Helper()
+	seqs := seqsOf(t, s, user)
+	if len(seqs) != want {
+		t.Fatalf("user %s: %d rows, want %d", user, len(seqs), want)
+	}
+	for i, q := range seqs {
+		if q != int64(i+1) {
+			t.Fatalf("user %s: seq #%d is %d, want %d (not dense)", user, i, q, i+1)
+		}
+	}
+}
+
+func TestSeqDenseAndCommitOrdered(t *testing.T) {
+	s := storetest.New(t)
+	lst := startListener(t, s, nil)
+	ctx := testCtx(t)
+	const goroutines, each = 8, 40
+	users := []string{"alice", "bob"}
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				u := users[(g+i)%2]
+				var err error
+				switch i % 3 {
+				case 0:
+					_, err = s.PublishOne(ctx, note(u))
+				case 1:
+					_, err = s.Publish(ctx, []store.NewNotification{note(u)})
+				default:
+					_, err = s.Publish(ctx, []store.NewNotification{note("alice"), note("bob")})
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	want := map[string]int{}
+	for _, u := range users {
+		want[u] = len(seqsOf(t, s, u))
+		checkDense(t, s, u, want[u])
+	}
+	if want["alice"]+want["bob"] < goroutines*each {
+		t.Fatalf("only %d rows", want["alice"]+want["bob"])
+	}
+	// NOTIFYs arrive in commit order: per user the ranges must follow each other exactly.
+	lst.waitFor(t, "all changes", func() bool {
+		c := lst.covered()
+		return c["alice"] == int64(want["alice"]) && c["bob"] == int64(want["bob"])
+	})
+	lst.mu.Lock()
+	defer lst.mu.Unlock()
+	next := map[string]int64{}
+	for _, c := range lst.changes {
+		if c.From != next[c.UserID]+1 {
+			t.Fatalf("user %s: change %d..%d after %d: commit order != seq order", c.UserID, c.From, c.To, next[c.UserID])
+		}
+		next[c.UserID] = c.To
+	}
+}
+
+func TestIdempotency(t *testing.T) {
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	n := note("u1")
+	n.IdempotencyKey = "k1"
+	first := mustPublish(t, s, n)[0]
+	if first.Duplicate || first.Seq != 1 || first.UserID != "u1" || first.ID == "" {
+		t.Fatalf("first = %+v", first)
+	}
+	again := mustPublish(t, s, n)[0]
+	if !again.Duplicate || again.ID != first.ID || again.Seq != first.Seq || !again.CreatedAt.Equal(first.CreatedAt) {
+		t.Fatalf("again = %+v, first = %+v", again, first)
+	}
+	p1, err := s.PublishOne(ctx, n)
+	if err != nil || !p1.Duplicate || p1.ID != first.ID {
+		t.Fatalf("PublishOne duplicate = %+v, %v", p1, err)
+	}
+	// Same key for another user is a different notification.
+	other := n
+	other.UserID = "u2"
+	if p := mustPublish(t, s, other)[0]; p.Duplicate || p.Seq != 1 {
+		t.Fatalf("other user = %+v", p)
+	}
+	// In one batch: repeat of an existing key, a new key twice, a keyless row.
+	k2 := note("u1")
+	k2.IdempotencyKey = "k2"
+	ps := mustPublish(t, s, n, k2, note("u1"), k2)
+	if !ps[0].Duplicate || ps[0].ID != first.ID {
+		t.Fatalf("batch[0] = %+v", ps[0])
+	}
+	if ps[1].Duplicate || ps[3].ID != ps[1].ID || !ps[3].Duplicate || ps[2].Duplicate {
+		t.Fatalf("batch = %+v", ps)
+	}
+	// No seq was burnt by the duplicates.
+	checkDense(t, s, "u1", 3)
+
+	// Concurrent publishers of one key: one row, one result, no seq burnt.
+	k3 := note("u1")
+	k3.IdempotencyKey = "k3"
+	var wg sync.WaitGroup
+	results := make([]store.Published, 16)
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var err error
+			if i%2 == 0 {
+				results[i], err = s.PublishOne(ctx, k3)
+			} else {
+				var ps []store.Published
+				ps, err = s.Publish(ctx, []store.NewNotification{k3, note("u3")})
+				if err == nil {
+					results[i] = ps[0]
+				}
+			}
+			if err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	dups := 0
+	for _, r := range results {
+		if r.ID != results[0].ID || r.Seq != 4 {
+			t.Fatalf("concurrent results differ: %+v vs %+v", r, results[0])
+		}
+		if r.Duplicate {
+			dups++
+		}
+	}
+	if dups != len(results)-1 {
+		t.Fatalf("%d duplicates, want %d", dups, len(results)-1)
+	}
+	checkDense(t, s, "u1", 4)
+}
+
+func TestPublishValidation(t *testing.T) {
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	bad := []store.NewNotification{
+		{Topic: "t"},
+		{UserID: "u"},
+		{UserID: "u", Topic: "t", Data: json.RawMessage(`{nope`)},
+	}
+	for _, n := range bad {
+		if _, err := s.Publish(ctx, []store.NewNotification{note("u"), n}); !errors.Is(err, store.ErrInvalid) {
+			t.Errorf("Publish(%+v) = %v, want ErrInvalid", n, err)
+		}
+		if _, err := s.PublishOne(ctx, n); !errors.Is(err, store.ErrInvalid) {
+			t.Errorf("PublishOne(%+v) = %v, want ErrInvalid", n, err)
+		}
+	}
+	if seqs := seqsOf(t, s, "u"); len(seqs) != 0 {
+		t.Fatalf("stored %v", seqs)
+	}
+	// Empty data is {}; results come back in input order.
+	ps := mustPublish(t, s, store.NewNotification{UserID: "z", Topic: "t"}, note("a"), note("z"))
+	if ps[0].UserID != "z" || ps[0].Seq != 1 || ps[1].UserID != "a" || ps[2].Seq != 2 {
+		t.Fatalf("results = %+v", ps)
+	}
+	ns, _, _, err := s.Replay(ctx, "z", 0, 10)
+	if err != nil || len(ns) != 2 || string(ns[0].Data) != "{}" || string(ns[1].Data) != `{"n": 1}` {
+		t.Fatalf("replay = %+v, %v", ns, err)
+	}
+}
+
+func TestBatchRandomUsersNoDeadlock(t *testing.T) {
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	const workers, batches, size, nusers = 4, 5, 1000, 300
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range batches {
+				ns := make([]store.NewNotification, size)
+				for i := range ns {
+					ns[i] = note(fmt.Sprintf("user-%d", rand.IntN(nusers)))
+				}
+				ps, err := s.Publish(ctx, ns)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				for i, p := range ps {
+					if p.UserID != ns[i].UserID || p.Seq < 1 {
+						t.Errorf("result %d = %+v for %s", i, p, ns[i].UserID)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	var rows, bad int64
+	err := s.Pool().QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE seq <> rn) FROM (
+		SELECT seq, row_number() OVER (PARTITION BY user_id ORDER BY seq) AS rn FROM notifications) x`).Scan(&rows, &bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rows != workers*batches*size || bad != 0 {
+		t.Fatalf("%d rows (want %d), %d not dense", rows, workers*batches*size, bad)
+	}
+}
+
+func TestPublishOneGroups(t *testing.T) {
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	const callers = 400
+	before := s.Stats()
+	var wg sync.WaitGroup
+	res := make([]store.Published, callers)
+	start := make(chan struct{})
+	for i := range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			p, err := s.PublishOne(ctx, note(fmt.Sprintf("u%d", i%7)))
+			if err != nil {
+				t.Error(err)
+			}
+			res[i] = p
+		}()
+	}
+	close(start)
+	wg.Wait()
+	after := s.Stats()
+	var n int64
+	if err := s.Pool().QueryRow(ctx, "SELECT count(*) FROM notifications").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != callers {
+		t.Fatalf("%d rows committed, want %d", n, callers)
+	}
+	stmts := after.PublishStatements - before.PublishStatements
+	t.Logf("%d PublishOne calls in %d groups, %d statements", after.PublishOneCalls-before.PublishOneCalls,
+		after.PublishOneGroups-before.PublishOneGroups, stmts)
+	if stmts >= callers {
+		t.Fatalf("%d transactions for %d calls: no grouping", stmts, callers)
+	}
+	seen := map[string]bool{}
+	for _, p := range res {
+		if p.ID == "" || seen[p.ID] {
+			t.Fatalf("bad or repeated result %+v", p)
+		}
+		seen[p.ID] = true
+	}
+	for u := range 7 {
+		checkDense(t, s, fmt.Sprintf("u%d", u), len(seqsOf(t, s, fmt.Sprintf("u%d", u))))
+	}
+}
+
+func TestPublishOneBadNeighbour(t *testing.T) {
+	// A request that fails in the database (data too deep for jsonb is hard to hit; an
+	// over-long idempotency key in a btree is) must not fail the others of its group.
+	s := storetest.NewWithOptions(t, store.Options{GroupCommitWait: 20 * time.Millisecond})
+	ctx := testCtx(t)
+	bad := note("b")
+	bad.IdempotencyKey = string(make([]byte, 0)) + randomString(10000)
+	var wg sync.WaitGroup
+	errs := make([]error, 50)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			n := note(fmt.Sprintf("g%d", i%3))
+			if i == 25 {
+				n = bad
+			}
+			_, errs[i] = s.PublishOne(ctx, n)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if (err != nil) != (i == 25) {
+			t.Errorf("call %d: err = %v", i, err)
+		}
+	}
+}
+
+func randomString(n int) string {
+	const letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = letters[rand.IntN(len(letters))]
+	}
+	return string(b)
+}
+
+func TestPublishOneAfterClose(t *testing.T) {
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	var wg sync.WaitGroup
+	for i := range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := s.PublishOne(ctx, note(fmt.Sprintf("c%d", i%2)))
+			if err != nil && !errors.Is(err, store.ErrClosed) {
+				t.Error(err)
+			}
+		}()
+	}
+	time.Sleep(time.Millisecond)
+	s.Close()
+	wg.Wait()
+	if _, err := s.PublishOne(ctx, note("x")); !errors.Is(err, store.ErrClosed) {
+		t.Fatalf("after Close: %v", err)
+	}
+}
+
+func TestPublishOneContext(t *testing.T) {
+	s := storetest.New(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := s.PublishOne(ctx, note("x")); !errors.Is(err, context.Canceled) {
+		t.Fatalf("canceled ctx: %v", err)
+	}
+}

@@ -1,0 +1,235 @@
+// Package store is the Postgres layer of notifyd: notifications with dense per-user sequence
+// numbers, replay and inbox reads, read state, the LISTEN side of change delivery, and the
+// off-hot-path Recorder of deliveries and session history.
+//
+// All SQL references tables unqualified, so the schema is chosen by the connection's
+// search_path (tests run each in their own schema, see package storetest).
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgerrcode"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/tern/v2/migrate"
+
+	"github.com/notifyd/notifyd/migrations"
+)
+
+// Defaults used by Open when the corresponding Options field is zero.
+const (
+	DefaultMaxConns        int32         = 20
+	DefaultGroupCommitMax  int           = 500
+	DefaultGroupCommitWait time.Duration = time.Millisecond
+)
+
+// versionTable is tern's version table, unqualified so it lives in the search_path schema.
+const versionTable = "schema_version"
+
+// writeTimeout bounds writes that run detached from the caller's context.
+const writeTimeout = 30 * time.Second
+
+// ErrClosed is returned by PublishOne after Close.
+var ErrClosed = errors.New("store: closed")
+
+// ErrInvalid is returned (wrapped) for a notification that cannot be stored: empty user id or
+// topic, or data that is not valid JSON. Nothing of the request is stored.
+var ErrInvalid = errors.New("invalid notification")
+
+// Options tunes a Store. Zero values select the defaults above.
+type Options struct {
+	// MaxConns is the pool size.
+	MaxConns int32
+	// GroupCommitMax is the most PublishOne requests stored in one transaction.
+	GroupCommitMax int
+	// GroupCommitWait is how long a group waits for more requests, and only when more are
+	// already queued (a lone caller never waits).
+	GroupCommitWait time.Duration
+}
+
+// Store is the notifyd database layer over a *pgxpool.Pool. It is safe for concurrent use.
+type Store struct {
+	pool *pgxpool.Pool
+	opt  Options
+
+	// group commit (PublishOne)
+	closeMu  sync.RWMutex // held for reading while enqueueing; for writing when closing
+	closed   bool
+	reqs     chan *pubReq
+	stop     chan struct{}
+	loopDone chan struct{}
+	workers  chan struct{} // semaphore of concurrent group transactions
+
+	stats struct {
+		publishStatements atomic.Uint64
+		publishOneCalls   atomic.Uint64
+		publishOneGroups  atomic.Uint64
+	}
+}
+
+// Stats are counters of the publish paths since Open (for tests and metrics).
+type Stats struct {
+	// PublishStatements counts publish statements executed (each is one transaction),
+	// retries included.
+	PublishStatements uint64
+	// PublishOneCalls counts PublishOne calls that were queued.
+	PublishOneCalls uint64
+	// PublishOneGroups counts group transactions attempted for PublishOne callers.
+	PublishOneGroups uint64
+}
+
+// Stats returns the publish counters.
+func (s *Store) Stats() Stats {
+	return Stats{
+		PublishStatements: s.stats.publishStatements.Load(),
+		PublishOneCalls:   s.stats.publishOneCalls.Load(),
+		PublishOneGroups:  s.stats.publishOneGroups.Load(),
+	}
+}
+
+// EnsureDatabase creates the database named in url if it does not exist, connecting to the
+// database "postgres" with the same credentials.
+func EnsureDatabase(ctx context.Context, url string) error {
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		return fmt.Errorf("store: parse database url: %w", err)
+	}
+	name := cfg.Database
+	if name == "" {
+		return errors.New("store: database url names no database")
+	}
+	admin := cfg.Copy()
+	admin.Database = "postgres"
+	conn, err := pgx.ConnectConfig(ctx, admin)
+	if err != nil {
+		return fmt.Errorf("store: connect to database postgres: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).Scan(&exists); err != nil {
+		return fmt.Errorf("store: look up database %q: %w", name, err)
+	}
+	if exists {
+		return nil
+	}
+	if _, err := conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == pgerrcode.DuplicateDatabase {
+			return nil // created concurrently by another node
+		}
+		return fmt.Errorf("store: create database %q: %w", name, err)
+	}
+	return nil
+}
+
+// Open creates the connection pool (and checks it with a ping) and starts the PublishOne
+// group-commit loop. It does not migrate: call Migrate.
+func Open(ctx context.Context, url string, opt Options) (*Store, error) {
+	if opt.MaxConns <= 0 {
+		opt.MaxConns = DefaultMaxConns
+	}
+	if opt.GroupCommitMax <= 0 {
+		opt.GroupCommitMax = DefaultGroupCommitMax
+	}
+	if opt.GroupCommitWait <= 0 {
+		opt.GroupCommitWait = DefaultGroupCommitWait
+	}
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, fmt.Errorf("store: parse database url: %w", err)
+	}
+	cfg.MaxConns = opt.MaxConns
+	if _, ok := cfg.ConnConfig.RuntimeParams["application_name"]; !ok {
+		cfg.ConnConfig.RuntimeParams["application_name"] = "notifyd"
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("store: create pool: %w", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("store: ping: %w", err)
+	}
+	// A few group transactions may run at once; while they do, new requests queue up and
+	// form the next (larger) group.
+	nworkers := max(1, min(4, int(opt.MaxConns)/2))
+	s := &Store{
+		pool:     pool,
+		opt:      opt,
+		reqs:     make(chan *pubReq, 4*opt.GroupCommitMax),
+		stop:     make(chan struct{}),
+		loopDone: make(chan struct{}),
+		workers:  make(chan struct{}, nworkers),
+	}
+	go s.groupLoop()
+	return s, nil
+}
+
+// Migrate applies the embedded migrations (migrations.FS) with tern/v2 on a dedicated
+// connection. tern holds a Postgres advisory lock while it works, so nodes starting at once
+// migrate once.
+func (s *Store) Migrate(ctx context.Context) error {
+	conn, err := pgx.ConnectConfig(ctx, s.pool.Config().ConnConfig.Copy())
+	if err != nil {
+		return fmt.Errorf("store: migrate: connect: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	m, err := migrate.NewMigrator(ctx, conn, versionTable)
+	if err != nil {
+		return fmt.Errorf("store: migrate: new migrator: %w", err)
+	}
+	if err := m.LoadMigrations(migrations.FS); err != nil {
+		return fmt.Errorf("store: migrate: load migrations: %w", err)
+	}
+	if err := m.Migrate(ctx); err != nil {
+		return fmt.Errorf("store: migrate: %w", err)
+	}
+	return nil
+}
+
+// Pool returns the underlying connection pool.
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+
+// Ping checks that the database answers.
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.pool.Ping(ctx); err != nil {
+		return fmt.Errorf("store: ping: %w", err)
+	}
+	return nil
+}
+
+// Close stops the group-commit loop, after storing what is already queued, then closes the
+// pool. PublishOne calls made after Close return ErrClosed.
+func (s *Store) Close() {
+	s.closeMu.Lock()
+	already := s.closed
+	s.closed = true
+	s.closeMu.Unlock()
+	if !already {
+		close(s.stop)
+		<-s.loopDone
+	}
+	s.pool.Close()
+}
+
+// EndStaleSessions marks session_history rows that never ended (a crash, a kill) as ended at
+// their last sign of life (last_seen_at, else connected_at) with the given reason. Call it at
+// startup, before sessions are accepted. It returns the number of rows changed.
+func (s *Store) EndStaleSessions(ctx context.Context, reason string) (int64, error) {
+	tag, err := s.pool.Exec(ctx, `
+		UPDATE session_history
+		SET ended_at = coalesce(last_seen_at, connected_at), end_reason = $1
+		WHERE ended_at IS NULL`, reason)
+	if err != nil {
+		return 0, fmt.Errorf("store: end stale sessions: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
