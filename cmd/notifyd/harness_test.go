@@ -1,0 +1,271 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/notifyd/notifyd/handlers"
+	"github.com/notifyd/notifyd/store/storetest"
+)
+
+const (
+	testSecret = "test-secret-0123456789abcdef"
+	testAPIKey = "test-api-key-0123456789abcdef"
+)
+
+// testServer is a whole notifyd on 127.0.0.1:0 in its own Postgres schema.
+type testServer struct {
+	*Main
+	URL   string
+	DBURL string
+	auth  *handlers.Auth
+}
+
+// testConfig is the configuration tests start from.
+func testConfig(dbURL string) Config {
+	return Config{
+		DatabaseURL: dbURL, Addr: "127.0.0.1:0", JWTSecret: testSecret, APIKey: testAPIKey,
+		PingInterval: 20 * time.Second, PingTimeout: 60 * time.Second, ReplayLimit: 1000,
+		MaxMessageBytes: 64 << 10, MaxDataBytes: 64 << 10, MaxSessionsPerUser: 20, MaxBatch: 1000,
+		QueueLimit: 256, ShutdownTimeout: 5 * time.Second, LogLevel: "warn",
+	}
+}
+
+// startServer starts a server; edit adjusts its configuration.
+func startServer(t testing.TB, edit ...func(*Config)) *testServer {
+	t.Helper()
+	return startServerOn(t, storetest.URL(t), edit...)
+}
+
+// startServerOn starts a server on an existing database URL (restarts).
+func startServerOn(t testing.TB, dbURL string, edit ...func(*Config)) *testServer {
+	t.Helper()
+	cfg := testConfig(dbURL)
+	for _, e := range edit {
+		e(&cfg)
+	}
+	m := &Main{Config: cfg, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	if testing.Verbose() {
+		m.Log = slog.New(slog.NewTextHandler(&testWriter{t: t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := m.Start(ctx); err != nil {
+		t.Fatalf("start server: %v", err)
+	}
+	ts := &testServer{Main: m, URL: "http://" + m.Addr(), DBURL: dbURL, auth: handlers.NewAuth(testSecret, testAPIKey, nil)}
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { ts.stop(t) }) })
+	return ts
+}
+
+func (ts *testServer) stop(t testing.TB) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Close(ctx); err != nil {
+		t.Logf("server close: %v", err)
+	}
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// token mints a client token for user.
+func (ts *testServer) token(t testing.TB, user string) string {
+	t.Helper()
+	tok, err := ts.auth.NewToken(user, "test", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// do sends a request with a bearer credential and decodes a JSON answer into
+// out (when not nil); it returns the status.
+func (ts *testServer) do(t testing.TB, method, path, bearer string, body any, out any) int {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, ts.URL+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+bearer)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if out != nil && len(raw) > 0 {
+		if err := json.Unmarshal(raw, out); err != nil {
+			t.Fatalf("%s %s: %d %s: %v", method, path, resp.StatusCode, raw, err)
+		}
+	}
+	return resp.StatusCode
+}
+
+// publishedNote is the API's answer to a publish.
+type publishedNote struct {
+	ID        string `json:"id"`
+	UserID    string `json:"user_id"`
+	Seq       int64  `json:"seq"`
+	CreatedAt string `json:"created_at"`
+}
+
+// publish stores one notification through the API and fails the test unless it is 201.
+func (ts *testServer) publish(t testing.TB, user, topic string, data any) publishedNote {
+	t.Helper()
+	var p publishedNote
+	if st := ts.do(t, "POST", "/v1/notifications", testAPIKey, map[string]any{"user_id": user, "topic": topic, "data": data}, &p); st != http.StatusCreated {
+		t.Fatalf("publish: status %d", st)
+	}
+	return p
+}
+
+// msg is one server message as a client sees it.
+type msg struct {
+	Type      string          `json:"type"`
+	Session   string          `json:"session"`
+	User      string          `json:"user"`
+	Transport string          `json:"transport"`
+	ID        string          `json:"id"`
+	Seq       int64           `json:"seq"`
+	Topic     string          `json:"topic"`
+	Data      json.RawMessage `json:"data"`
+	Replayed  bool            `json:"replayed"`
+	Cursor    int64           `json:"cursor"`
+	Unread    int64           `json:"unread"`
+	Truncated bool            `json:"truncated"`
+	IDs       []string        `json:"ids"`
+	Reason    string          `json:"reason"`
+	RetryMs   int64           `json:"retry_ms"`
+	Code      string          `json:"code"`
+	Message   string          `json:"message"`
+	// ServerTime is set on hello and pong.
+	ServerTime string `json:"server_time"`
+}
+
+// wsClient is a real WebSocket client of the server.
+type wsClient struct {
+	conn *websocket.Conn
+	in   chan msg
+	// closeErr is the read error that ended the connection (a *websocket.CloseError for a close frame).
+	closeErr error
+	done     chan struct{}
+}
+
+// wsURL builds /v1/ws with the given query values.
+func (ts *testServer) wsURL(q url.Values) string {
+	return "ws" + strings.TrimPrefix(ts.URL, "http") + "/v1/ws?" + q.Encode()
+}
+
+// dialWS connects as user; extra adds query parameters (cursor, session).
+func (ts *testServer) dialWS(t testing.TB, user string, extra url.Values) *wsClient {
+	t.Helper()
+	q := url.Values{"token": {ts.token(t, user)}}
+	for k, v := range extra {
+		q[k] = v
+	}
+	conn, resp, err := websocket.DefaultDialer.Dial(ts.wsURL(q), nil)
+	if err != nil {
+		status := 0
+		if resp != nil {
+			status = resp.StatusCode
+		}
+		t.Fatalf("dial ws: %v (status %d)", err, status)
+	}
+	c := &wsClient{conn: conn, in: make(chan msg, 4096), done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		defer close(c.in)
+		for {
+			_, data, err := conn.ReadMessage()
+			if err != nil {
+				c.closeErr = err
+				return
+			}
+			var m msg
+			if err := json.Unmarshal(data, &m); err != nil {
+				c.closeErr = err
+				return
+			}
+			c.in <- m
+		}
+	}()
+	t.Cleanup(func() { _ = conn.Close() })
+	return c
+}
+
+// next returns the next message, failing the test after timeout.
+func (c *wsClient) next(t testing.TB, timeout time.Duration) msg {
+	t.Helper()
+	select {
+	case m, ok := <-c.in:
+		if !ok {
+			t.Fatalf("connection ended: %v", c.closeErr)
+		}
+		return m
+	case <-time.After(timeout):
+		t.Fatalf("no message within %s", timeout)
+	}
+	return msg{}
+}
+
+// expect returns the next message and fails unless it has type typ.
+func (c *wsClient) expect(t testing.TB, typ string) msg {
+	t.Helper()
+	m := c.next(t, 5*time.Second)
+	if m.Type != typ {
+		t.Fatalf("got %+v, want a %s message", m, typ)
+	}
+	return m
+}
+
+// send writes one client message.
+func (c *wsClient) send(t testing.TB, v any) {
+	t.Helper()
+	if err := c.conn.WriteJSON(v); err != nil {
+		t.Fatalf("ws send: %v", err)
+	}
+}
+
+// waitClosed waits for the server to end the connection and returns its close error.
+func (c *wsClient) waitClosed(t testing.TB, timeout time.Duration) error {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		select {
+		case _, ok := <-c.in:
+			if !ok {
+				return c.closeErr
+			}
+		case <-deadline:
+			t.Fatalf("connection still open after %s", timeout)
+		}
+	}
+}

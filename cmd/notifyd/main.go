@@ -1,0 +1,238 @@
+// Command notifyd is the notification server. `notifyd` serves (configured by
+// the environment, see README); `notifyd token -user U` prints a client token.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/notifyd/notifyd/handlers"
+	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := run(ctx, os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "notifyd:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "token":
+			return runToken(args[1:], os.Stdout)
+		case "serve":
+			args = args[1:]
+		}
+	}
+	if len(args) > 0 {
+		return fmt.Errorf("unknown command %q (want serve or token)", args[0])
+	}
+	cfg, err := LoadConfig(os.Getenv)
+	if err != nil {
+		return fmt.Errorf("configuration:\n%w", err)
+	}
+	m := &Main{Config: cfg, Log: newLogger(cfg)}
+	if err := m.Start(ctx); err != nil {
+		return err
+	}
+	if cfg.Dev {
+		m.printDevBanner(os.Stdout)
+	}
+	<-ctx.Done()
+	m.Log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	return m.Close(sctx)
+}
+
+func newLogger(cfg Config) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.LogLevel))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.Dev {
+		return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+}
+
+// Main is the whole server, startable on ":0" by tests.
+type Main struct {
+	Config Config
+	Log    *slog.Logger
+	// Static overrides the embedded static files (tests); nil uses them.
+	Static fs.FS
+
+	store      *store.Store
+	recorder   *store.Recorder
+	hub        *realtime.Hub
+	api        *handlers.API
+	srv        *http.Server
+	debugSrv   *http.Server
+	ln         net.Listener
+	cancel     context.CancelFunc
+	background sync.WaitGroup
+}
+
+// Start connects to Postgres (creating the database if missing), applies the
+// migrations, starts listening for commits, the sweeper, the recorder and the
+// HTTP server. It returns once the server accepts connections.
+func (m *Main) Start(ctx context.Context) error {
+	cfg, log := m.Config, m.Log
+	if err := store.EnsureDatabase(ctx, cfg.DatabaseURL); err != nil {
+		return fmt.Errorf("database: %w", err)
+	}
+	st, err := store.Open(ctx, cfg.DatabaseURL, store.Options{})
+	if err != nil {
+		return fmt.Errorf("database: %w", err)
+	}
+	m.store = st
+	if err := st.Migrate(ctx); err != nil {
+		st.Close()
+		return fmt.Errorf("migrations: %w", err)
+	}
+	if n, err := st.EndStaleSessions(ctx, "restart"); err != nil {
+		log.Warn("could not close the history of sessions left by an earlier run", "err", err)
+	} else if n > 0 {
+		log.Info("closed the history of sessions left by an earlier run", "sessions", n)
+	}
+
+	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	m.cancel = cancel
+	m.recorder = store.NewRecorder(st, log, store.RecorderOptions{})
+	var metrics *handlers.Metrics
+	m.hub = realtime.NewHub(realtime.Config{
+		PingInterval: cfg.PingInterval, PingTimeout: cfg.PingTimeout,
+		MaxSessionsPerUser: cfg.MaxSessionsPerUser, QueueLimit: cfg.QueueLimit + cfg.ReplayLimit,
+	}, realtime.Hooks{
+		Started: func(s *realtime.Session) { m.recorder.SessionStarted(sessionStart(s)) },
+		Ended: func(s *realtime.Session, reason realtime.Reason) {
+			m.recorder.SessionEnded(store.SessionEnd{RowID: s.ConnID, LastSeen: s.LastSeen(), EndedAt: time.Now(), Reason: string(reason)})
+			metrics.Ended(reason)
+		},
+		Written: func(s *realtime.Session, frames []realtime.Frame) {
+			recordDeliveries(m.recorder, s, frames)
+			metrics.Written(s, frames)
+		},
+	})
+	metrics = handlers.NewMetrics(m.hub)
+	registerStoreMetrics(metrics, m.recorder)
+
+	dispatcher := realtime.NewDispatcher(m.hub, storeSource{st}, log, cfg.ReplayLimit)
+	ready := make(chan struct{})
+	listener := st.NewListener(log)
+	m.goBackground(func() {
+		_ = listener.Run(bg, func() { close(ready) },
+			func(cs []store.Change) { dispatcher.Changes(toRanges(cs)) },
+			dispatcher.CatchUp)
+	})
+	select {
+	case <-ready:
+	case <-time.After(15 * time.Second):
+		cancel()
+		st.Close()
+		return errors.New("database: LISTEN did not start within 15s")
+	case <-ctx.Done():
+		cancel()
+		st.Close()
+		return ctx.Err()
+	}
+	m.goBackground(func() { dispatcher.Run(bg) })
+	m.goBackground(func() { m.hub.Run(bg) })
+	m.goBackground(func() { m.recorder.Run(bg) })
+
+	static := m.Static
+	if static == nil {
+		static = staticFS()
+	}
+	handler, api := handlers.New(handlers.Options{
+		Hub: m.hub, Store: st, Recorder: m.recorder, Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
+		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
+		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
+			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
+		Extra: extraRoutes(m),
+	})
+	m.api = api
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		cancel()
+		st.Close()
+		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
+	}
+	m.ln = ln
+	// No WriteTimeout: it would cut streams. Per-request deadlines are set by
+	// the handlers that need them.
+	m.srv = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	go func() { _ = m.srv.Serve(ln) }()
+	if cfg.DebugAddr != "" {
+		m.startDebug(cfg.DebugAddr)
+	}
+	log.Info("notifyd listening", "addr", ln.Addr().String(), "dev", cfg.Dev)
+	return nil
+}
+
+func (m *Main) goBackground(fn func()) {
+	m.background.Add(1)
+	go func() {
+		defer m.background.Done()
+		fn()
+	}()
+}
+
+// startDebug serves pprof on its own listener (off unless NOTIFY_DEBUG_ADDR is set).
+func (m *Main) startDebug(addr string) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	m.debugSrv = &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := m.debugSrv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			m.Log.Error("debug listener", "err", err)
+		}
+	}()
+}
+
+// Addr is the address the server listens on.
+func (m *Main) Addr() string { return m.ln.Addr().String() }
+
+// Close drains the server: new connections are refused, every session gets
+// `bye shutdown`, in-flight requests (publishes) finish, queued publishes and
+// delivery records are flushed, then the database is closed.
+func (m *Main) Close(ctx context.Context) error {
+	var errs []error
+	if err := m.hub.Shutdown(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("sessions: %w", err))
+	}
+	if err := m.srv.Shutdown(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("http: %w", err))
+	}
+	if m.debugSrv != nil {
+		_ = m.debugSrv.Close()
+	}
+	m.cancel()
+	m.background.Wait()
+	if err := m.recorder.Close(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("recorder: %w", err))
+	}
+	m.store.Close()
+	return errors.Join(errs...)
+}

@@ -1,0 +1,104 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
+)
+
+// connectRequest is what every transport reads from a connecting client.
+type connectRequest struct {
+	id      Identity
+	cursor  int64
+	resume  string
+}
+
+// parseCursor reads a cursor: empty is 0, otherwise a non-negative integer.
+func parseCursor(s string) (int64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	c, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || c < 0 {
+		return 0, errorf(http.StatusBadRequest, "bad_cursor", "cursor must be a non-negative integer")
+	}
+	return c, nil
+}
+
+// readConnect authenticates a connecting client and reads cursor and session;
+// cursor, when given, overrides the cursor query parameter (SSE's Last-Event-ID).
+func (a *API) readConnect(r *http.Request, cursor string) (connectRequest, error) {
+	if a.Hub.Closing() {
+		return connectRequest{}, errShuttingDown
+	}
+	id, err := a.Auth.Client(r)
+	if err != nil {
+		return connectRequest{}, err
+	}
+	q := r.URL.Query()
+	if cursor == "" {
+		cursor = q.Get("cursor")
+	}
+	c, err := parseCursor(cursor)
+	if err != nil {
+		return connectRequest{}, err
+	}
+	resume := q.Get("session")
+	if len(resume) > 64 {
+		return connectRequest{}, errorf(http.StatusBadRequest, "bad_session", "session id is too long")
+	}
+	return connectRequest{id: id, cursor: c, resume: resume}, nil
+}
+
+// openSession registers a new session for cr on transport tr. Its hello is
+// queued; the replay is not (call replay once the transport can carry frames).
+func (a *API) openSession(r *http.Request, cr connectRequest, tr realtime.Transport) (*realtime.Session, error) {
+	s := a.Hub.NewSession(realtime.SessionInfo{
+		User: cr.id.User, Device: cr.id.Device, Transport: tr,
+		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()),
+	}, cr.cursor)
+	if err := a.Hub.Register(s, cr.resume); err != nil {
+		if errors.Is(err, realtime.ErrTooManySessions) {
+			return nil, errorf(http.StatusTooManyRequests, "too_many_sessions", "this user has too many live sessions")
+		}
+		return nil, err
+	}
+	return s, nil
+}
+
+func truncateUA(ua string) string {
+	if len(ua) > 256 {
+		return ua[:256]
+	}
+	return ua
+}
+
+// replay queues the unread backlog above the session's cursor, then synced,
+// then switches the session to live delivery. On a database error the session
+// is told and ended: the client reconnects and replays then.
+func (a *API) replay(s *realtime.Session, cursor int64) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rows, unread, truncated, err := a.Store.Replay(ctx, s.User, cursor, a.Limits.ReplayLimit)
+	if err != nil {
+		a.Log.Warn("replay failed", "session", s.ID, "user", s.User, "err", err)
+		s.Send(realtime.ErrorFrame("unavailable", "replay failed; reconnect later"))
+		a.Hub.End(s, realtime.ReasonError)
+		return
+	}
+	backlog := make([]realtime.Frame, len(rows))
+	for i := range rows {
+		backlog[i] = realtime.NotificationFrame(FromStore(rows[i]), true)
+	}
+	s.FinishReplay(backlog, unread, truncated)
+}
+
+// FromStore converts a stored notification to the hub's form.
+func FromStore(n store.Notification) realtime.Notification {
+	return realtime.Notification{ID: n.ID, User: n.UserID, Seq: n.Seq, Topic: n.Topic, Data: n.Data, CreatedAt: n.CreatedAt}
+}

@@ -1,0 +1,125 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
+)
+
+// handleMessages applies client messages of session s, on any transport, and
+// returns the replies a WebSocket would carry (pong, error). A read is
+// broadcast to every session of the user, s included.
+func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []realtime.ClientMessage) []realtime.Frame {
+	var replies []realtime.Frame
+	for _, m := range msgs {
+		switch m.Type {
+		case realtime.ClientPing:
+			replies = append(replies, realtime.PongFrame(time.Now()))
+		case realtime.ClientAck:
+			if a.Recorder != nil {
+				now := time.Now()
+				for _, id := range m.IDs {
+					a.Recorder.Acked(store.Ack{NotificationID: id, SessionID: s.ID, At: now})
+				}
+			}
+		case realtime.ClientRead:
+			if err := a.applyRead(ctx, s.User, m.IDs, m.UpToSeq); err != nil {
+				replies = append(replies, realtime.ErrorFrame("unavailable", "could not mark read; retry"))
+			}
+		}
+	}
+	return replies
+}
+
+// applyRead marks notifications read and tells every session of the user.
+func (a *API) applyRead(ctx context.Context, user string, ids []string, upToSeq int64) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	changed, unread, err := a.Store.MarkRead(ctx, user, ids, upToSeq)
+	if err != nil {
+		a.Log.Warn("mark read failed", "user", user, "err", err)
+		return err
+	}
+	a.Hub.BroadcastRead(user, changed, unread)
+	return nil
+}
+
+// readBody reads a request body of at most limit bytes.
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return nil, errorf(http.StatusRequestEntityTooLarge, "too_large", "message is too large")
+		}
+		return nil, errorf(http.StatusBadRequest, "bad_request", "could not read the body")
+	}
+	return b, nil
+}
+
+// protocolErrorFrame turns a parse error into the error message sent back.
+func protocolErrorFrame(err error) realtime.Frame {
+	var pe *realtime.ProtocolError
+	if errors.As(err, &pe) {
+		return realtime.ErrorFrame(pe.Code, pe.Message)
+	}
+	return realtime.ErrorFrame("bad_message", err.Error())
+}
+
+type messagesReply struct {
+	Messages []jsonFrame `json:"messages"`
+}
+
+// jsonFrame writes a frame's encoded message as it is.
+type jsonFrame []byte
+
+// MarshalJSON returns the frame's JSON unchanged.
+func (f jsonFrame) MarshalJSON() ([]byte, error) { return f, nil }
+
+// postMessages is POST /v1/sessions/{session}/messages: the upstream of SSE
+// and long-poll clients (WebSocket clients may use it too).
+func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
+	id, err := a.Auth.Client(r)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	s, ok := a.Hub.Tracker().Get(chi.URLParam(r, "session"))
+	if !ok {
+		writeError(w, errorf(http.StatusNotFound, "unknown_session", "no live session with this id"))
+		return
+	}
+	if s.User != id.User {
+		writeError(w, errorf(http.StatusForbidden, "forbidden", "session belongs to another user"))
+		return
+	}
+	body, err := readBody(w, r, a.Limits.MaxMessageBytes)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	a.Hub.Touch(s)
+	msgs, err := realtime.ParseClientMessages(body)
+	if err != nil {
+		// Malformed input is an HTTP error; nothing of it is applied.
+		var pe *realtime.ProtocolError
+		if errors.As(err, &pe) {
+			err = errorf(http.StatusBadRequest, pe.Code, pe.Message)
+		}
+		writeError(w, err)
+		return
+	}
+	replies := a.handleMessages(r.Context(), s, msgs)
+	out := messagesReply{Messages: make([]jsonFrame, len(replies))}
+	for i, f := range replies {
+		out.Messages[i] = f.JSON
+	}
+	writeJSON(w, http.StatusOK, out)
+}

@@ -1,0 +1,125 @@
+package handlers
+
+import (
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/notifyd/notifyd/handlers/realtime"
+)
+
+// Metrics is notifyd's Prometheus registry and the few figures /v1/stats adds.
+type Metrics struct {
+	Registry   *prometheus.Registry
+	published  prometheus.Counter
+	delivered  *prometheus.CounterVec
+	latency    *prometheus.HistogramVec
+	ended      *prometheus.CounterVec
+	recent     latencyRing
+}
+
+// NewMetrics registers notifyd's metrics, reading presence from hub.
+func NewMetrics(hub *realtime.Hub) *Metrics {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m := &Metrics{Registry: reg,
+		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "notifyd_published_total",
+			Help: "Notifications committed through the publish API."}),
+		delivered: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "notifyd_deliveries_total",
+			Help: "Notifications written to a client, by transport and whether replayed."}, []string{"transport", "replayed"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "notifyd_delivery_latency_seconds",
+			Help:    "From commit (created_at) to the write of a live notification to its client.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10}}, []string{"transport"}),
+		ended: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "notifyd_sessions_ended_total",
+			Help: "Sessions ended, by reason."}, []string{"reason"}),
+	}
+	reg.MustRegister(m.published, m.delivered, m.latency, m.ended)
+	for _, tr := range realtime.Transports {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_sessions",
+			Help: "Live sessions by transport.", ConstLabels: prometheus.Labels{"transport": string(tr)}},
+			func() float64 { _, _, by := hub.Tracker().Counts(); return float64(by[tr]) }))
+	}
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_users_online", Help: "Users with a live session."},
+		func() float64 { _, u, _ := hub.Tracker().Counts(); return float64(u) }))
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_evictions_total",
+		Help: "Sessions evicted by the heartbeat sweeper."}, func() float64 { return float64(hub.Stats().Evictions) }))
+	return m
+}
+
+// Handler serves /metrics.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
+}
+
+// Written counts frames a transport wrote, and the latency of live ones.
+func (m *Metrics) Written(s *realtime.Session, frames []realtime.Frame) {
+	now := time.Now()
+	var live, replayed int
+	for i := range frames {
+		f := &frames[i]
+		if f.Type != realtime.TypeNotification {
+			continue
+		}
+		if f.Replayed {
+			replayed++
+			continue
+		}
+		live++
+		d := now.Sub(f.CreatedAt)
+		m.latency.WithLabelValues(string(s.Transport)).Observe(d.Seconds())
+		m.recent.add(d)
+	}
+	if live > 0 {
+		m.delivered.WithLabelValues(string(s.Transport), "false").Add(float64(live))
+	}
+	if replayed > 0 {
+		m.delivered.WithLabelValues(string(s.Transport), "true").Add(float64(replayed))
+	}
+}
+
+// Ended counts a session's end.
+func (m *Metrics) Ended(reason realtime.Reason) { m.ended.WithLabelValues(string(reason)).Inc() }
+
+func (m *Metrics) statsExtra() map[string]any {
+	p50, p95, p99 := m.recent.percentiles()
+	return map[string]any{
+		"latency_ms": map[string]float64{"p50": p50, "p95": p95, "p99": p99},
+	}
+}
+
+// latencyRing keeps the last few thousand live delivery latencies for the
+// dashboard's percentiles.
+type latencyRing struct {
+	mu   sync.Mutex
+	buf  [4096]time.Duration
+	n, i int
+}
+
+func (r *latencyRing) add(d time.Duration) {
+	r.mu.Lock()
+	r.buf[r.i] = d
+	r.i = (r.i + 1) % len(r.buf)
+	if r.n < len(r.buf) {
+		r.n++
+	}
+	r.mu.Unlock()
+}
+
+func (r *latencyRing) percentiles() (p50, p95, p99 float64) {
+	r.mu.Lock()
+	xs := slices.Clone(r.buf[:r.n])
+	r.mu.Unlock()
+	if len(xs) == 0 {
+		return 0, 0, 0
+	}
+	slices.Sort(xs)
+	at := func(q float64) float64 {
+		return float64(xs[int(q*float64(len(xs)-1))].Microseconds()) / 1000
+	}
+	return at(.50), at(.95), at(.99)
+}

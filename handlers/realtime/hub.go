@@ -1,0 +1,362 @@
+package realtime
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/base64"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Config holds the hub's settings.
+type Config struct {
+	// PingInterval is how often clients ping; PingTimeout is how long a session
+	// may stay silent before it is evicted.
+	PingInterval, PingTimeout time.Duration
+	// SweepEvery is the sweeper's tick and the wheel's slot width; eviction
+	// happens within two of them after the deadline. Default 250ms.
+	SweepEvery time.Duration
+	// MaxSessionsPerUser refuses new sessions past it (0: no limit).
+	MaxSessionsPerUser int
+	// QueueLimit bounds the frames queued to one session (replay backlog
+	// included); past it the session is ended as a slow consumer.
+	QueueLimit int
+	// ByeRetry is the retry_ms sent in bye; shutdown adds up to the same again
+	// as jitter so that clients do not all come back at once.
+	ByeRetry time.Duration
+}
+
+// Hooks let the owner of the hub observe sessions without the hub knowing who
+// records them. Each may be nil and must not block.
+type Hooks struct {
+	// Started runs once a session is registered and its hello is queued.
+	Started func(s *Session)
+	// Ended runs once when a session ends.
+	Ended func(s *Session, reason Reason)
+	// Written runs after a transport wrote frames to its wire.
+	Written func(s *Session, frames []Frame)
+}
+
+// Hub ties the presence tracker, the heartbeat sweeper and delivery together.
+// It knows nothing of HTTP: transports create sessions, register them, drain
+// their queues and report what they wrote.
+type Hub struct {
+	cfg     Config
+	hooks   Hooks
+	tracker *Tracker
+	wheel   *wheel
+
+	evictions  atomic.Uint64
+	deliveries atomic.Uint64
+	closing    atomic.Bool
+	writers    sync.WaitGroup
+}
+
+// Stats are the hub's totals.
+type Stats struct {
+	Sessions    int64               `json:"sessions"`
+	Users       int64               `json:"users"`
+	ByTransport map[Transport]int64 `json:"by_transport"`
+	Evictions   uint64              `json:"evictions"`
+	Deliveries  uint64              `json:"deliveries"`
+}
+
+// NewHub returns a hub; call Run to start its sweeper.
+func NewHub(cfg Config, hooks Hooks) *Hub {
+	if cfg.SweepEvery <= 0 {
+		cfg.SweepEvery = 250 * time.Millisecond
+	}
+	if cfg.QueueLimit <= 0 {
+		cfg.QueueLimit = 2048
+	}
+	if cfg.ByeRetry <= 0 {
+		cfg.ByeRetry = time.Second
+	}
+	return &Hub{cfg: cfg, hooks: hooks, tracker: NewTracker(), wheel: newWheel(cfg.SweepEvery, time.Now())}
+}
+
+// Config returns the hub's settings.
+func (h *Hub) Config() Config { return h.cfg }
+
+// Tracker returns the presence tracker.
+func (h *Hub) Tracker() *Tracker { return h.tracker }
+
+// Closing reports whether Shutdown has begun; transports refuse new sessions then.
+func (h *Hub) Closing() bool { return h.closing.Load() }
+
+// NewSession makes an unregistered session that holds back live
+// notifications until FinishReplay; cursor is the highest seq the client holds.
+func (h *Hub) NewSession(info SessionInfo, cursor int64) *Session {
+	now := time.Now()
+	s := &Session{
+		ID:          newSessionID(),
+		SessionInfo: info,
+		ConnectedAt: now,
+		ConnID:      newConnID(),
+		hub:         h,
+		limit:       h.cfg.QueueLimit,
+		replaying:   true,
+		cursor:      cursor,
+		wake:        make(chan struct{}, 1),
+		done:        make(chan struct{}),
+	}
+	s.lastSeen.Store(now.UnixNano())
+	return s
+}
+
+func newSessionID() string {
+	var b [15]byte
+	_, _ = crand.Read(b[:]) // crypto/rand.Read never fails
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+func newConnID() string {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return uuid.NewString()
+	}
+	return id.String()
+}
+
+// Register makes s live: it takes the id of the session named by resume when
+// that is a live session of the same user (which is ended with `replaced`),
+// queues hello as its first frame and starts its heartbeat deadline. It fails
+// with ErrTooManySessions past the per-user limit.
+func (h *Hub) Register(s *Session, resume string) error {
+	replaced, err := h.tracker.add(s, resume, h.cfg.MaxSessionsPerUser, func() {
+		s.Send(HelloFrame(s, h.cfg.PingInterval, h.cfg.PingTimeout, time.Now()))
+	})
+	if err != nil {
+		return err
+	}
+	if replaced != nil {
+		h.End(replaced, ReasonReplaced)
+	}
+	h.Touch(s)
+	if h.hooks.Started != nil {
+		h.hooks.Started(s)
+	}
+	if h.closing.Load() {
+		h.End(s, ReasonShutdown)
+	}
+	return nil
+}
+
+// End ends s for reason: it is closed (its writer then says bye where the
+// transport can), removed from presence and from the sweeper. Safe to call
+// many times and from any goroutine; only the first call counts.
+func (h *Hub) End(s *Session, reason Reason) {
+	if !s.close(reason) {
+		return
+	}
+	h.tracker.remove(s)
+	h.wheel.mu.Lock()
+	h.wheel.unlink(s)
+	s.pins = 0
+	h.wheel.mu.Unlock()
+	if reason == ReasonHeartbeat {
+		h.evictions.Add(1)
+	}
+	if h.hooks.Ended != nil {
+		h.hooks.Ended(s, reason)
+	}
+}
+
+// Touch records a sign of life from s and moves its deadline.
+func (h *Hub) Touch(s *Session) {
+	now := time.Now().UnixNano()
+	s.lastSeen.Store(now)
+	deadline := now + int64(h.cfg.PingTimeout)
+	if s.slot.Load() == h.wheel.slotOf(deadline) {
+		return // already in the right slot: the common case costs no lock
+	}
+	h.wheel.mu.Lock()
+	if !s.isClosed() {
+		h.wheel.schedule(s, deadline)
+	}
+	h.wheel.mu.Unlock()
+}
+
+// Pin keeps s from being evicted while a long-poll request waits on it; Unpin
+// lets its timeout run again from now.
+func (h *Hub) Pin(s *Session) {
+	h.wheel.mu.Lock()
+	s.pins++
+	h.wheel.unlink(s)
+	h.wheel.mu.Unlock()
+}
+
+// Unpin undoes one Pin and touches s.
+func (h *Hub) Unpin(s *Session) {
+	h.wheel.mu.Lock()
+	if s.pins > 0 {
+		s.pins--
+	}
+	h.wheel.mu.Unlock()
+	h.Touch(s)
+}
+
+// Sweep evicts every session whose heartbeat deadline has passed at now and
+// returns how many it evicted. Its cost grows with the sessions that expire.
+func (h *Hub) Sweep(now time.Time) int {
+	due := h.wheel.expire(now.UnixNano(), nil)
+	n := 0
+	for _, s := range due {
+		deadline := s.lastSeen.Load() + int64(h.cfg.PingTimeout)
+		if deadline > now.UnixNano() {
+			// Touched between the slot's expiry and now: put it back.
+			h.wheel.mu.Lock()
+			if !s.isClosed() {
+				h.wheel.schedule(s, deadline)
+			}
+			h.wheel.mu.Unlock()
+			continue
+		}
+		h.End(s, ReasonHeartbeat)
+		n++
+	}
+	return n
+}
+
+// Run sweeps every SweepEvery until ctx ends.
+func (h *Hub) Run(ctx context.Context) {
+	t := time.NewTicker(h.cfg.SweepEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			h.Sweep(now)
+		}
+	}
+}
+
+// Deliver queues live notifications to every session of their users. ns may
+// mix users; each notification is encoded once, only if someone is online.
+func (h *Hub) Deliver(ns []Notification) {
+	var sessions []*Session
+	for i := 0; i < len(ns); {
+		user := ns[i].User
+		j := i + 1
+		for j < len(ns) && ns[j].User == user {
+			j++
+		}
+		sessions = h.tracker.appendUserSessions(sessions[:0], user)
+		if len(sessions) > 0 {
+			for _, n := range ns[i:j] {
+				f := NotificationFrame(n, false)
+				for _, s := range sessions {
+					s.deliver(f)
+				}
+			}
+		}
+		i = j
+	}
+	clear(sessions)
+}
+
+// BroadcastRead tells every session of user that ids were read and what the
+// unread count now is.
+func (h *Hub) BroadcastRead(user string, ids []string, unread int64) {
+	f := ReadFrame(ids, unread)
+	for _, s := range h.tracker.UserSessions(user) {
+		s.Send(f)
+	}
+}
+
+// Kick ends the session with this id (`bye kicked`); false if it is not live.
+func (h *Hub) Kick(id string) bool {
+	s, ok := h.tracker.Get(id)
+	if !ok {
+		return false
+	}
+	h.End(s, ReasonKicked)
+	return true
+}
+
+// Cursors returns, for every user online, the lowest cursor of their
+// sessions: catching up from there after a lost NOTIFY reaches everyone.
+func (h *Hub) Cursors() map[string]int64 {
+	out := make(map[string]int64)
+	h.tracker.Users(func(user string, list []*Session) {
+		low := int64(-1)
+		for _, s := range list {
+			if c := s.Cursor(); low < 0 || c < low {
+				low = c
+			}
+		}
+		out[user] = low
+	})
+	return out
+}
+
+// Written is called by a transport after it wrote frames to its wire.
+func (h *Hub) Written(s *Session, frames []Frame) {
+	var n uint64
+	for i := range frames {
+		if frames[i].Type == TypeNotification {
+			n++
+		}
+	}
+	h.deliveries.Add(n)
+	if h.hooks.Written != nil {
+		h.hooks.Written(s, frames)
+	}
+}
+
+// Bye is the bye frame for reason, with the retry delay the client should wait.
+func (h *Hub) Bye(reason Reason) Frame {
+	retry := h.cfg.ByeRetry
+	if reason == ReasonShutdown {
+		retry += rand.N(h.cfg.ByeRetry)
+	}
+	return ByeFrame(reason, retry)
+}
+
+// Go runs a transport's writer (or any per-session goroutine) so that
+// Shutdown can wait for it to say bye.
+func (h *Hub) Go(fn func()) {
+	h.writers.Add(1)
+	go func() {
+		defer h.writers.Done()
+		fn()
+	}()
+}
+
+// Shutdown refuses new sessions, ends every session with `bye shutdown` and
+// waits until the writers started with Go have finished or ctx ends.
+func (h *Hub) Shutdown(ctx context.Context) error {
+	h.closing.Store(true)
+	for _, s := range h.tracker.All() {
+		h.End(s, ReasonShutdown)
+	}
+	done := make(chan struct{})
+	go func() {
+		h.writers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Stats returns the hub's totals.
+func (h *Hub) Stats() Stats {
+	sessions, users, byTransport := h.tracker.Counts()
+	return Stats{Sessions: sessions, Users: users, ByTransport: byTransport,
+		Evictions: h.evictions.Load(), Deliveries: h.deliveries.Load()}
+}
+
+func (s *Session) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}

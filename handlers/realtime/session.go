@@ -1,0 +1,185 @@
+package realtime
+
+import (
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// SessionInfo describes a new session before it is registered.
+type SessionInfo struct {
+	User       string
+	Device     string
+	Transport  Transport
+	RemoteAddr string
+	UserAgent  string
+}
+
+// Session is one live connection of one device over one transport. Every
+// transport implements it the same way: the hub queues frames with Deliver and
+// Send, the transport's single writer takes them with Take when Wake fires and
+// moves them onto its wire, and ends when Done is closed.
+//
+// Concurrency: the queue, cursor and replay state are guarded by mu; lastSeen is
+// atomic; the wheel fields belong to the hub's wheel and are guarded by its lock.
+type Session struct {
+	// ID is the session id; it is fixed once the session is registered.
+	ID string
+	SessionInfo
+	// ConnectedAt is when this connection was accepted.
+	ConnectedAt time.Time
+	// ConnID identifies this connection (a UUIDv7); unlike ID it is new on
+	// every resume, so session history has one row per connection.
+	ConnID string
+
+	hub      *Hub
+	lastSeen atomic.Int64 // unix nanoseconds
+
+	mu        sync.Mutex
+	queue     []Frame
+	limit     int
+	replaying bool
+	pending   []Frame // live notifications that arrived during replay
+	cursor    int64   // highest seq queued to this session
+	closed    bool
+	reason    Reason
+	wake      chan struct{}
+	done      chan struct{}
+
+	// wheel state, guarded by wheel.mu; slot (0 when out of the wheel) is
+	// also read without the lock on Touch's fast path.
+	slot       atomic.Int64
+	prev, next *Session
+	pins       int
+}
+
+// Wake is signalled (level-triggered, capacity one) whenever frames are queued.
+func (s *Session) Wake() <-chan struct{} { return s.wake }
+
+// Done is closed when the session has ended; Reason then says why.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Reason says why the session ended, once Done is closed.
+func (s *Session) Reason() Reason {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.reason
+}
+
+// Cursor is the highest notification seq queued to this session.
+func (s *Session) Cursor() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cursor
+}
+
+// LastSeen is the last sign of life from the client.
+func (s *Session) LastSeen() time.Time { return time.Unix(0, s.lastSeen.Load()) }
+
+// Take removes and returns every queued frame, oldest first.
+func (s *Session) Take() []Frame {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.queue
+	s.queue = nil
+	return q
+}
+
+// Send queues a frame that is not a notification (pong, read, error). It
+// returns false when the session has ended or its queue overflowed, in which
+// case the session is ended as a slow consumer.
+func (s *Session) Send(f Frame) bool {
+	s.mu.Lock()
+	ok, overflow := s.pushLocked(f)
+	s.mu.Unlock()
+	if overflow {
+		s.hub.End(s, ReasonSlowConsumer)
+	}
+	return ok
+}
+
+// deliver queues a live notification frame. During replay it is held back and
+// merged when the replay is done; a seq at or below the cursor is dropped, so
+// within one session seqs only increase and nothing is sent twice.
+func (s *Session) deliver(f Frame) {
+	s.mu.Lock()
+	var overflow bool
+	switch {
+	case s.closed:
+	case s.replaying:
+		s.pending = append(s.pending, f)
+		overflow = len(s.pending) > s.limit
+	case f.Seq > s.cursor:
+		s.cursor = f.Seq
+		_, overflow = s.pushLocked(f)
+	}
+	s.mu.Unlock()
+	if overflow {
+		s.hub.End(s, ReasonSlowConsumer)
+	}
+}
+
+// FinishReplay queues the replay backlog (replayed notification frames in seq
+// order), then `synced`, then the live notifications that arrived meanwhile,
+// and switches the session to live delivery.
+func (s *Session) FinishReplay(backlog []Frame, unread int64, truncated bool) {
+	s.mu.Lock()
+	var overflow bool
+	push := func(f Frame) {
+		if !overflow {
+			_, overflow = s.pushLocked(f)
+		}
+	}
+	for _, f := range backlog {
+		if f.Seq > s.cursor {
+			s.cursor = f.Seq
+			push(f)
+		}
+	}
+	push(SyncedFrame(s.cursor, unread, truncated))
+	slices.SortStableFunc(s.pending, func(a, b Frame) int { return int(a.Seq - b.Seq) })
+	for _, f := range s.pending {
+		if f.Seq > s.cursor {
+			s.cursor = f.Seq
+			push(f)
+		}
+	}
+	s.pending = nil
+	s.replaying = false
+	s.mu.Unlock()
+	if overflow {
+		s.hub.End(s, ReasonSlowConsumer)
+	}
+}
+
+// pushLocked appends f to the queue. It reports whether f was queued and
+// whether the queue overflowed (the caller then ends the session).
+func (s *Session) pushLocked(f Frame) (queued, overflow bool) {
+	if s.closed {
+		return false, false
+	}
+	if len(s.queue) >= s.limit {
+		return false, true
+	}
+	s.queue = append(s.queue, f)
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	return true, false
+}
+
+// close marks the session ended; it reports whether this call ended it.
+func (s *Session) close(reason Reason) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.closed = true
+	s.reason = reason
+	s.pending = nil
+	close(s.done)
+	return true
+}

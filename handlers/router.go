@@ -1,0 +1,141 @@
+// Package handlers is notifyd's HTTP surface: the chi router, one file per
+// transport (ws.go, sse.go, poll.go), the publisher and operator API, auth and
+// the mapping of errors to HTTP. Sessions, presence and sweeping live in
+// handlers/realtime and know nothing of HTTP.
+package handlers
+
+import (
+	"context"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/go-chi/chi/v5/middleware"
+
+	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
+)
+
+// Store is what the handlers need of the database.
+type Store interface {
+	Publish(ctx context.Context, ns []store.NewNotification) ([]store.Published, error)
+	PublishOne(ctx context.Context, n store.NewNotification) (store.Published, error)
+	Replay(ctx context.Context, user string, after int64, limit int) ([]store.Notification, int64, bool, error)
+	MarkRead(ctx context.Context, user string, ids []string, upToSeq int64) ([]string, int64, error)
+	Inbox(ctx context.Context, user string, unreadOnly bool, limit int, beforeSeq int64) ([]store.Notification, int64, error)
+	Ping(ctx context.Context) error
+}
+
+// Recorder takes delivery receipts; it never blocks.
+type Recorder interface {
+	Acked(a store.Ack)
+}
+
+// Limits bound what clients and publishers may send.
+type Limits struct {
+	// MaxMessageBytes bounds one client message (64 KiB).
+	MaxMessageBytes int64
+	// MaxDataBytes bounds a notification's data (64 KiB).
+	MaxDataBytes int
+	// MaxBatch bounds a publish batch or fan-out (1,000).
+	MaxBatch int
+	// ReplayLimit bounds the notifications replayed on one connect (1,000).
+	ReplayLimit int
+}
+
+// Options are what New needs.
+type Options struct {
+	Hub      *realtime.Hub
+	Store    Store
+	Recorder Recorder
+	Auth     *Auth
+	Log      *slog.Logger
+	Metrics  *Metrics
+	Limits   Limits
+	// Static is served at / (the browser client, demo page and dashboard); may be nil.
+	Static fs.FS
+	// Dev turns on GET /v1/dev/token, which mints tokens for anyone: never in production.
+	Dev bool
+	// Extra mounts more routes (e.g. the SSE and long-poll transports, negotiate).
+	Extra func(r chi.Router, a *API)
+}
+
+// API holds the dependencies of every handler.
+type API struct {
+	Options
+}
+
+// New returns the router with every endpoint of PROTOCOL.md.
+func New(opt Options) (http.Handler, *API) {
+	if opt.Log == nil {
+		opt.Log = slog.Default()
+	}
+	a := &API{Options: opt}
+	r := chi.NewRouter()
+	r.Use(middleware.Recoverer, a.logRequests, opt.Auth.Origins)
+
+	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	r.Get("/readyz", a.readyz)
+	if opt.Metrics != nil {
+		r.Handle("/metrics", opt.Metrics.Handler())
+	}
+
+	r.Route("/v1", func(r chi.Router) {
+		// Streaming transports: no timeout or throttling middleware on them.
+		r.Get("/ws", a.serveWS)
+		r.Post("/sessions/{session}/messages", a.postMessages)
+
+		r.Group(func(r chi.Router) {
+			r.Use(middleware.NoCache)
+			r.Post("/notifications", a.publish)
+			r.Get("/users/{user}/notifications", a.inbox)
+			r.Post("/users/{user}/read", a.markRead)
+			r.Get("/users/{user}/sessions", a.userSessions)
+			r.Delete("/sessions/{session}", a.kick)
+			r.Get("/stats", a.stats)
+			if opt.Dev {
+				r.Get("/dev/token", a.devToken)
+			}
+		})
+		if opt.Extra != nil {
+			opt.Extra(r, a)
+		}
+	})
+	if opt.Static != nil {
+		r.Handle("/*", http.FileServerFS(opt.Static))
+	}
+	return r, a
+}
+
+func (a *API) readyz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	if a.Hub.Closing() {
+		writeError(w, errShuttingDown)
+		return
+	}
+	if err := a.Store.Ping(ctx); err != nil {
+		a.Log.Warn("readyz: database unreachable", "err", err)
+		writeError(w, errUnavailable)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// logRequests logs each request once it ends, without its query string (which
+// may carry a token).
+func (a *API) logRequests(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		ww := middleware.NewWrapResponseWriter(w, r.ProtoMajor)
+		next.ServeHTTP(ww, r)
+		a.Log.LogAttrs(r.Context(), slog.LevelDebug, "http",
+			slog.String("method", r.Method), slog.String("path", r.URL.Path),
+			slog.Int("status", ww.Status()), slog.Duration("took", time.Since(start)),
+			slog.String("remote", r.RemoteAddr))
+	})
+}

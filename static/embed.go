@@ -1,0 +1,10 @@
+// Package static holds the files notifyd serves to browsers: the client
+// library (notify.js), the demo page and the operator dashboard.
+package static
+
+import "embed"
+
+// FS is the embedded static files, served at /.
+//
+//go:embed *.html *.js
+var FS embed.FS
