@@ -13,9 +13,9 @@ import (
 
 // connectRequest is what every transport reads from a connecting client.
 type connectRequest struct {
-	id      Identity
-	cursor  int64
-	resume  string
+	id     Identity
+	cursor int64
+	resume string
 }
 
 // parseCursor reads a cursor: empty is 0, otherwise a non-negative integer.

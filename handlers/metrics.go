@@ -15,12 +15,12 @@ import (
 
 // Metrics is notifyd's Prometheus registry and the few figures /v1/stats adds.
 type Metrics struct {
-	Registry   *prometheus.Registry
-	published  prometheus.Counter
-	delivered  *prometheus.CounterVec
-	latency    *prometheus.HistogramVec
-	ended      *prometheus.CounterVec
-	recent     latencyRing
+	Registry  *prometheus.Registry
+	published prometheus.Counter
+	delivered *prometheus.CounterVec
+	latency   *prometheus.HistogramVec
+	ended     *prometheus.CounterVec
+	recent    latencyRing
 }
 
 // NewMetrics registers notifyd's metrics, reading presence from hub.

@@ -220,8 +220,6 @@ func (a *API) devToken(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"user": user, "token": tok, "api_key": string(a.Auth.apiKey)})
 }
 
-
-
 func sortByConnected(list []*realtime.Session) {
 	slices.SortFunc(list, func(x, y *realtime.Session) int { return y.ConnectedAt.Compare(x.ConnectedAt) })
 }
