@@ -121,9 +121,11 @@ func EnsureDatabase(ctx context.Context, url string) error {
 		return nil
 	}
 	if _, err := conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		// Another node may have created it at the same moment: 42P04, or 23505 on the
+		// pg_database catalog index when both got past the existence check.
 		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == pgerrcode.DuplicateDatabase {
-			return nil // created concurrently by another node
+		if errors.As(err, &pgErr) && (pgErr.Code == pgerrcode.DuplicateDatabase || pgErr.Code == pgerrcode.UniqueViolation) {
+			return nil
 		}
 		return fmt.Errorf("store: create database %q: %w", name, err)
 	}

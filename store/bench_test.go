@@ -1,0 +1,68 @@
+package store_test
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/notifyd/notifyd/store"
+	"github.com/notifyd/notifyd/store/storetest"
+)
+
+// BenchmarkPublishOne: many concurrent single publishes (group commit).
+func BenchmarkPublishOne(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	b.SetParallelism(16) // 16 x GOMAXPROCS callers
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := s.PublishOne(ctx, note(fmt.Sprintf("user-%d", rand.IntN(1000)))); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.StopTimer()
+	st := s.Stats()
+	b.ReportMetric(float64(st.PublishOneCalls)/float64(max(st.PublishOneGroups, 1)), "calls/tx")
+}
+
+// BenchmarkPublishBatch1000: one Publish of 1,000 notifications for random users per op.
+func BenchmarkPublishBatch1000(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	ns := make([]store.NewNotification, 1000)
+	b.ResetTimer()
+	for b.Loop() {
+		for i := range ns {
+			ns[i] = note(fmt.Sprintf("user-%d", rand.IntN(10000)))
+		}
+		if _, err := s.Publish(ctx, ns); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)*1000/b.Elapsed().Seconds(), "rows/s")
+}
+
+// BenchmarkReplay1000: a connect that replays 1,000 unread notifications.
+func BenchmarkReplay1000(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	ns := make([]store.NewNotification, 1000)
+	for i := range ns {
+		ns[i] = note("reader")
+	}
+	mustPublish(b, s, ns...)
+	mustPublish(b, s, ns[:500]...) // 1,500 unread: the replay is truncated
+	if _, err := s.Pool().Exec(ctx, "ANALYZE notifications"); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		got, unread, truncated, err := s.Replay(ctx, "reader", 0, 1000)
+		if err != nil || len(got) != 1000 || unread != 1500 || !truncated {
+			b.Fatalf("replay: %d rows, unread %d, truncated %v, %v", len(got), unread, truncated, err)
+		}
+	}
+}
