@@ -60,6 +60,8 @@ type Options struct {
 	Dev bool
 	// Extra mounts more routes (e.g. the SSE and long-poll transports, negotiate).
 	Extra func(r chi.Router, a *API)
+	// Negotiate serves GET/POST /v1/negotiate (learned transport order); nil leaves them out.
+	Negotiate *Negotiator
 }
 
 // API holds the dependencies of every handler.
@@ -99,6 +101,10 @@ func New(opt Options) (http.Handler, *API) {
 			r.Get("/stats", a.stats)
 			if opt.Dev {
 				r.Get("/dev/token", a.devToken)
+			}
+			if opt.Negotiate != nil {
+				r.Get("/negotiate", a.negotiate)
+				r.Post("/negotiate", a.reportNegotiate)
 			}
 		})
 		if opt.Extra != nil {

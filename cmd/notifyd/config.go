@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strconv"
 	"strings"
 	"time"
@@ -32,6 +33,8 @@ type Config struct {
 	RetentionDelivery  time.Duration
 	Dev                bool
 	LogLevel           string
+	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
+	TrustedProxies []netip.Prefix
 }
 
 // LoadConfig reads the configuration from getenv and reports every missing or
@@ -100,6 +103,15 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 				errs = append(errs, fmt.Errorf("NOTIFY_ALLOWED_ORIGINS: %q is not an origin such as https://app.example.com", o))
 			}
 			c.AllowedOrigins = append(c.AllowedOrigins, o)
+		}
+	}
+	for _, p := range strings.Split(getenv("NOTIFY_TRUSTED_PROXIES"), ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			prefix, err := netip.ParsePrefix(p)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("NOTIFY_TRUSTED_PROXIES: %q is not a CIDR such as 10.0.0.0/8", p))
+			}
+			c.TrustedProxies = append(c.TrustedProxies, prefix.Masked())
 		}
 	}
 	if c.PingTimeout <= c.PingInterval {

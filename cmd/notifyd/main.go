@@ -165,7 +165,8 @@ func (m *Main) Start(ctx context.Context) error {
 		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
-		Extra: extraRoutes(m),
+		Extra:     extraRoutes(m),
+		Negotiate: handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
 	})
 	m.api = api
 	ln, err := net.Listen("tcp", cfg.Addr)
