@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -104,7 +105,8 @@ SELECT id::text, id::text, seq, created_at, false FROM ins`
 // Idempotency: a row whose (UserID, IdempotencyKey) already exists, or repeats an earlier row
 // of the same batch, is not inserted and comes back with Duplicate set and the first result.
 // A concurrent insert of the same key (23505) or a deadlock retries the statement, bounded.
-// An invalid notification fails the whole call with ErrInvalid before touching the database.
+// An invalid notification fails the whole call with ErrInvalid (before touching the database
+// when Go can tell, else when Postgres rejects the data); other errors mean the database failed.
 func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published, error) {
 	if len(ns) == 0 {
 		return nil, nil
@@ -170,6 +172,9 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 		if err == nil {
 			break
 		}
+		if rejected(err) {
+			return nil, fmt.Errorf("store: publish %d notification(s): %w: %w", len(ns), ErrInvalid, err)
+		}
 		if attempt >= maxPublishAttempts || !retryable(err) || ctx.Err() != nil {
 			return nil, fmt.Errorf("store: publish %d notification(s): %w", len(ns), err)
 		}
@@ -215,6 +220,17 @@ func (s *Store) publishOnce(ctx context.Context, byID map[string]Published, args
 		byID[reqID] = p
 	}
 	return rows.Err()
+}
+
+// rejected reports an error caused by the data itself (class 22 data exceptions such as a
+// NUL in text or \u0000 in jsonb, or 54000 such as an idempotency key too long to index):
+// retrying cannot help and the request is invalid, not the database unavailable.
+func rejected(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	return strings.HasPrefix(pgErr.Code, "22") || pgErr.Code == pgerrcode.ProgramLimitExceeded
 }
 
 func retryable(err error) bool {

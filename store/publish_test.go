@@ -305,7 +305,7 @@ func TestPublishOneBadNeighbour(t *testing.T) {
 	s := storetest.NewWithOptions(t, store.Options{GroupCommitWait: 20 * time.Millisecond})
 	ctx := testCtx(t)
 	bad := note("b")
-	bad.IdempotencyKey = string(make([]byte, 0)) + randomString(10000)
+	bad.IdempotencyKey = randomString(10000)
 	var wg sync.WaitGroup
 	errs := make([]error, 50)
 	for i := range errs {
@@ -324,6 +324,18 @@ func TestPublishOneBadNeighbour(t *testing.T) {
 		if (err != nil) != (i == 25) {
 			t.Errorf("call %d: err = %v", i, err)
 		}
+	}
+	if !errors.Is(errs[25], store.ErrInvalid) {
+		t.Errorf("over-long key: %v, want ErrInvalid", errs[25])
+	}
+	nul := note("b")
+	nul.Data = json.RawMessage(`{"a":"\u0000"}`) // valid JSON, refused by jsonb
+	if _, err := s.PublishOne(ctx, nul); !errors.Is(err, store.ErrInvalid) {
+		t.Errorf("\\u0000 in data: %v, want ErrInvalid", err)
+	}
+	nul = note("b\x00")
+	if _, err := s.Publish(ctx, []store.NewNotification{nul}); !errors.Is(err, store.ErrInvalid) {
+		t.Errorf("NUL in user id: %v, want ErrInvalid", err)
 	}
 }
 
