@@ -27,6 +27,6 @@ lint:
 	$(GO) vet $(PKGS)
 	@out=$$(gofmt -l $$(git ls-files '*.go') 2>/dev/null); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
-## bench: Go benchmarks
+## bench: Go benchmarks, then the notifybench scenarios (cmd/notifybench/suite.sh; about 8 min)
 bench: pg-up
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 20m $(PKGS)
+	GO=$(GO) cmd/notifybench/suite.sh

@@ -1,0 +1,415 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// target is the notifyd under test: where it listens, its secrets, its
+// database (for the SQL publish path and the replay setup) and, for /proc
+// figures, its pid.
+type target struct {
+	URL       string // http://127.0.0.1:port
+	DebugURL  string // http://127.0.0.1:port of NOTIFY_DEBUG_ADDR; may be empty
+	APIKey    string
+	JWTSecret string
+	DBURL     string // with search_path set to the server's schema
+	PID       int    // 0: no /proc figures
+
+	// set when the tool started the server itself
+	cmd    *exec.Cmd
+	schema string
+	base   string
+	exited chan error
+}
+
+// serverSettings are the parts of the server's configuration a scenario chooses.
+type serverSettings struct {
+	PingInterval, PingTimeout time.Duration
+	MaxSessionsPerUser        int
+}
+
+// spawnServer starts bin as its own process with NOTIFY_DEV=0, fresh
+// secrets, loopback listen and debug addresses and a fresh schema of the
+// database baseDB; it returns once /readyz answers 200.
+func spawnServer(ctx context.Context, bin, baseDB, logPath string, set serverSettings) (*target, error) {
+	schema := "bench_" + randomHex(6)
+	if err := execSQL(ctx, baseDB, "CREATE SCHEMA "+schema); err != nil {
+		return nil, fmt.Errorf("create schema: %w", err)
+	}
+	dbURL, err := withSearchPath(baseDB, schema)
+	if err != nil {
+		return nil, err
+	}
+	addr, err := freeAddr()
+	if err != nil {
+		return nil, err
+	}
+	debug, err := freeAddr()
+	if err != nil {
+		return nil, err
+	}
+	t := &target{URL: "http://" + addr, DebugURL: "http://" + debug, APIKey: "bench-key-" + randomHex(12),
+		JWTSecret: "bench-secret-" + randomHex(16), DBURL: dbURL, schema: schema, base: baseDB, exited: make(chan error, 1)}
+	env := append(os.Environ(),
+		"NOTIFY_DEV=0", "NOTIFY_ADDR="+addr, "NOTIFY_DEBUG_ADDR="+debug,
+		"NOTIFY_API_KEY="+t.APIKey, "NOTIFY_JWT_SECRET="+t.JWTSecret, "DATABASE_URL="+dbURL,
+		"NOTIFY_LOG_LEVEL=warn",
+		"NOTIFY_PING_INTERVAL="+set.PingInterval.String(), "NOTIFY_PING_TIMEOUT="+set.PingTimeout.String())
+	if set.MaxSessionsPerUser > 0 {
+		env = append(env, "NOTIFY_MAX_SESSIONS_PER_USER="+strconv.Itoa(set.MaxSessionsPerUser))
+	}
+	cmd := exec.Command(bin)
+	cmd.Env = env
+	if logPath != "" {
+		f, err := os.Create(logPath)
+		if err != nil {
+			return nil, fmt.Errorf("server log: %w", err)
+		}
+		defer f.Close() // the child keeps its own descriptor
+		cmd.Stdout, cmd.Stderr = f, f
+	}
+	if err := cmd.Start(); err != nil {
+		_ = execSQL(context.Background(), baseDB, "DROP SCHEMA "+schema+" CASCADE")
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	t.cmd, t.PID = cmd, cmd.Process.Pid
+	go func() { t.exited <- cmd.Wait() }()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if st, err := t.get(ctx, "/readyz", nil); err == nil && st == http.StatusOK {
+			return t, nil
+		}
+		select {
+		case err := <-t.exited:
+			t.exited <- err
+			t.stop()
+			return nil, fmt.Errorf("server exited at start (%v); see %s", err, logPath)
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.stop()
+			return nil, fmt.Errorf("server not ready within 60s; see %s", logPath)
+		}
+	}
+}
+
+// stop ends a server the tool started (SIGTERM: it drains) and drops its schema.
+func (t *target) stop() {
+	if t.cmd == nil {
+		return
+	}
+	_ = t.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-t.exited:
+	case <-time.After(20 * time.Second):
+		_ = t.cmd.Process.Kill()
+		<-t.exited
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_ = execSQL(ctx, t.base, "DROP SCHEMA "+t.schema+" CASCADE")
+	t.cmd = nil
+}
+
+// alive reports whether a spawned server is still running.
+func (t *target) alive() bool {
+	if t.cmd == nil {
+		return true
+	}
+	select {
+	case err := <-t.exited:
+		t.exited <- err
+		return false
+	default:
+		return true
+	}
+}
+
+var adminClient = &http.Client{Timeout: 30 * time.Second}
+
+// get sends an API-key GET and decodes a JSON answer into out (if not nil).
+func (t *target) get(ctx context.Context, path string, out any) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, t.URL+path, nil)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Authorization", "Bearer "+t.APIKey)
+	resp, err := adminClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return resp.StatusCode, err
+	}
+	if out != nil {
+		if err := json.Unmarshal(body, out); err != nil {
+			return resp.StatusCode, fmt.Errorf("GET %s: %w", path, err)
+		}
+	}
+	return resp.StatusCode, nil
+}
+
+// serverStats is the part of GET /v1/stats the tool reads.
+type serverStats struct {
+	Sessions   int64 `json:"sessions"`
+	Evictions  int64 `json:"evictions"`
+	Deliveries int64 `json:"deliveries"`
+	// Sweep is reported by servers that time their sweeper (optional).
+	Sweep *struct {
+		LastMs float64 `json:"last_ms"`
+		MaxMs  float64 `json:"max_ms"`
+	} `json:"sweep"`
+}
+
+func (t *target) stats(ctx context.Context) (serverStats, error) {
+	var st serverStats
+	code, err := t.get(ctx, "/v1/stats", &st)
+	if err == nil && code != http.StatusOK {
+		err = fmt.Errorf("GET /v1/stats: status %d", code)
+	}
+	return st, err
+}
+
+// waitSessions waits until the server counts want sessions (or timeout).
+func (t *target) waitSessions(ctx context.Context, want int64, timeout time.Duration) (int64, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		st, err := t.stats(ctx)
+		if err == nil && st.Sessions == want {
+			return st.Sessions, nil
+		}
+		if time.Now().After(deadline) {
+			return st.Sessions, fmt.Errorf("server has %d sessions, want %d (err %v)", st.Sessions, want, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// procSample is one reading of a process's /proc files.
+type procSample struct {
+	At      time.Time
+	RSS     int64 // bytes
+	CPUTick int64 // utime + stime, in clock ticks
+	FDs     int
+}
+
+// clockTick is USER_HZ, 100 on every Linux this runs on.
+const clockTick = 100
+
+func readProc(pid int) (procSample, error) {
+	s := procSample{At: time.Now()}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return s, err
+	}
+	// Fields after the command name (which may hold spaces) start at ") ".
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return s, errors.New("malformed /proc stat")
+	}
+	f := strings.Fields(string(stat[i+2:]))
+	if len(f) < 13 {
+		return s, errors.New("short /proc stat")
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64) // field 14 utime
+	st, _ := strconv.ParseInt(f[12], 10, 64) // field 15 stime
+	s.CPUTick = ut + st
+	status, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return s, err
+	}
+	defer status.Close()
+	sc := bufio.NewScanner(status)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			s.RSS = kb << 10
+		}
+	}
+	if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
+		s.FDs = len(ents)
+	}
+	return s, nil
+}
+
+// cpuPercent is the CPU used between two samples, in percent of one core.
+func cpuPercent(a, b procSample) float64 {
+	secs := b.At.Sub(a.At).Seconds()
+	if secs <= 0 {
+		return 0
+	}
+	return float64(b.CPUTick-a.CPUTick) / clockTick / secs * 100
+}
+
+// machineCPU reads the busy and total jiffies of all cores from /proc/stat.
+func machineCPU() (busy, total int64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for i, v := range f[1:] {
+		n, _ := strconv.ParseInt(v, 10, 64)
+		total += n
+		if i != 3 && i != 4 { // idle, iowait
+			busy += n
+		}
+	}
+	return busy, total
+}
+
+// cpuShare is what one scenario's processes and the whole machine used, in
+// percent of one core: the machine is shared (Postgres, other work), and a
+// busy neighbour shows here.
+type cpuShare struct {
+	LoadAvg string  `json:"loadavg_at_start"`
+	Machine float64 `json:"machine_pct"`
+	Server  float64 `json:"server_pct"`
+	Bench   float64 `json:"bench_pct"`
+
+	at               time.Time
+	busy, total      int64
+	server, bench    procSample
+	serverPID, cores int
+}
+
+func startCPUShare(serverPID int) *cpuShare {
+	c := &cpuShare{at: time.Now(), serverPID: serverPID, cores: runtime.NumCPU()}
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		c.LoadAvg = strings.Join(strings.Fields(string(b))[:3], " ")
+	}
+	c.busy, c.total = machineCPU()
+	if serverPID > 0 {
+		c.server, _ = readProc(serverPID)
+	}
+	c.bench, _ = readProc(os.Getpid())
+	return c
+}
+
+func (c *cpuShare) finish() {
+	busy, total := machineCPU()
+	if total > c.total {
+		c.Machine = float64(busy-c.busy) / float64(total-c.total) * 100 * float64(c.cores)
+	}
+	if c.serverPID > 0 {
+		if s, err := readProc(c.serverPID); err == nil {
+			c.Server = cpuPercent(c.server, s)
+		}
+	}
+	if s, err := readProc(os.Getpid()); err == nil {
+		c.Bench = cpuPercent(c.bench, s)
+	}
+}
+
+// forceGC asks the server's runtime for a garbage collection through the
+// debug listener (pprof's heap profile with gc=1), so that RSS is read as a
+// long-running server would settle (Go also forces one every two minutes).
+func (t *target) forceGC(ctx context.Context) error {
+	if t.DebugURL == "" {
+		return errors.New("no debug listener")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, t.DebugURL+"/debug/pprof/heap?gc=1", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := adminClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, err = io.Copy(io.Discard, resp.Body)
+	return err
+}
+
+// profile saves a pprof profile from the debug listener into dir; kind is
+// "heap" or "profile?seconds=N" (CPU).
+func (t *target) profile(ctx context.Context, kind, path string) error {
+	if t.DebugURL == "" || path == "" {
+		return nil
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, t.DebugURL+"/debug/pprof/"+kind, nil)
+	if err != nil {
+		return err
+	}
+	c := &http.Client{Timeout: 5 * time.Minute}
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("pprof %s: status %d", kind, resp.StatusCode)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func execSQL(ctx context.Context, dbURL, sql string) error {
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	_, err = conn.Exec(ctx, sql)
+	return err
+}
+
+func withSearchPath(base, schema string) (string, error) {
+	u, err := url.Parse(base)
+	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		return "", fmt.Errorf("database url %q: want postgres://...", base)
+	}
+	q := u.Query()
+	q.Set("search_path", schema)
+	u.RawQuery = q.Encode()
+	return u.String(), nil
+}
+
+func freeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

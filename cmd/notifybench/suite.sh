@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The default performance suite (`make bench`): the Go benchmarks of every
+# package, then the notifybench scenarios against a freshly built notifyd
+# (one server process per scenario, its own schema, NOTIFY_DEV=0).
+# Fits 2 cores and 24 GiB and takes about 8 minutes.
+#
+#   OUT=/tmp/notifyd-bench BENCH_SCENARIOS=default BENCH_PPROF=1 cmd/notifybench/suite.sh
+#
+# Results: $OUT/results.md (the table for the README), $OUT/results.json,
+# $OUT/gobench.txt, server logs, and with BENCH_PPROF=1 CPU and heap profiles
+# in $OUT/pprof (read them with `go tool pprof $OUT/bin/notifyd FILE`).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+GO=${GO:-go}
+OUT=${OUT:-${TMPDIR:-/tmp}/notifyd-bench}
+SCENARIOS=${BENCH_SCENARIOS:-default}
+GOBENCH=${BENCH_GO:-1}
+export NOTIFYD_TEST_DATABASE_URL=${NOTIFYD_TEST_DATABASE_URL:-postgres://127.0.0.1:5432/test?sslmode=disable}
+
+mkdir -p "$OUT/bin"
+.ci/pg-up
+$GO build -o "$OUT/bin/" ./cmd/notifyd ./cmd/notifybench
+
+if [ "$GOBENCH" = 1 ]; then
+  echo "== Go benchmarks" >&2
+  $GO test -run '^$' -bench . -benchmem -count=1 -timeout 10m ./... | tee "$OUT/gobench.txt"
+fi
+
+pprof=()
+if [ "${BENCH_PPROF:-0}" = 1 ]; then pprof=(-pprof); fi
+echo "== notifybench scenarios: $SCENARIOS" >&2
+"$OUT/bin/notifybench" -spawn "$OUT/bin/notifyd" -scenarios "$SCENARIOS" -out "$OUT" \
+  -commit "$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')" \
+  "${pprof[@]}"
