@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -11,7 +12,9 @@ import (
 	"unicode/utf8"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Recorder defaults, used when the RecorderOptions field is zero.
@@ -33,15 +36,22 @@ type Delivery struct {
 	UserID         string
 	Seq            int64
 	SessionID      string
+	Device         string
 	Transport      string
 	Replayed       bool
+	PublishedAt    time.Time // the notification's created_at; zero leaves published_at NULL
 	At             time.Time // zero means when recorded
 }
 
-// Ack records a delivery receipt from the client for a notification sent to a session.
+// Ack records a delivery receipt from the client: for one notification sent to a session
+// (NotificationID), or, when NotificationID is empty, for everything the session was sent up to
+// seq UpToSeq of user UserID (a long-poll cursor). Receipts for deliveries older than a day are
+// not applied.
 type Ack struct {
 	NotificationID string // uuid
 	SessionID      string
+	UserID         string    // with UpToSeq
+	UpToSeq        int64     // with an empty NotificationID
 	At             time.Time // zero means when recorded
 }
 
@@ -133,10 +143,13 @@ type Recorder struct {
 	stop chan struct{} // closed by Close
 	done chan struct{} // closed when Run returns
 
-	flushMu  sync.Mutex // one flush at a time (Run, or Close after Run)
-	dropped  atomic.Uint64
-	recorded atomic.Uint64
-	lastWarn atomic.Int64 // unix nanos of the last dropped-records warning
+	flushMu   sync.Mutex       // one flush at a time (Run, or Close after Run)
+	carry     []Ack            // under flushMu: acks of the last flush that matched nothing yet
+	cursors   map[string]int64 // under flushMu: last cursor receipt applied per session
+	dropped   atomic.Uint64
+	unmatched atomic.Uint64
+	recorded  atomic.Uint64
+	lastWarn  atomic.Int64 // unix nanos of the last dropped-records warning
 }
 
 // NewRecorder returns a Recorder writing through s. Start it with Run; stop it with Close.
@@ -156,9 +169,10 @@ func NewRecorder(s *Store, log *slog.Logger, opt RecorderOptions) *Recorder {
 	}
 	return &Recorder{
 		s: s, log: log, opt: opt,
-		wake: make(chan struct{}, 1),
-		stop: make(chan struct{}),
-		done: make(chan struct{}),
+		wake:    make(chan struct{}, 1),
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+		cursors: map[string]int64{},
 	}
 }
 
@@ -284,7 +298,8 @@ func (r *Recorder) Close(ctx context.Context) error {
 	return nil
 }
 
-// flushAll writes the queue in chunks of MaxBatch until it was found empty.
+// flushAll writes the queue in chunks of MaxBatch until it was found empty (and the acks
+// carried from the last chunk had their second try).
 func (r *Recorder) flushAll(ctx context.Context) {
 	r.flushMu.Lock()
 	defer r.flushMu.Unlock()
@@ -295,139 +310,335 @@ func (r *Recorder) flushAll(ctx context.Context) {
 			r.q = recQueue{} // release the backing arrays
 		}
 		r.mu.Unlock()
-		if len(chunk.order) == 0 {
+		if len(chunk.order) == 0 && len(r.carry) == 0 {
 			return
 		}
 		r.flush(ctx, chunk)
 	}
 }
 
+// flush writes one chunk, plus the acks carried from the previous one. An ack can reach the
+// queue before the delivery it acknowledges (the client answers while the transport is still
+// reporting what it wrote), so an ack that matched no delivery gets a second try with the next
+// chunk; after that it is counted as unmatched (Unmatched), not as dropped.
 func (r *Recorder) flush(ctx context.Context, q recQueue) {
-	b, n, invalid := buildRecorderBatch(q)
+	carried := r.carry
+	r.carry = nil
+	b := &recorderBatch{cursors: r.cursors}
+	n, invalid := b.build(q, carried)
 	if invalid > 0 {
 		r.drop(invalid, "invalid records")
 	}
-	if n == 0 {
+	if n == 0 && len(b.acks) == 0 {
 		return
 	}
 	var err error
 	for attempt := 1; attempt <= 2; attempt++ {
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recorderWriteTimeout)
-		err = r.s.pool.SendBatch(wctx, b).Close()
+		if attempt == 2 && isMissingPartition(err) {
+			// A delivery outside the partitions made ahead (a clock far off, a server left
+			// running for a week without its retention loop): make its days, then retry.
+			lo, hi := b.dayRange()
+			if _, perr := r.s.EnsureDeliveryPartitions(wctx, lo, hi); perr != nil {
+				r.log.Error("store recorder: make delivery partitions", "err", perr)
+			}
+		}
+		matched := map[ackKey]bool{}
+		err = r.s.pool.SendBatch(wctx, b.batch(matched)).Close()
 		cancel()
 		if err == nil {
-			r.recorded.Add(uint64(n))
+			r.finish(b, matched, n, len(carried))
 			return
 		}
-		r.log.Error("store recorder: flush failed", "attempt", attempt, "records", n, "err", err)
+		r.log.Error("store recorder: flush failed", "attempt", attempt, "records", n+len(carried), "err", err)
 	}
-	r.drop(n, "flush failed")
+	r.drop(n+len(carried), "flush failed")
 }
 
-// buildRecorderBatch turns a chunk into one pgx.Batch (one round trip, one implicit
-// transaction): session starts, deliveries, acks, session ends. It returns the number of
-// valid records in it and of invalid ones (bad uuids) left out.
-func buildRecorderBatch(q recQueue) (b *pgx.Batch, n, invalid int) {
-	b = &pgx.Batch{}
-	if len(q.starts) > 0 {
-		var ids, sids, users, devices, transports, addrs, agents []string
-		var at []time.Time
-		for _, s := range q.starts {
-			if !validUUID(s.RowID) {
-				invalid++
-				continue
-			}
-			ids = append(ids, s.RowID)
-			sids = append(sids, clean(s.SessionID))
-			users = append(users, clean(s.UserID))
-			devices = append(devices, clean(s.Device))
-			transports = append(transports, clean(s.Transport))
-			addrs = append(addrs, clean(s.RemoteAddr))
-			agents = append(agents, clean(s.UserAgent))
-			at = append(at, s.ConnectedAt)
+// finish counts what a successful flush wrote and carries the new acks that matched nothing.
+func (r *Recorder) finish(b *recorderBatch, matched map[ackKey]bool, n, carried int) {
+	var unmatched int
+	for i, a := range b.acks {
+		if matched[ackKey{a.NotificationID, a.SessionID}] {
+			continue
 		}
-		if len(ids) > 0 {
-			n += len(ids)
-			b.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
-				SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at
-				FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
-					AS t(id, sid, uid, dev, tr, addr, ua, at)
-				ON CONFLICT (id) DO NOTHING`, ids, sids, users, devices, transports, addrs, agents, at)
+		if b.ackWasCarried[i] {
+			unmatched++
+		} else {
+			r.carry = append(r.carry, a)
 		}
 	}
-	if len(q.deliv) > 0 {
-		var nids, users, sids, transports []string
-		var seqs []int64
-		var replayed []bool
-		var at []time.Time
-		for _, d := range q.deliv {
-			if !validUUID(d.NotificationID) {
-				invalid++
-				continue
-			}
-			nids = append(nids, d.NotificationID)
-			users = append(users, clean(d.UserID))
-			seqs = append(seqs, d.Seq)
-			sids = append(sids, clean(d.SessionID))
-			transports = append(transports, clean(d.Transport))
-			replayed = append(replayed, d.Replayed)
-			at = append(at, d.At)
+	// The acks carried now are counted when their second try ends.
+	recorded := n + carried - len(r.carry) - unmatched
+	r.recorded.Add(uint64(recorded))
+	if unmatched > 0 {
+		r.unmatched.Add(uint64(unmatched))
+		r.log.Debug("store recorder: acks matched no recorded delivery", "acks", unmatched)
+	}
+	for sid, seq := range b.cursorAcked {
+		if len(r.cursors) >= maxCursorSessions {
+			clear(r.cursors) // only makes the next cursor receipt of each session scan further back
 		}
-		if len(nids) > 0 {
-			n += len(nids)
-			b.Queue(`INSERT INTO deliveries (notification_id, user_id, seq, session_id, transport, replayed, delivered_at)
-				SELECT nid::uuid, uid, seq, sid, tr, rep, at
-				FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::boolean[], $7::timestamptz[])
-					AS t(nid, uid, seq, sid, tr, rep, at)
-				ON CONFLICT DO NOTHING`, nids, users, seqs, sids, transports, replayed, at)
+		r.cursors[sid] = seq
+	}
+}
+
+// Unmatched returns the number of acks that matched no recorded delivery (ids the session was
+// never sent, or whose delivery record was dropped or is older than a day).
+func (r *Recorder) Unmatched() uint64 { return r.unmatched.Load() }
+
+func isMissingPartition(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == pgerrcode.CheckViolation &&
+		strings.Contains(pgErr.Message, "no partition")
+}
+
+// maxCursorSessions bounds the Recorder's memory of the last cursor receipt per session.
+const maxCursorSessions = 100_000
+
+// ackWindow bounds how far back a receipt looks for its delivery (and a delivery for an earlier
+// record of itself), so that both read only the latest daily partitions of deliveries.
+const ackWindow = 24 * time.Hour
+
+type ackKey struct{ nid, sid string }
+
+// recorderBatch is one chunk turned into column arrays. Acks whose delivery is in the same
+// chunk are folded into it (no UPDATE); so are cursor receipts.
+type recorderBatch struct {
+	cursors map[string]int64 // last cursor receipt applied per session (read only here)
+
+	startIDs, startSids, startUsers, startDevices, startTransports, startAddrs, startAgents []string
+	startAt                                                                                 []time.Time
+
+	delNids, delUsers, delSids, delDevices, delTransports []string
+	delSeqs                                               []int64
+	delReplayed                                           []bool
+	delPublished                                          []*time.Time
+	delAt, delAcked                                       []*time.Time
+
+	acks          []Ack // acks by id to apply by UPDATE
+	ackWasCarried []bool
+
+	curSids, curUsers []string
+	curLo, curHi      []int64
+	curAt             []time.Time
+	cursorAcked       map[string]int64
+
+	endIDs, endReasons []string
+	endSeen            []*time.Time
+	endAt              []time.Time
+
+	minAt, maxAt time.Time // of deliveries and acks
+}
+
+func (b *recorderBatch) seeTime(t time.Time) {
+	if b.minAt.IsZero() || t.Before(b.minAt) {
+		b.minAt = t
+	}
+	if t.After(b.maxAt) {
+		b.maxAt = t
+	}
+}
+
+// dayRange is the UTC days of the chunk's deliveries.
+func (b *recorderBatch) dayRange() (time.Time, time.Time) {
+	return b.minAt.UTC().Truncate(24 * time.Hour), b.maxAt.UTC().Truncate(24 * time.Hour)
+}
+
+// build fills b from q and the carried acks; it returns the number of valid records of q and
+// of invalid ones (bad uuids, incomplete cursor receipts) left out.
+func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
+	for _, s := range q.starts {
+		if !validUUID(s.RowID) {
+			invalid++
+			continue
+		}
+		n++
+		b.startIDs = append(b.startIDs, s.RowID)
+		b.startSids = append(b.startSids, clean(s.SessionID))
+		b.startUsers = append(b.startUsers, clean(s.UserID))
+		b.startDevices = append(b.startDevices, clean(s.Device))
+		b.startTransports = append(b.startTransports, clean(s.Transport))
+		b.startAddrs = append(b.startAddrs, clean(s.RemoteAddr))
+		b.startAgents = append(b.startAgents, clean(s.UserAgent))
+		b.startAt = append(b.startAt, s.ConnectedAt)
+	}
+
+	// Deliveries, the first of a (notification, session) only.
+	first := make(map[ackKey]int, len(q.deliv))
+	for _, d := range q.deliv {
+		if !validUUID(d.NotificationID) {
+			invalid++
+			continue
+		}
+		n++
+		k := ackKey{d.NotificationID, d.SessionID}
+		if _, dup := first[k]; dup {
+			continue
+		}
+		first[k] = len(b.delNids)
+		b.seeTime(d.At)
+		at := d.At
+		var pub *time.Time
+		if !d.PublishedAt.IsZero() {
+			pub = &d.PublishedAt
+		}
+		b.delNids = append(b.delNids, d.NotificationID)
+		b.delUsers = append(b.delUsers, clean(d.UserID))
+		b.delSeqs = append(b.delSeqs, d.Seq)
+		b.delSids = append(b.delSids, clean(d.SessionID))
+		b.delDevices = append(b.delDevices, clean(d.Device))
+		b.delTransports = append(b.delTransports, clean(d.Transport))
+		b.delReplayed = append(b.delReplayed, d.Replayed)
+		b.delPublished = append(b.delPublished, pub)
+		b.delAt = append(b.delAt, &at)
+		b.delAcked = append(b.delAcked, nil)
+	}
+	ackInto := func(i int, at time.Time) {
+		if b.delAcked[i] == nil || at.Before(*b.delAcked[i]) {
+			b.delAcked[i] = &at
 		}
 	}
-	if len(q.acks) > 0 {
-		var nids, sids []string
-		var at []time.Time
-		for _, a := range q.acks {
-			if !validUUID(a.NotificationID) {
-				invalid++
+
+	all := append(carried[:len(carried):len(carried)], q.acks...)
+	for i, a := range all {
+		isNew := i >= len(carried)
+		switch {
+		case a.NotificationID == "" && a.UpToSeq > 0 && a.SessionID != "" && a.UserID != "":
+			b.cursorAck(a, first, ackInto)
+			n++
+		case !validUUID(a.NotificationID):
+			invalid++
+		default:
+			if isNew {
+				n++
+			}
+			if j, ok := first[ackKey{a.NotificationID, a.SessionID}]; ok {
+				ackInto(j, a.At) // folded into its delivery: matched
 				continue
 			}
-			nids = append(nids, a.NotificationID)
-			sids = append(sids, clean(a.SessionID))
-			at = append(at, a.At)
-		}
-		if len(nids) > 0 {
-			n += len(nids)
-			b.Queue(`UPDATE deliveries d SET acked_at = a.at
-				FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS a(nid, sid, at)
-				WHERE d.notification_id = a.nid::uuid AND d.session_id = a.sid AND d.acked_at IS NULL`, nids, sids, at)
+			b.seeTime(a.At)
+			b.acks = append(b.acks, a)
+			b.ackWasCarried = append(b.ackWasCarried, !isNew)
 		}
 	}
-	if len(q.ends) > 0 {
-		var ids, reasons []string
-		var seen []*time.Time
-		var ended []time.Time
-		for _, e := range q.ends {
-			if !validUUID(e.RowID) {
-				invalid++
-				continue
-			}
-			ids = append(ids, e.RowID)
-			var ls *time.Time
-			if !e.LastSeen.IsZero() {
-				ls = &e.LastSeen
-			}
-			seen = append(seen, ls)
-			ended = append(ended, e.EndedAt)
-			reasons = append(reasons, clean(e.Reason))
+
+	for _, e := range q.ends {
+		if !validUUID(e.RowID) {
+			invalid++
+			continue
 		}
-		if len(ids) > 0 {
-			n += len(ids)
-			b.Queue(`UPDATE session_history s SET last_seen_at = coalesce(e.seen, s.last_seen_at), ended_at = e.ended,
-					end_reason = nullif(e.reason, '')
-				FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[]) AS e(id, seen, ended, reason)
-				WHERE s.id = e.id::uuid`, ids, seen, ended, reasons)
+		n++
+		var seen *time.Time
+		if !e.LastSeen.IsZero() {
+			seen = &e.LastSeen
+		}
+		b.endIDs = append(b.endIDs, e.RowID)
+		b.endSeen = append(b.endSeen, seen)
+		b.endAt = append(b.endAt, e.EndedAt)
+		b.endReasons = append(b.endReasons, clean(e.Reason))
+	}
+	return n, invalid
+}
+
+// cursorAck folds a cursor receipt into the chunk's deliveries of its session and queues the
+// UPDATE for the earlier ones: seqs above the session's previous cursor receipt (0 when this
+// Recorder has none) up to a.UpToSeq.
+func (b *recorderBatch) cursorAck(a Ack, first map[ackKey]int, ackInto func(int, time.Time)) {
+	lo, ok := b.cursorAcked[a.SessionID]
+	if !ok {
+		lo = b.cursors[a.SessionID]
+	}
+	if a.UpToSeq <= lo {
+		return
+	}
+	for i, sid := range b.delSids {
+		if sid == a.SessionID && b.delSeqs[i] > lo && b.delSeqs[i] <= a.UpToSeq {
+			ackInto(i, a.At)
 		}
 	}
-	return b, n, invalid
+	b.seeTime(a.At)
+	b.curSids = append(b.curSids, clean(a.SessionID))
+	b.curUsers = append(b.curUsers, clean(a.UserID))
+	b.curLo = append(b.curLo, lo)
+	b.curHi = append(b.curHi, a.UpToSeq)
+	b.curAt = append(b.curAt, a.At)
+	if b.cursorAcked == nil {
+		b.cursorAcked = map[string]int64{}
+	}
+	b.cursorAcked[a.SessionID] = a.UpToSeq
+}
+
+// batch is the chunk as one pgx.Batch (one round trip, one implicit transaction): session
+// starts, deliveries, acks, cursor receipts, session ends. The ack UPDATE reports what it
+// matched into matched.
+func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
+	pb := &pgx.Batch{}
+	since := b.minAt.Add(-ackWindow)
+	if len(b.startIDs) > 0 {
+		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
+			SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at
+			FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
+				AS t(id, sid, uid, dev, tr, addr, ua, at)
+			ON CONFLICT (id) DO NOTHING`,
+			b.startIDs, b.startSids, b.startUsers, b.startDevices, b.startTransports, b.startAddrs, b.startAgents, b.startAt)
+	}
+	if len(b.delNids) > 0 {
+		// deliveries' key includes delivered_at (the partition key): the first delivery of a
+		// notification to a session is kept by looking for an earlier one.
+		pb.Queue(`INSERT INTO deliveries (notification_id, user_id, seq, session_id, device, transport, replayed,
+				published_at, delivered_at, acked_at)
+			SELECT t.nid::uuid, t.uid, t.seq, t.sid, t.dev, t.tr, t.rep, t.pub, t.at, t.ack
+			FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::boolean[],
+				$8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) AS t(nid, uid, seq, sid, dev, tr, rep, pub, at, ack)
+			WHERE NOT EXISTS (SELECT 1 FROM deliveries d
+				WHERE d.notification_id = t.nid::uuid AND d.session_id = t.sid AND d.delivered_at >= $11)
+			ON CONFLICT DO NOTHING`,
+			b.delNids, b.delUsers, b.delSeqs, b.delSids, b.delDevices, b.delTransports, b.delReplayed,
+			b.delPublished, b.delAt, b.delAcked, since)
+	}
+	if len(b.acks) > 0 {
+		nids := make([]string, len(b.acks))
+		sids := make([]string, len(b.acks))
+		at := make([]time.Time, len(b.acks))
+		for i, a := range b.acks {
+			nids[i], sids[i], at[i] = a.NotificationID, clean(a.SessionID), a.At
+		}
+		// Matched means the delivery is recorded, acked now or before.
+		pb.Queue(`WITH a AS (
+				SELECT nid::uuid AS nid, sid, min(at) AS at
+				FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS a(nid, sid, at) GROUP BY 1, 2
+			), upd AS (
+				UPDATE deliveries d SET acked_at = a.at FROM a
+				WHERE d.notification_id = a.nid AND d.session_id = a.sid AND d.acked_at IS NULL AND d.delivered_at >= $4
+			)
+			SELECT d.notification_id::text, d.session_id FROM deliveries d JOIN a
+				ON d.notification_id = a.nid AND d.session_id = a.sid AND d.delivered_at >= $4`,
+			nids, sids, at, since).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var k ackKey
+				if err := rows.Scan(&k.nid, &k.sid); err != nil {
+					return err
+				}
+				matched[k] = true
+			}
+			return rows.Err()
+		})
+	}
+	if len(b.curSids) > 0 {
+		pb.Queue(`UPDATE deliveries d SET acked_at = c.at
+			FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[]) AS c(sid, uid, lo, hi, at)
+			JOIN notifications n ON n.user_id = c.uid AND n.seq > c.lo AND n.seq <= c.hi
+			WHERE d.notification_id = n.id AND d.session_id = c.sid AND d.acked_at IS NULL AND d.delivered_at >= $6`,
+			b.curSids, b.curUsers, b.curLo, b.curHi, b.curAt, since)
+	}
+	if len(b.endIDs) > 0 {
+		pb.Queue(`UPDATE session_history s SET last_seen_at = coalesce(e.seen, s.last_seen_at), ended_at = e.ended,
+				end_reason = nullif(e.reason, '')
+			FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[]) AS e(id, seen, ended, reason)
+			WHERE s.id = e.id::uuid`, b.endIDs, b.endSeen, b.endAt, b.endReasons)
+	}
+	return pb
 }
 
 func validUUID(s string) bool {

@@ -170,7 +170,7 @@ func TestRecorderFailedFlushDrops(t *testing.T) {
 	s := storetest.New(t)
 	h := &countingHandler{Handler: slog.DiscardHandler}
 	r := store.NewRecorder(s, slog.New(h), store.RecorderOptions{FlushEvery: time.Hour})
-	if _, err := s.Pool().Exec(testCtx(t), "DROP TABLE deliveries"); err != nil {
+	if _, err := s.Pool().Exec(testCtx(t), "DROP TABLE deliveries CASCADE"); err != nil {
 		t.Fatal(err)
 	}
 	for range 3 {
