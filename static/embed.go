@@ -6,5 +6,5 @@ import "embed"
 
 // FS is the embedded static files, served at /.
 //
-//go:embed *.html *.js
+//go:embed *.html *.js *.d.ts *.css
 var FS embed.FS
