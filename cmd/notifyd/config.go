@@ -31,6 +31,9 @@ type Config struct {
 	ShutdownTimeout    time.Duration
 	RetentionRead      time.Duration
 	RetentionDelivery  time.Duration
+	RetentionEvery     time.Duration
+	// RecordOff switches delivery, receipt and session recording off (NOTIFY_RECORD=false).
+	RecordOff bool
 	Dev                bool
 	LogLevel           string
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
@@ -88,6 +91,7 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		ShutdownTimeout:    dur("NOTIFY_SHUTDOWN_TIMEOUT", 10*time.Second),
 		RetentionRead:      dur("NOTIFY_RETENTION_READ", 30*24*time.Hour),
 		RetentionDelivery:  dur("NOTIFY_RETENTION_DELIVERIES", 30*24*time.Hour),
+		RetentionEvery:     dur("NOTIFY_RETENTION_EVERY", time.Hour),
 		LogLevel:           str("NOTIFY_LOG_LEVEL", "info"),
 	}
 	if v := getenv("NOTIFY_DEV"); v != "" {
@@ -96,6 +100,13 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 			errs = append(errs, fmt.Errorf("NOTIFY_DEV=%q: want true or false", v))
 		}
 		c.Dev = dev
+	}
+	if v := getenv("NOTIFY_RECORD"); v != "" {
+		record, err := strconv.ParseBool(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("NOTIFY_RECORD=%q: want true or false", v))
+		}
+		c.RecordOff = err == nil && !record
 	}
 	for _, o := range strings.Split(getenv("NOTIFY_ALLOWED_ORIGINS"), ",") {
 		if o = strings.TrimSpace(o); o != "" {

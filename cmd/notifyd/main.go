@@ -1,5 +1,6 @@
 // Command notifyd is the notification server. `notifyd` serves (configured by
-// the environment, see README); `notifyd token -user U` prints a client token.
+// the environment, see README); `notifyd token -user U` prints a client token;
+// `notifyd report [--since 24h] [--format table|csv|json]` prints the delivery report.
 package main
 
 import (
@@ -36,12 +37,14 @@ func run(ctx context.Context, args []string) error {
 		switch args[0] {
 		case "token":
 			return runToken(args[1:], os.Stdout)
+		case "report":
+			return runReport(ctx, args[1:], os.Getenv, os.Stdout)
 		case "serve":
 			args = args[1:]
 		}
 	}
 	if len(args) > 0 {
-		return fmt.Errorf("unknown command %q (want serve or token)", args[0])
+		return fmt.Errorf("unknown command %q (want serve, token or report)", args[0])
 	}
 	cfg, err := LoadConfig(os.Getenv)
 	if err != nil {
@@ -120,13 +123,21 @@ func (m *Main) Start(ctx context.Context) error {
 		PingInterval: cfg.PingInterval, PingTimeout: cfg.PingTimeout,
 		MaxSessionsPerUser: cfg.MaxSessionsPerUser, QueueLimit: cfg.QueueLimit + cfg.ReplayLimit,
 	}, realtime.Hooks{
-		Started: func(s *realtime.Session) { m.recorder.SessionStarted(sessionStart(s)) },
+		Started: func(s *realtime.Session) {
+			if !cfg.RecordOff {
+				m.recorder.SessionStarted(sessionStart(s))
+			}
+		},
 		Ended: func(s *realtime.Session, reason realtime.Reason) {
-			m.recorder.SessionEnded(store.SessionEnd{RowID: s.ConnID, LastSeen: s.LastSeen(), EndedAt: time.Now(), Reason: string(reason)})
+			if !cfg.RecordOff {
+				m.recorder.SessionEnded(store.SessionEnd{RowID: s.ConnID, LastSeen: s.LastSeen(), EndedAt: time.Now(), Reason: string(reason)})
+			}
 			metrics.Ended(reason)
 		},
 		Written: func(s *realtime.Session, frames []realtime.Frame) {
-			recordDeliveries(m.recorder, s, frames)
+			if !cfg.RecordOff {
+				recordDeliveries(m.recorder, s, frames)
+			}
 			metrics.Written(s, frames)
 		},
 	})
@@ -155,13 +166,14 @@ func (m *Main) Start(ctx context.Context) error {
 	m.goBackground(func() { dispatcher.Run(bg) })
 	m.goBackground(func() { m.hub.Run(bg) })
 	m.goBackground(func() { m.recorder.Run(bg) })
+	m.startRetention(ctx, bg)
 
 	static := m.Static
 	if static == nil {
 		static = staticFS()
 	}
 	handler, api := handlers.New(handlers.Options{
-		Hub: m.hub, Store: st, Recorder: m.recorder, Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
+		Hub: m.hub, Store: st, Recorder: receiptRecorder(m.recorder, cfg.RecordOff), Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
 		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},

@@ -63,8 +63,8 @@ func recordDeliveries(rec *store.Recorder, s *realtime.Session, frames []realtim
 	for i := range frames {
 		f := &frames[i]
 		if f.Type == realtime.TypeNotification {
-			rec.Delivered(store.Delivery{NotificationID: f.ID, UserID: s.User, Seq: f.Seq, SessionID: s.ID,
-				Transport: string(s.Transport), Replayed: f.Replayed, At: now})
+			rec.Delivered(store.Delivery{NotificationID: f.ID, UserID: s.User, Seq: f.Seq, SessionID: s.ID, Device: s.Device,
+				Transport: string(s.Transport), Replayed: f.Replayed, PublishedAt: f.CreatedAt, At: now})
 		}
 	}
 }
@@ -78,6 +78,9 @@ func registerStoreMetrics(m *handlers.Metrics, rec *store.Recorder) {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_receipts_recorded_total",
 			Help: "Delivery records and receipts written to Postgres."},
 			func() float64 { return float64(rec.Recorded()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_receipts_unmatched_total",
+			Help: "Acks that matched no recorded delivery of their session (never sent there, or its record was dropped)."},
+			func() float64 { return float64(rec.Unmatched()) }),
 	)
 }
 
