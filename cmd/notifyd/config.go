@@ -32,8 +32,7 @@ type Config struct {
 	RetentionRead      time.Duration
 	RetentionDelivery  time.Duration
 	RetentionEvery     time.Duration
-	// RecordOff switches delivery, receipt and session recording off (NOTIFY_RECORD=false).
-	RecordOff bool
+	RecordOff          bool // NOTIFY_RECORD=false: no delivery, receipt or session records
 	Dev                bool
 	LogLevel           string
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
