@@ -3,7 +3,7 @@ GO        ?= go
 PKGS      := ./...
 export NOTIFYD_TEST_DATABASE_URL ?= postgres://127.0.0.1:5432/test?sslmode=disable
 
-.PHONY: run test test-go lint bench build pg-up
+.PHONY: run test test-go lint bench build pg-up e2e-deps bench-report
 
 ## run: create the database, apply migrations, start in dev mode (prints a token, an API key and a curl line)
 run: pg-up
@@ -16,8 +16,14 @@ build:
 pg-up:
 	@.ci/pg-up
 
-## test: lint, then every Go test under -race against the real Postgres
-test: pg-up lint test-go
+## test: lint, then every Go test under -race against the real Postgres, browser tests included
+## (e2e-deps installs what they need; NOTIFYD_E2E=1 makes a missing tool a failure, not a skip)
+test: export NOTIFYD_E2E = 1
+test: pg-up e2e-deps lint test-go
+
+## e2e-deps: chromium, nginx, squid (Debian packages) and playwright-core (npm ci), each only when missing
+e2e-deps:
+	@.ci/e2e-deps
 
 test-go:
 	$(GO) test -race -count=1 -timeout 20m $(PKGS)
@@ -26,6 +32,12 @@ test-go:
 lint:
 	$(GO) vet $(PKGS)
 	@out=$$(gofmt -l $$(git ls-files '*.go') 2>/dev/null); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+## bench-report: the reporting views at 10M deliveries / 2M notifications (timings and EXPLAIN plans in bench-report.md;
+## about 10 min), then recording on vs off (delivered notifications/s over WebSocket)
+bench-report: pg-up
+	NOTIFYD_BENCH_REPORT=1 NOTIFYD_BENCH_OUT=$(CURDIR)/bench-report.md $(GO) test -run '^TestReportAtScale$$' -count=1 -timeout 60m -v ./store/
+	$(GO) test -run '^$$' -bench 'BenchmarkRecording' -benchtime 5s -count 3 -timeout 20m ./cmd/notifyd/
 
 ## bench: Go benchmarks, then the notifybench scenarios (cmd/notifybench/suite.sh; about 8 min)
 bench: pg-up

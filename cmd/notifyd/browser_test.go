@@ -235,6 +235,17 @@ func TestBrowserDirect(t *testing.T) {
 			Rows: [...document.querySelectorAll('#recent tr')].filter(r => r.textContent.includes('alice')).length })`, &d)
 		return d.Polls >= 3 && d.WS == "1" && d.Rows == 1, fmt.Sprintf("%+v", d)
 	})
+	// Some traffic for the deliveries-per-second chart and the latency percentiles.
+	for i := 0; i < 15; i++ {
+		ts.publish(t, "alice", "e2e.burst", map[string]any{"i": i})
+		time.Sleep(100 * time.Millisecond)
+	}
+	waitFor(t, 10*time.Second, "dashboard counts the burst", func() (bool, string) {
+		var deliveries int
+		b.eval("dash", `window.notifyDashboard.stats.deliveries`, &deliveries)
+		return deliveries >= 21, fmt.Sprint("deliveries ", deliveries)
+	})
+	time.Sleep(1500 * time.Millisecond)
 	noConsoleErrors(t, b, "dash")
 	b.screenshot("dash", "dashboard")
 }
