@@ -16,8 +16,8 @@ type Range struct {
 type Source interface {
 	// Fetch returns the notifications in the ranges, ordered by user then seq.
 	Fetch(ctx context.Context, ranges []Range) ([]Notification, error)
-	// After returns, per user, up to limit notifications above the cursor,
-	// ordered by user then seq.
+	// After returns, per user, up to limit unread notifications above the
+	// cursor, ordered by user then seq.
 	After(ctx context.Context, cursors map[string]int64, limit int) ([]Notification, error)
 }
 
@@ -63,6 +63,13 @@ func (d *Dispatcher) Run(ctx context.Context) {
 		case <-d.catchUp:
 			d.runCatchUp(ctx)
 		case rs := <-d.in:
+			// A catch-up asked for before this signal arrived goes first: the newer rows,
+			// delivered first, would move cursors past the rows the catch-up must bring.
+			select {
+			case <-d.catchUp:
+				d.runCatchUp(ctx)
+			default:
+			}
 			d.dispatch(ctx, d.merge(rs))
 		}
 	}
@@ -84,7 +91,8 @@ func (d *Dispatcher) merge(rs []Range) []Range {
 		}
 	}
 	add(rs)
-	for more := true; more && len(byUser) < 10000; {
+	// Stop at a pending catch-up: signals after it must wait until it has run.
+	for more := true; more && len(byUser) < 10000 && len(d.catchUp) == 0; {
 		select {
 		case rs := <-d.in:
 			add(rs)
