@@ -101,9 +101,11 @@ func (s *Store) Fetch(ctx context.Context, ranges []SeqRange) ([]Notification, e
 	return slices.CompactFunc(ns, func(a, b Notification) bool { return a.UserID == b.UserID && a.Seq == b.Seq }), nil
 }
 
-// After returns, for catch-up, the unexpired notifications (any read state) with seq greater
-// than each user's cursor, at most limitPerUser per user (DefaultReplayLimit when <= 0),
-// ordered by user (byte order) then seq.
+// After returns, for catch-up, the unread, unexpired notifications with seq greater than each
+// user's cursor, at most limitPerUser per user (DefaultReplayLimit when <= 0), ordered by user
+// (byte order) then seq. Read ones are left out as in Replay: a session whose cursor is below
+// the user's read history (a device that connected without a cursor) was never owed them, and
+// sending them after a lost NOTIFY would show that history as new.
 func (s *Store) After(ctx context.Context, cursors map[string]int64, limitPerUser int) ([]Notification, error) {
 	if len(cursors) == 0 {
 		return nil, nil
@@ -121,7 +123,7 @@ func (s *Store) After(ctx context.Context, cursors map[string]int64, limitPerUse
 		FROM unnest($1::text[], $2::bigint[]) AS c(user_id, after)
 		CROSS JOIN LATERAL (
 			SELECT * FROM notifications n
-			WHERE n.user_id = c.user_id AND n.seq > c.after AND `+unexpired+`
+			WHERE n.user_id = c.user_id AND n.seq > c.after AND n.read_at IS NULL AND `+unexpired+`
 			ORDER BY n.seq LIMIT $3
 		) n
 		ORDER BY n.user_id COLLATE "C", n.seq`, users, afters, limitPerUser)

@@ -187,7 +187,7 @@ func TestFetchAndAfter(t *testing.T) {
 	for _, n := range ns {
 		got = append(got, n.UserID+string(rune('0'+n.Seq)))
 	}
-	if !slices.Equal(got, []string{"a4", "a5", "b1", "b2"}) {
+	if !slices.Equal(got, []string{"b1", "b2"}) { // a4 and a5 are read
 		t.Fatalf("after = %v", got)
 	}
 	if ns, err := s.Fetch(ctx, nil); err != nil || ns != nil {
