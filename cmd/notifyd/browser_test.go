@@ -50,6 +50,11 @@ func demoURL(base, user string, opts url.Values) string {
 	return base + "/?" + q.Encode()
 }
 
+// direct are the client options of the cases without a proxy: they are not
+// about the hello timer, so a loaded machine gets more time before the client
+// falls back.
+var direct = url.Values{"helloTimeout": {"8000"}}
+
 // waitConnected waits until the page's client is connected and returns its state.
 func waitConnected(t *testing.T, b *browser, page string, timeout time.Duration) demoState {
 	t.Helper()
@@ -172,7 +177,7 @@ func TestBrowserDirect(t *testing.T) {
 
 	b := startBrowser(t)
 	b.launch("a", "")
-	b.open("a", "demo", demoURL(ts.URL, "alice", nil))
+	b.open("a", "demo", demoURL(ts.URL, "alice", direct))
 	s := waitTransport(t, b, "demo", "websocket", 15*time.Second)
 	if got := attempts(s, "attempt"); !slices.Equal(got, []string{"websocket:ok"}) {
 		t.Errorf("attempts = %v, want websocket at once", got)
@@ -263,7 +268,7 @@ func TestBrowserServerRestart(t *testing.T) {
 
 	b := startBrowser(t)
 	b.launch("a", "")
-	b.open("a", "p", demoURL(api.URL, "erin", url.Values{"backoffMax": {"1000"}}))
+	b.open("a", "p", demoURL(api.URL, "erin", url.Values{"backoffMax": {"1000"}, "helloTimeout": direct["helloTimeout"]}))
 	waitTransport(t, b, "p", "websocket", 15*time.Second)
 	before := publishN(t, api, "erin", 1)
 	waitExactly(t, b, "p", ids(append(pre, before...)...), 10*time.Second)
@@ -319,7 +324,7 @@ func TestBrowserGapFill(t *testing.T) {
 	ts := e2eServer(t)
 	b := startBrowser(t)
 	b.launch("a", "")
-	b.open("a", "p", demoURL(ts.URL, "gina", nil))
+	b.open("a", "p", demoURL(ts.URL, "gina", direct))
 	s := waitTransport(t, b, "p", "websocket", 15*time.Second)
 	session := s.Session
 	first := ts.publish(t, "gina", "e2e.live", nil)
