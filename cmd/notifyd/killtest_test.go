@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -156,8 +157,8 @@ type publishOutcome struct {
 }
 
 // pump publishes single notifications for user until stop is closed or a request gets no
-// answer while the server is gone, and sends every outcome to out.
-func pump(client *http.Client, base, user string, stop <-chan struct{}, exited <-chan struct{}, out chan<- publishOutcome) {
+// answer while the server is gone, sends every outcome to out and counts the 201s in created.
+func pump(client *http.Client, base, user string, stop, exited <-chan struct{}, out chan<- publishOutcome, created *atomic.Int64) {
 	for i := 0; ; i++ {
 		select {
 		case <-stop:
@@ -168,6 +169,9 @@ func pump(client *http.Client, base, user string, stop <-chan struct{}, exited <
 		st, err := apiPost(client, base, "/v1/notifications",
 			map[string]any{"user_id": user, "topic": "pump", "data": map[string]int{"i": i}}, &note)
 		out <- publishOutcome{user: user, status: st, note: note, err: err}
+		if err == nil && st == http.StatusCreated {
+			created.Add(1)
+		}
 		if err != nil {
 			select {
 			case <-exited:
@@ -176,6 +180,19 @@ func pump(client *http.Client, base, user string, stop <-chan struct{}, exited <
 				time.Sleep(5 * time.Millisecond)
 			}
 		}
+	}
+}
+
+// waitPumped waits until the pumps had n publishes answered 201, so that the signal lands on
+// publishes in flight.
+func waitPumped(t testing.TB, pumped *atomic.Int64, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for pumped.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d publishes answered 201 in 20s", pumped.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -197,14 +214,15 @@ func testKill9KeepsCommitted(t *testing.T, bin string) {
 	stop := make(chan struct{})
 	outcomes := make(chan publishOutcome, 100000)
 	var wg sync.WaitGroup
+	var pumped atomic.Int64
 	for i := range 3 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			pump(client, first.URL, fmt.Sprintf("pumped-%d", i), stop, first.exited, outcomes)
+			pump(client, first.URL, fmt.Sprintf("pumped-%d", i), stop, first.exited, outcomes, &pumped)
 		}()
 	}
-	time.Sleep(300 * time.Millisecond)
+	waitPumped(t, &pumped, 10)
 
 	p := first.publish(t, "kim", "before.kill", map[string]any{"n": 1})
 	if err := first.cmd.Process.Signal(syscall.SIGKILL); err != nil {
@@ -279,14 +297,15 @@ func testSIGTERMDrains(t *testing.T, bin string) {
 	stop := make(chan struct{})
 	outcomes := make(chan publishOutcome, 100000)
 	var wg sync.WaitGroup
+	var pumped atomic.Int64
 	for i := range 4 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			pump(client, srv.URL, fmt.Sprintf("drain-%d", i), stop, srv.exited, outcomes)
+			pump(client, srv.URL, fmt.Sprintf("drain-%d", i), stop, srv.exited, outcomes, &pumped)
 		}()
 	}
-	time.Sleep(300 * time.Millisecond)
+	waitPumped(t, &pumped, 10)
 	if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -317,12 +336,15 @@ func testSIGTERMDrains(t *testing.T, bin string) {
 
 	conn := pgConn(t, dbURL)
 	var created, noAnswer, refused int
+	var cuts []string
 	for o := range outcomes {
 		switch {
 		case o.err != nil:
 			noAnswer++
 			if strings.Contains(o.err.Error(), "connection refused") {
 				refused++
+			} else {
+				cuts = append(cuts, o.err.Error())
 			}
 		case o.status == http.StatusCreated:
 			created++
@@ -346,5 +368,5 @@ func testSIGTERMDrains(t *testing.T, bin string) {
 	if stored < int64(created) || stored > int64(created+noAnswer-refused) {
 		t.Errorf("%d rows stored, %d answered 201, %d cut without an answer", stored, created, noAnswer-refused)
 	}
-	t.Logf("drain: %d publishes answered 201 (all stored), %d refused, %d cut before an answer", created, refused, noAnswer-refused)
+	t.Logf("drain: %d publishes answered 201 (all stored), %d refused, %d cut before an answer %q", created, refused, noAnswer-refused, cuts)
 }
