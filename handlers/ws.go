@@ -1,10 +1,12 @@
 package handlers
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -36,13 +38,22 @@ var closeCodes = map[realtime.Reason]int{
 	realtime.ReasonClientClose:  websocket.CloseNormalClosure,
 }
 
-// wsConn carries one session over a WebSocket. Its two goroutines are the
-// only reader and the only writer of the connection; the handler returns once
-// they run, so net/http keeps nothing pinned per connection.
+// wsConn carries one session over a WebSocket. An idle connection costs one
+// goroutine, its reader; the handler returns once it runs, so net/http keeps
+// nothing pinned per connection. The writer is started only when the session
+// has something to write (flush), and the keep-alive ping is a timer, so an
+// idle connection holds no writer goroutine and no stack for it: that is most
+// of the memory of an idle session.
 type wsConn struct {
 	api  *API
 	s    *realtime.Session
 	conn *websocket.Conn
+	// flushing is true while a flush goroutine runs (at most one does: it is
+	// the connection's only writer of data frames).
+	flushing atomic.Bool
+	// release tells Hub.Shutdown that this connection has said its bye.
+	release func()
+	ping    *time.Timer
 }
 
 // serveWS is GET /v1/ws: auth and limits are checked before the upgrade so a
@@ -68,11 +79,17 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 		a.Hub.End(s, realtime.ReasonError)
 		return
 	}
-	c := &wsConn{api: a, s: s, conn: conn}
-	a.Hub.Go(c.writeLoop)
+	c := &wsConn{api: a, s: s, conn: conn, release: a.Hub.Hold()}
+	c.ping = time.AfterFunc(a.Hub.Config().PingInterval, c.pingTick)
+	s.SetNotify(c.kick)
+	c.kick() // hello was queued before the upgrade
 	go c.readLoop()
 	a.replay(s, cr.cursor)
 }
+
+// pingMessage is the client ping as clients send it; it is answered without
+// a JSON parse (the same answer handleMessages gives).
+var pingMessage = []byte(`{"type":"ping"}`)
 
 // readLoop reads client messages until the connection fails. Every message
 // and every pong frame is a sign of life.
@@ -103,6 +120,18 @@ func (c *wsConn) readLoop() {
 			s.Send(realtime.ErrorFrame("bad_message", "messages are JSON text frames"))
 			continue
 		}
+		if bytes.Equal(bytes.TrimSpace(data), pingMessage) {
+			// The message an idle client sends. A shallow path keeps this
+			// goroutine's stack (which it keeps while idle) small, and the
+			// pong is written from here when no flush runs: starting a
+			// writer goroutine for it would wake a second thread per ping.
+			inline := c.flushing.CompareAndSwap(false, true)
+			s.Send(realtime.PongFrame(time.Now()))
+			if inline {
+				c.flushInline()
+			}
+			continue
+		}
 		msgs, err := realtime.ParseClientMessages(data)
 		if err != nil {
 			s.Send(protocolErrorFrame(err))
@@ -114,42 +143,114 @@ func (c *wsConn) readLoop() {
 	}
 }
 
-// writeLoop is the connection's only writer: queued frames, keep-alive pings,
-// and at the end bye and the close frame.
-func (c *wsConn) writeLoop() {
+// kick starts a flush unless one runs. The session calls it (with its lock
+// held) whenever a frame is queued and when it ends.
+func (c *wsConn) kick() {
+	if c.flushing.CompareAndSwap(false, true) {
+		go c.flush()
+	}
+}
+
+// flush writes what is queued until nothing is, then ends; when the session
+// has ended it says bye and closes the connection (finish).
+func (c *wsConn) flush() {
 	s, hub := c.s, c.api.Hub
-	ping := time.NewTicker(hub.Config().PingInterval)
-	defer func() {
-		ping.Stop()
-		_ = c.conn.Close()
-	}()
 	for {
 		select {
+		case <-s.Done():
+			c.finish()
+			return // flushing stays true: no writer runs after the close
 		case <-s.Wake():
 			if !c.write(s.Take()) {
 				hub.End(s, realtime.ReasonClientClose)
 			}
-		case <-ping.C:
-			if err := c.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(wsWriteWait)); err != nil {
-				hub.End(s, realtime.ReasonClientClose)
-			}
-		case <-s.Done():
-			reason := s.Reason()
-			if reason == realtime.ReasonClientClose {
-				return
-			}
-			frames := s.Take()
-			if reason.SendsBye() {
-				frames = append(frames, hub.Bye(reason))
-			}
-			if c.write(frames) {
-				code := closeCodes[reason]
-				msg := websocket.FormatCloseMessage(code, string(reason))
-				_ = c.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
-			}
+			continue
+		default:
+		}
+		c.flushing.Store(false)
+		// A frame queued (or an end) after the select above may have found
+		// flushing still true and started nothing; its Wake or Done signal is
+		// left behind, so look once more before leaving.
+		if len(s.Wake()) == 0 && !chanClosed(s.Done()) {
+			return
+		}
+		if !c.flushing.CompareAndSwap(false, true) {
+			return // a kick started another flush
+		}
+	}
+}
+
+// flushInline writes what is queued, once, from the calling goroutine (the
+// reader answering a ping), which has set flushing. Whatever is queued after
+// that, and the end of the session, are left to a flush goroutine, so the
+// reader is never kept from reading for long.
+func (c *wsConn) flushInline() {
+	s := c.s
+	if !chanClosed(s.Done()) {
+		select {
+		case <-s.Wake(): // taken with the frames below
+		default:
+		}
+		if !c.write(s.Take()) {
+			c.api.Hub.End(s, realtime.ReasonClientClose)
+		}
+	}
+	c.flushing.Store(false)
+	if len(s.Wake()) > 0 || chanClosed(s.Done()) {
+		c.kick()
+	}
+}
+
+func chanClosed(done <-chan struct{}) bool {
+	select {
+	case <-done:
+		return true
+	default:
+		return false
+	}
+}
+
+// finish runs once, when the session has ended: the frames still queued and
+// bye where the reason sends one, then the close frame and the close.
+func (c *wsConn) finish() {
+	s, hub := c.s, c.api.Hub
+	defer c.release()
+	defer c.conn.Close()
+	c.ping.Stop()
+	reason := s.Reason()
+	if reason == realtime.ReasonClientClose {
+		return
+	}
+	frames := s.Take()
+	if reason.SendsBye() {
+		frames = append(frames, hub.Bye(reason))
+	}
+	if c.write(frames) {
+		code := closeCodes[reason]
+		msg := websocket.FormatCloseMessage(code, string(reason))
+		_ = c.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+	}
+}
+
+// pingTick sends the keep-alive ping frame, every ping interval, unless the
+// client was heard from within the last interval: its own ping and our pong
+// already kept the connection busy through proxies, and the session alive.
+// A client that falls silent (a frozen tab) is pinged within two intervals of
+// its last sign of life, well inside the ping timeout, and its pong keeps it
+// present. Skipping halves the packets of an idle server whose clients ping.
+func (c *wsConn) pingTick() {
+	s, hub := c.s, c.api.Hub
+	if chanClosed(s.Done()) {
+		return
+	}
+	interval := hub.Config().PingInterval
+	if time.Since(s.LastSeen()) >= interval {
+		if err := c.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(wsWriteWait)); err != nil {
+			hub.End(s, realtime.ReasonClientClose)
 			return
 		}
 	}
+	c.ping.Reset(interval)
 }
 
 // write sends frames, one text message each; false when the connection failed.

@@ -328,6 +328,16 @@ func (h *Hub) Go(fn func()) {
 	}()
 }
 
+// Hold counts a transport's writer that Shutdown waits for, like Go, for a
+// transport that writes from short-lived goroutines instead of one long-lived
+// one. Call the returned function once the connection's last write (its
+// bye) is done; calls after the first do nothing.
+func (h *Hub) Hold() (release func()) {
+	h.writers.Add(1)
+	var once sync.Once
+	return func() { once.Do(h.writers.Done) }
+}
+
 // Shutdown refuses new sessions, ends every session with `bye shutdown` and
 // waits until the writers started with Go have finished or ctx ends.
 func (h *Hub) Shutdown(ctx context.Context) error {

@@ -46,6 +46,10 @@ type Session struct {
 	reason    Reason
 	wake      chan struct{}
 	done      chan struct{}
+	// notify, when set (SetNotify), is called with mu held after a frame is
+	// queued and when the session ends. It must not block: a transport that
+	// keeps no idle writer goroutine starts one from it.
+	notify func()
 
 	// wheel state, guarded by wheel.mu; slot (0 when out of the wheel) is
 	// also read without the lock on Touch's fast path.
@@ -76,6 +80,17 @@ func (s *Session) Cursor() int64 {
 
 // LastSeen is the last sign of life from the client.
 func (s *Session) LastSeen() time.Time { return time.Unix(0, s.lastSeen.Load()) }
+
+// SetNotify sets a function called (with the session's lock held, so it
+// must only start work, never block or call back into the session) after
+// every queued frame and when the session ends, besides the Wake and Done
+// signals. The WebSocket transport uses it to run a writer goroutine only
+// while there is something to write.
+func (s *Session) SetNotify(fn func()) {
+	s.mu.Lock()
+	s.notify = fn
+	s.mu.Unlock()
+}
 
 // Take removes and returns every queued frame, oldest first.
 func (s *Session) Take() []Frame {
@@ -167,6 +182,9 @@ func (s *Session) pushLocked(f Frame) (queued, overflow bool) {
 	case s.wake <- struct{}{}:
 	default:
 	}
+	if s.notify != nil {
+		s.notify()
+	}
 	return true, false
 }
 
@@ -181,5 +199,8 @@ func (s *Session) close(reason Reason) bool {
 	s.reason = reason
 	s.pending = nil
 	close(s.done)
+	if s.notify != nil {
+		s.notify()
+	}
 	return true
 }
