@@ -45,8 +45,13 @@ func checks(r *Result) []Check {
 			target = "<= " + kib(tg.MaxRSSPerSession)
 			pass = m.PerSession <= tg.MaxRSSPerSession
 		}
-		add("server RSS per session", target, fmt.Sprintf("%s settled (%s right after connecting; %s MiB total)",
-			kib(m.PerSession), kib(m.PerSessionLoaded), num(float64(m.SettledRSS)/(1<<20))), pass)
+		measured := fmt.Sprintf("%s settled (%s right after connecting; %s MiB total)",
+			kib(m.PerSession), kib(m.PerSessionLoaded), num(float64(m.SettledRSS)/(1<<20)))
+		if n := float64(r.Connect.Sessions - r.Connect.Errors); m.Goroutines > 0 && n > 0 {
+			measured += fmt.Sprintf("; per session: %.2f goroutines, stacks %s, heap in use %s", m.Goroutines/n,
+				kib((m.StackInuse-m.BaseStackInuse)/n), kib((m.HeapInuse-m.BaseHeapInuse)/n))
+		}
+		add("server RSS per session", target, measured, pass)
 	}
 	if r.IdleCPU != nil {
 		target, pass := "reported", true

@@ -145,6 +145,14 @@ type MemoryResult struct {
 	PerSession       float64 `json:"per_session_bytes"`
 	PerSessionLoaded float64 `json:"per_session_loaded_bytes"`
 	ServerFDs        int     `json:"server_fds"`
+	// Runtime figures from the server's /metrics at the settled point:
+	// where the memory is (goroutine stacks, heap in use) and how many
+	// goroutines hold it.
+	Goroutines     float64 `json:"goroutines"`
+	StackInuse     float64 `json:"stack_inuse_bytes"`
+	HeapInuse      float64 `json:"heap_inuse_bytes"`
+	BaseStackInuse float64 `json:"baseline_stack_inuse_bytes"`
+	BaseHeapInuse  float64 `json:"baseline_heap_inuse_bytes"`
 }
 
 // PublishResult is the publish phase.
@@ -263,10 +271,12 @@ func run(ctx context.Context, cfg runConfig, t *target, sc Scenario, res *Result
 		}
 	}
 	var base procSample
+	var baseRT map[string]float64
 	if t.PID > 0 {
 		_ = t.forceGC(ctx)
 		time.Sleep(sc.settleTime())
 		base, _ = readProc(t.PID)
+		baseRT = t.runtimeMetrics(ctx)
 	}
 	defer closeAll(sessions)
 
@@ -308,6 +318,10 @@ func run(ctx context.Context, cfg runConfig, t *target, sc Scenario, res *Result
 		res.Memory = &MemoryResult{BaselineRSS: base.RSS, LoadedRSS: loaded.RSS, SettledRSS: settled.RSS,
 			PerSession: float64(settled.RSS-base.RSS) / live, PerSessionLoaded: float64(loaded.RSS-base.RSS) / live,
 			ServerFDs: settled.FDs}
+		rt := t.runtimeMetrics(ctx)
+		res.Memory.Goroutines, res.Memory.StackInuse, res.Memory.HeapInuse = rt["go_goroutines"],
+			rt["go_memstats_stack_inuse_bytes"], rt["go_memstats_heap_inuse_bytes"]
+		res.Memory.BaseStackInuse, res.Memory.BaseHeapInuse = baseRT["go_memstats_stack_inuse_bytes"], baseRT["go_memstats_heap_inuse_bytes"]
 		log.Info("memory", "per_session", int(res.Memory.PerSession), "loaded", int(res.Memory.PerSessionLoaded))
 	}
 

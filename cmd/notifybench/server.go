@@ -208,6 +208,33 @@ func (t *target) waitSessions(ctx context.Context, want int64, timeout time.Dura
 	}
 }
 
+// runtimeMetrics reads the Go runtime's gauges from the server's /metrics
+// (empty when it has none).
+func (t *target) runtimeMetrics(ctx context.Context) map[string]float64 {
+	out := map[string]float64{}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, t.URL+"/metrics", nil)
+	if err != nil {
+		return out
+	}
+	resp, err := adminClient.Do(req)
+	if err != nil {
+		return out
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		name, val, ok := strings.Cut(sc.Text(), " ")
+		if !ok || !strings.HasPrefix(name, "go_") {
+			continue
+		}
+		if v, err := strconv.ParseFloat(strings.TrimSpace(val), 64); err == nil {
+			out[name] = v
+		}
+	}
+	return out
+}
+
 // procSample is one reading of a process's /proc files.
 type procSample struct {
 	At      time.Time
