@@ -593,13 +593,23 @@ func reconnectPhase(ctx context.Context, t *target, sc Scenario, users []string,
 	return rr, nil
 }
 
-// evictPhase silences the last sc.Silent sessions and waits for the server
+// evictPhase silences sc.Silent sessions and waits for the server
 // to evict them: each must get bye heartbeat_timeout within a second after
 // its deadline, and no other session may be evicted.
 func evictPhase(sc Scenario, sessions []*session) *EvictResult {
-	k := min(sc.Silent, len(sessions))
-	silent := sessions[len(sessions)-k:]
-	others := sessions[:len(sessions)-k]
+	// A silent long-poll session is not polling, so nothing can carry its
+	// bye: the silent ones are the last WebSocket and SSE sessions.
+	var carriers, others, silent []*session
+	for _, s := range sessions {
+		if s.tr == transportPoll {
+			others = append(others, s)
+		} else {
+			carriers = append(carriers, s)
+		}
+	}
+	k := min(sc.Silent, len(carriers))
+	silent = carriers[len(carriers)-k:]
+	others = append(others, carriers[:len(carriers)-k]...)
 	for _, s := range silent {
 		s.silent.Store(true)
 	}
