@@ -226,7 +226,7 @@ func TestPostgresUnreachable(t *testing.T) {
 		"single": map[string]any{"user_id": user, "topic": "cut.single", "data": map[string]int{"n": 1}},
 		"batch": map[string]any{"notifications": []map[string]any{
 			{"user_id": user, "topic": "cut.batch"}, {"user_id": "px-other", "topic": "cut.batch"}}},
-		"fan-out": map[string]any{"user_ids": []string{user, "px-other", "px-third"}, "topic": "cut.fanout"},
+		"fan-out":         map[string]any{"user_ids": []string{user, "px-other", "px-third"}, "topic": "cut.fanout"},
 		"single with key": map[string]any{"user_id": user, "topic": "cut.single", "idempotency_key": "k-cut"},
 	} {
 		if st, code := post(body); st != http.StatusServiceUnavailable || code != "unavailable" {
