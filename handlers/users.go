@@ -177,6 +177,7 @@ func (a *API) stats(w http.ResponseWriter, r *http.Request) {
 	out := map[string]any{
 		"sessions": st.Sessions, "users": st.Users, "by_transport": st.ByTransport,
 		"evictions": st.Evictions, "deliveries": st.Deliveries,
+		"sweep": map[string]float64{"last_ms": st.SweepLast.Seconds() * 1000, "max_ms": st.SweepMax.Seconds() * 1000},
 	}
 	if a.Metrics != nil {
 		for k, v := range a.Metrics.statsExtra() {

@@ -52,6 +52,8 @@ type Hub struct {
 
 	evictions  atomic.Uint64
 	deliveries atomic.Uint64
+	sweepLast  atomic.Int64 // nanoseconds the last sweep tick took
+	sweepMax   atomic.Int64 // and the longest one
 	closing    atomic.Bool
 	writers    sync.WaitGroup
 }
@@ -63,6 +65,10 @@ type Stats struct {
 	ByTransport map[Transport]int64 `json:"by_transport"`
 	Evictions   uint64              `json:"evictions"`
 	Deliveries  uint64              `json:"deliveries"`
+	// SweepLast and SweepMax are how long the last and the longest sweep
+	// tick took (Run times them).
+	SweepLast time.Duration `json:"-"`
+	SweepMax  time.Duration `json:"-"`
 }
 
 // NewHub returns a hub; call Run to start its sweeper.
@@ -231,7 +237,13 @@ func (h *Hub) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
+			start := time.Now()
 			h.Sweep(now)
+			took := int64(time.Since(start))
+			h.sweepLast.Store(took)
+			if took > h.sweepMax.Load() {
+				h.sweepMax.Store(took) // only this goroutine writes it
+			}
 		}
 	}
 }
@@ -362,7 +374,8 @@ func (h *Hub) Shutdown(ctx context.Context) error {
 func (h *Hub) Stats() Stats {
 	sessions, users, byTransport := h.tracker.Counts()
 	return Stats{Sessions: sessions, Users: users, ByTransport: byTransport,
-		Evictions: h.evictions.Load(), Deliveries: h.deliveries.Load()}
+		Evictions: h.evictions.Load(), Deliveries: h.deliveries.Load(),
+		SweepLast: time.Duration(h.sweepLast.Load()), SweepMax: time.Duration(h.sweepMax.Load())}
 }
 
 func (s *Session) isClosed() bool {
