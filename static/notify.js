@@ -287,6 +287,7 @@ export class NotifyClient {
     this._acks = [];
     this._localReads = new Set();
     this._localAll = 0;
+    this._liveCount = 0;
     this._wantOpen = false;
     this._onOnline = () => { if (this.state === 'reconnecting') this._reconnectNow('online'); };
     if (this.opts.autoConnect) this.open();
@@ -768,6 +769,7 @@ export class NotifyClient {
     if (!this.timings.firstNotification) this.timings.firstNotification = now();
     this._emit('notification', m);
     if (live && this.unread !== null) {
+      this._liveCount++;
       this.unread++;
       this._emit('unread', this.unread);
     }
@@ -789,6 +791,41 @@ export class NotifyClient {
     if (typeof m.unread === 'number') this.unread = m.unread;
     this._emit('read', { ids, unread: m.unread, local });
     this._emit('unread', this.unread);
+    this._scheduleUnreadCheck();
+  }
+
+  /**
+   * Reads the unread count again once read activity has settled. Two reads
+   * of one user that commit at the same time can each count without the
+   * other and their `read` messages can arrive in either order; the count
+   * read after the last of them is right.
+   */
+  _scheduleUnreadCheck() {
+    this._clear('unread');
+    this._timers.unread = setTimeout(() => { delete this._timers.unread; this._checkUnread(); }, 400);
+  }
+
+  async _checkUnread() {
+    const live = this._liveCount;
+    try {
+      const token = await this._token();
+      const user = this.user || userOfToken(token);
+      const resp = await fetch(`${this.url}/v1/users/${encodeURIComponent(user)}/notifications?unread=true&limit=1`, {
+        cache: 'no-store', headers: { Authorization: `Bearer ${token}` },
+      });
+      if (!resp.ok) return;
+      const body = await resp.json();
+      if (live !== this._liveCount) {
+        this._scheduleUnreadCheck(); // a live notification raced the count: count again
+        return;
+      }
+      if (typeof body.unread === 'number' && body.unread !== this.unread) {
+        this.unread = body.unread;
+        this._emit('unread', this.unread);
+      }
+    } catch {
+      // The next read or synced brings the count.
+    }
   }
 
   /**
@@ -873,6 +910,7 @@ export class NotifyClient {
       this.unread = out.unread;
       this._emit('unread', out.unread);
     }
+    this._scheduleUnreadCheck();
     return out;
   }
 
