@@ -360,8 +360,8 @@ func TestReportViews(t *testing.T) {
 	for _, s := range rep.Sections {
 		got[s.Name] = s.Rows
 	}
-	if len(rep.Sections) != len(store.ReportSections()) {
-		t.Fatalf("report has %d sections, want %d", len(rep.Sections), len(store.ReportSections()))
+	if len(rep.Sections) != len(store.ReportQueries()) {
+		t.Fatalf("report has %d sections, want %d", len(rep.Sections), len(store.ReportQueries()))
 	}
 	if r := got["delivery_share"]; len(r) != 1 || r[0]["published"] != 9.0 || r[0]["never"] != 2.0 || r[0]["pct_never"] != 22.22 {
 		t.Errorf("report delivery_share = %v", r)
