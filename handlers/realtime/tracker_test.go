@@ -1,0 +1,398 @@
+package realtime
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+)
+
+func TestTrackerAddRemoveGet(t *testing.T) {
+	h := NewHub(testConfig(), Hooks{})
+	tr := NewTracker()
+	a := newSession(h, "alice", WebSocket)
+	b := newSession(h, "bob", SSE)
+	for _, s := range []*Session{a, b} {
+		id := s.ID
+		if replaced, err := tr.add(s, "", 0, nil); err != nil || replaced != nil {
+			t.Fatalf("add: %v, %v", replaced, err)
+		}
+		if s.ID != id {
+			t.Fatalf("add changed the id of a fresh session")
+		}
+	}
+	if a.ID == b.ID || a.ID == "" {
+		t.Fatalf("session ids %q, %q are not distinct", a.ID, b.ID)
+	}
+	if got, ok := tr.Get(a.ID); !ok || got != a {
+		t.Fatalf("Get(a) = %v, %v", got, ok)
+	}
+	if _, ok := tr.Get("nope"); ok {
+		t.Fatalf("Get of an unknown id found something")
+	}
+	if got := tr.UserSessions("alice"); len(got) != 1 || got[0] != a {
+		t.Fatalf("UserSessions(alice) = %v", got)
+	}
+	if got := tr.UserSessions("carol"); got != nil {
+		t.Fatalf("UserSessions(carol) = %v, want nil", got)
+	}
+	sessions, users, by := tr.Counts()
+	if sessions != 2 || users != 2 || by[WebSocket] != 1 || by[SSE] != 1 || by[LongPoll] != 0 {
+		t.Fatalf("Counts = %d, %d, %v", sessions, users, by)
+	}
+	if len(by) != len(Transports) {
+		t.Fatalf("Counts by transport %v does not name every transport", by)
+	}
+
+	if !tr.remove(a) {
+		t.Fatalf("remove(a) = false")
+	}
+	if tr.remove(a) {
+		t.Fatalf("second remove(a) = true")
+	}
+	if _, ok := tr.Get(a.ID); ok {
+		t.Fatalf("a still found after remove")
+	}
+	if got := tr.UserSessions("alice"); got != nil {
+		t.Fatalf("UserSessions(alice) after remove = %v", got)
+	}
+	sessions, users, by = tr.Counts()
+	if sessions != 1 || users != 1 || by[WebSocket] != 0 || by[SSE] != 1 {
+		t.Fatalf("Counts after remove = %d, %d, %v", sessions, users, by)
+	}
+	if all := tr.All(); len(all) != 1 || all[0] != b {
+		t.Fatalf("All = %v", all)
+	}
+}
+
+func TestTrackerBeforeRunsWithFinalID(t *testing.T) {
+	h := NewHub(testConfig(), Hooks{})
+	tr := NewTracker()
+	old := newSession(h, "alice", WebSocket)
+	if _, err := tr.add(old, "", 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	s := newSession(h, "alice", SSE)
+	var seen string
+	var foundBefore bool
+	if _, err := tr.add(s, old.ID, 0, func() {
+		seen = s.ID
+		got, ok := tr.Get(old.ID)
+		foundBefore = ok && got == s
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if seen != old.ID {
+		t.Fatalf("before saw id %q, want the resumed %q", seen, old.ID)
+	}
+	if foundBefore {
+		t.Fatalf("the new session was findable by id before `before` ran")
+	}
+}
+
+func TestTrackerMultiDeviceAndTransports(t *testing.T) {
+	h := NewHub(testConfig(), Hooks{})
+	var alice []*Session
+	for _, tr := range []Transport{WebSocket, WebSocket, SSE, LongPoll} {
+		alice = append(alice, mustRegister(t, h, "alice", tr, ""))
+	}
+	mustRegister(t, h, "bob", LongPoll, "")
+	st := h.Stats()
+	if st.Sessions != 5 || st.Users != 2 {
+		t.Fatalf("Stats = %+v, want 5 sessions of 2 users", st)
+	}
+	want := map[Transport]int64{WebSocket: 2, SSE: 1, LongPoll: 2}
+	for tp, n := range want {
+		if st.ByTransport[tp] != n {
+			t.Fatalf("ByTransport = %v, want %v", st.ByTransport, want)
+		}
+	}
+	got := h.Tracker().UserSessions("alice")
+	if len(got) != 4 {
+		t.Fatalf("alice has %d sessions, want 4", len(got))
+	}
+	// UserSessions is a copy: changing it changes nothing.
+	got[0] = nil
+	if h.Tracker().UserSessions("alice")[0] == nil {
+		t.Fatalf("UserSessions returned the tracker's own slice")
+	}
+	checkConsistent(t, h)
+
+	// Removing devices one by one keeps the user online until the last.
+	for i, s := range alice {
+		h.End(s, ReasonClientClose)
+		st := h.Stats()
+		wantUsers := int64(2)
+		if i == len(alice)-1 {
+			wantUsers = 1
+		}
+		if st.Sessions != int64(4-i) || st.Users != wantUsers {
+			t.Fatalf("after ending %d of alice's sessions: %+v", i+1, st)
+		}
+		checkConsistent(t, h)
+	}
+}
+
+func TestTrackerPerUserLimit(t *testing.T) {
+	cfg := testConfig()
+	cfg.MaxSessionsPerUser = 3
+	h := NewHub(cfg, Hooks{})
+	var live []*Session
+	for range 3 {
+		live = append(live, mustRegister(t, h, "alice", WebSocket, ""))
+	}
+	s := newSession(h, "alice", SSE)
+	if err := h.Register(s, ""); !errors.Is(err, ErrTooManySessions) {
+		t.Fatalf("4th session: err = %v, want ErrTooManySessions", err)
+	}
+	if _, ok := h.Tracker().Get(s.ID); ok || isDone(s) {
+		t.Fatalf("a refused session was tracked or ended")
+	}
+	if got := describe(t, s.Take()); got != "" {
+		t.Fatalf("a refused session was sent %q", got)
+	}
+	// The limit is per user.
+	mustRegister(t, h, "bob", WebSocket, "")
+	// A resume at the limit replaces and so is allowed.
+	r := mustRegister(t, h, "alice", LongPoll, live[0].ID)
+	if r.ID != live[0].ID || live[0].Reason() != ReasonReplaced {
+		t.Fatalf("resume at the limit: id %q reason %q", r.ID, live[0].Reason())
+	}
+	if st := h.Stats(); st.Sessions != 4 || st.Users != 2 {
+		t.Fatalf("Stats = %+v", st)
+	}
+	// Ending one frees a place.
+	h.End(live[1], ReasonClientClose)
+	mustRegister(t, h, "alice", SSE, "")
+	if err := h.Register(newSession(h, "alice", SSE), ""); !errors.Is(err, ErrTooManySessions) {
+		t.Fatalf("past the limit again: err = %v", err)
+	}
+	checkConsistent(t, h)
+
+	// 0 means no limit.
+	cfg.MaxSessionsPerUser = 0
+	h = NewHub(cfg, Hooks{})
+	for range 100 {
+		mustRegister(t, h, "carol", WebSocket, "")
+	}
+}
+
+func TestTrackerResumeSameUser(t *testing.T) {
+	tr := NewTracker()
+	h := NewHub(testConfig(), Hooks{})
+	old := newSession(h, "alice", WebSocket)
+	other := newSession(h, "alice", LongPoll)
+	for _, s := range []*Session{old, other} {
+		if _, err := tr.add(s, "", 0, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := newSession(h, "alice", SSE)
+	replaced, err := tr.add(s, old.ID, 2, nil) // at the limit: a resume still fits
+	if err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	if replaced != old {
+		t.Fatalf("resume returned %v, want the old session", replaced)
+	}
+	if s.ID != old.ID {
+		t.Fatalf("resumed session id %q, want %q", s.ID, old.ID)
+	}
+	if got, _ := tr.Get(old.ID); got != s {
+		t.Fatalf("Get(id) after resume = %p, want the new session", got)
+	}
+	sessions, users, by := tr.Counts()
+	if sessions != 2 || users != 1 || by[WebSocket] != 0 || by[SSE] != 1 || by[LongPoll] != 1 {
+		t.Fatalf("Counts after resume = %d, %d, %v; want the device counted once, as sse", sessions, users, by)
+	}
+	if list := tr.UserSessions("alice"); len(list) != 2 {
+		t.Fatalf("alice lists %d sessions after resume, want 2", len(list))
+	}
+	// Removing the replaced session touches nothing.
+	if tr.remove(old) {
+		t.Fatalf("remove(replaced) = true")
+	}
+	if got, ok := tr.Get(s.ID); !ok || got != s {
+		t.Fatalf("removing the replaced session dropped its successor")
+	}
+	if sessions, _, _ := tr.Counts(); sessions != 2 {
+		t.Fatalf("removing the replaced session changed the count to %d", sessions)
+	}
+	if !tr.remove(s) || !tr.remove(other) {
+		t.Fatalf("remove of live sessions failed")
+	}
+	if sessions, users, by := tr.Counts(); sessions != 0 || users != 0 || by[SSE]+by[WebSocket]+by[LongPoll] != 0 {
+		t.Fatalf("Counts when empty = %d, %d, %v", sessions, users, by)
+	}
+}
+
+func TestHubResume(t *testing.T) {
+	var ended []Reason
+	var mu sync.Mutex
+	h := NewHub(testConfig(), Hooks{Ended: func(s *Session, r Reason) {
+		mu.Lock()
+		ended = append(ended, r)
+		mu.Unlock()
+	}})
+	old := mustLive(t, h, "alice", WebSocket)
+	h.Pin(old)
+	s := mustRegister(t, h, "alice", LongPoll, old.ID)
+	if s.ID != old.ID {
+		t.Fatalf("resumed id %q, want %q", s.ID, old.ID)
+	}
+	if !isDone(old) || old.Reason() != ReasonReplaced {
+		t.Fatalf("old session: done %v reason %q, want replaced", isDone(old), old.Reason())
+	}
+	m := decode(t, s.Take()[0])
+	if m.Type != TypeHello || m.Session != old.ID || m.Transport != LongPoll {
+		t.Fatalf("resumed session's first frame = %+v, want hello with the old id", m)
+	}
+	if st := h.Stats(); st.Sessions != 1 || st.Users != 1 || st.ByTransport[LongPoll] != 1 || st.ByTransport[WebSocket] != 0 {
+		t.Fatalf("Stats after resume = %+v", st)
+	}
+	if inWheel(h, old) || !inWheel(h, s) {
+		t.Fatalf("wheel: old in %v, new in %v", inWheel(h, old), inWheel(h, s))
+	}
+	// Ending the old one again (its transport noticing) changes nothing.
+	h.End(old, ReasonClientClose)
+	if got, ok := h.Tracker().Get(s.ID); !ok || got != s {
+		t.Fatalf("ending the replaced session dropped the new one")
+	}
+	if old.Reason() != ReasonReplaced {
+		t.Fatalf("old reason became %q", old.Reason())
+	}
+	checkConsistent(t, h)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ended) != 1 || ended[0] != ReasonReplaced {
+		t.Fatalf("Ended hooks: %v", ended)
+	}
+}
+
+func TestResumeOtherUsersSessionIgnored(t *testing.T) {
+	h := NewHub(testConfig(), Hooks{})
+	bob := mustLive(t, h, "bob", WebSocket)
+	s := mustRegister(t, h, "mallory", WebSocket, bob.ID)
+	if s.ID == bob.ID {
+		t.Fatalf("mallory took over bob's session id")
+	}
+	if isDone(bob) {
+		t.Fatalf("bob's session ended: %s", bob.Reason())
+	}
+	if got, _ := h.Tracker().Get(bob.ID); got != bob {
+		t.Fatalf("Get(bob's id) = %v", got)
+	}
+	if m := decode(t, s.Take()[0]); m.Session != s.ID || m.User != "mallory" {
+		t.Fatalf("mallory's hello = %+v", m)
+	}
+	// An unknown or ended id is ignored too.
+	u := mustRegister(t, h, "bob", SSE, "no-such-session")
+	if u.ID == "no-such-session" {
+		t.Fatalf("resume of an unknown id took that id")
+	}
+	h.End(bob, ReasonClientClose)
+	v := mustRegister(t, h, "bob", SSE, bob.ID)
+	if v.ID == bob.ID {
+		t.Fatalf("resume of an ended session took its id")
+	}
+	if st := h.Stats(); st.Sessions != 3 || st.Users != 2 {
+		t.Fatalf("Stats = %+v", st)
+	}
+	checkConsistent(t, h)
+}
+
+// TestTrackerConcurrent adds, resumes and removes from many goroutines on
+// shared users; the counts must match what each goroutine holds at the end.
+func TestTrackerConcurrent(t *testing.T) {
+	h := NewHub(testConfig(), Hooks{})
+	tr := NewTracker()
+	const workers, ops, users = 16, 600, 40
+	held := make([][]*Session, workers)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), 7))
+			var mine []*Session
+			for range ops {
+				switch r := rng.IntN(10); {
+				case r < 5 || len(mine) == 0: // add
+					s := newSession(h, fmt.Sprintf("u%d", rng.IntN(users)), Transports[rng.IntN(3)])
+					if _, err := tr.add(s, "", 0, nil); err != nil {
+						t.Error(err)
+						return
+					}
+					mine = append(mine, s)
+				case r < 7: // resume one of mine on another transport
+					i := rng.IntN(len(mine))
+					old := mine[i]
+					s := newSession(h, old.User, Transports[rng.IntN(3)])
+					replaced, err := tr.add(s, old.ID, 0, nil)
+					if err != nil || replaced != old || s.ID != old.ID {
+						t.Errorf("resume: %v %v", replaced, err)
+						return
+					}
+					mine[i] = s
+				default: // remove
+					i := rng.IntN(len(mine))
+					if !tr.remove(mine[i]) {
+						t.Errorf("remove of a live session failed")
+						return
+					}
+					mine[i] = mine[len(mine)-1]
+					mine = mine[:len(mine)-1]
+				}
+				if rng.IntN(4) == 0 && len(mine) > 0 {
+					s := mine[rng.IntN(len(mine))]
+					if got, ok := tr.Get(s.ID); !ok || got != s {
+						t.Errorf("Get of a live session = %v, %v", got, ok)
+						return
+					}
+				}
+			}
+			held[w] = mine
+		})
+	}
+	wg.Go(func() { // readers alongside
+		for range 200 {
+			tr.Counts()
+			tr.All()
+			tr.Users(func(string, []*Session) {})
+		}
+	})
+	wg.Wait()
+
+	want := map[Transport]int64{}
+	wantUsers := map[string]bool{}
+	var n int64
+	for _, mine := range held {
+		for _, s := range mine {
+			n++
+			want[s.Transport]++
+			wantUsers[s.User] = true
+			if got, ok := tr.Get(s.ID); !ok || got != s {
+				t.Errorf("held session %s not found", s.ID)
+			}
+		}
+	}
+	sessions, nusers, by := tr.Counts()
+	if sessions != n || nusers != int64(len(wantUsers)) {
+		t.Fatalf("Counts = %d sessions, %d users; want %d, %d", sessions, nusers, n, len(wantUsers))
+	}
+	for _, tp := range Transports {
+		if by[tp] != want[tp] {
+			t.Fatalf("by transport %v, want %v", by, want)
+		}
+	}
+	if len(tr.All()) != int(n) {
+		t.Fatalf("All has %d, want %d", len(tr.All()), n)
+	}
+	for _, mine := range held {
+		for _, s := range mine {
+			tr.remove(s)
+		}
+	}
+	if sessions, nusers, by := tr.Counts(); sessions != 0 || nusers != 0 || by[WebSocket]+by[SSE]+by[LongPoll] != 0 {
+		t.Fatalf("Counts after removing everything = %d, %d, %v", sessions, nusers, by)
+	}
+}
