@@ -155,18 +155,24 @@ LANGUAGE sql STABLE AS $$
     ORDER BY b, tr
 $$;
 
--- first_deliveries: per notification, its first delivery (any session, live or replayed).
+-- report_first_deliveries: per notification published in [since, until), its first delivery
+-- (any session, live or replayed): when, and over which transport. The earliest delivery is
+-- found with min() over [epoch, transport code] arrays, which hashes by notification instead of
+-- sorting every delivery of the window.
 CREATE FUNCTION report_first_deliveries(since timestamptz, until timestamptz DEFAULT 'infinity')
 RETURNS TABLE (notification_id uuid, created_at timestamptz, read_at timestamptz,
                first_delivered_at timestamptz, transport text)
 LANGUAGE sql STABLE AS $$
-    SELECT n.id, n.created_at, n.read_at, f.delivered_at, f.transport
+    SELECT n.id, n.created_at, n.read_at, to_timestamp(f.first[1]),
+           CASE f.first[2] WHEN 1 THEN 'websocket' WHEN 2 THEN 'sse' WHEN 3 THEN 'longpoll' WHEN 4 THEN 'other' END
     FROM notifications n
     LEFT JOIN (
-        SELECT DISTINCT ON (d.notification_id) d.notification_id, d.delivered_at, d.transport
+        SELECT d.notification_id,
+               min(ARRAY[extract(epoch FROM d.delivered_at)::float8,
+                         CASE d.transport WHEN 'websocket' THEN 1 WHEN 'sse' THEN 2 WHEN 'longpoll' THEN 3 ELSE 4 END]) AS first
         FROM deliveries d
         WHERE d.delivered_at >= since - interval '1 hour'
-        ORDER BY d.notification_id, d.delivered_at
+        GROUP BY d.notification_id
     ) f ON f.notification_id = n.id
     WHERE n.created_at >= since AND n.created_at < until
 $$;

@@ -575,6 +575,10 @@ func (b *recorderBatch) cursorAck(a Ack, first map[ackKey]int, ackInto func(int,
 func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 	pb := &pgx.Batch{}
 	since := b.minAt.Add(-ackWindow)
+	// Records are receipts, not data a client waits for: the flush need not wait for its WAL to
+	// reach the disk (a Postgres crash may lose the last fraction of a second of them; the
+	// database stays consistent).
+	pb.Queue(`SELECT set_config('synchronous_commit', 'off', true)`)
 	if len(b.startIDs) > 0 {
 		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
 			SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at
