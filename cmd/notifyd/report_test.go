@@ -87,6 +87,25 @@ func pingPong(t *testing.T, c *wsClient) {
 	}
 }
 
+// waitCount polls the database until sql counts want (the Recorder flushes every 200ms), bounded.
+func waitCount(t *testing.T, st *store.Store, what string, want int64, sql string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var n int64
+		if err := st.Pool().QueryRow(context.Background(), sql).Scan(&n); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		if n == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %d, want %d", what, n, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // reportDB opens the server's database (after the server closed) for the view queries.
 func reportDB(t *testing.T, dbURL string) *store.Store {
 	t.Helper()
@@ -151,8 +170,9 @@ func wantPercentiles(t *testing.T, what string, row map[string]any, cols []strin
 	}
 }
 
-// TestReportViews drives a scripted workload through the real server (known users, devices,
-// acks, reads, a kick, a replaced session, a client close, an eviction, a shutdown) and checks
+// TestReportViews drives a scripted workload through the real server (known users, devices, all
+// three transports, acks, cursor acks, reads, a kick, a replaced session, a client close, an
+// eviction, a shutdown) and checks
 // the exact numbers every reporting view returns, then `notifyd report` in its three formats.
 func TestReportViews(t *testing.T) {
 	ts := startServer(t, func(c *Config) {
@@ -261,43 +281,84 @@ func TestReportViews(t *testing.T) {
 		t.Fatalf("bye = %+v", bye)
 	}
 
-	// alice's two sessions end with the server: shutdown. Close flushes every record.
+	// frank is on SSE and gina on long-poll (say, behind proxies that break WebSockets): each
+	// gets two live notifications; frank acks one by POST and reads one, gina's next poll's
+	// cursor acknowledges both. Both sessions end with the server.
+	st := reportDB(t, ts.DBURL)
+	frank := ts.dialTransport(t, "sse", "frank", nil)
+	gina := ts.dialTransport(t, "longpoll", "gina", nil)
+	for _, c := range []transportClient{frank, gina} {
+		c.expect(t, "hello")
+		c.expect(t, "synced")
+	}
+	var frankIDs []string
+	for range 2 {
+		p := ts.publish(t, "frank", "order.shipped", nil)
+		frankIDs = append(frankIDs, p.ID)
+		if m := frank.expect(t, "notification"); m.ID != p.ID || m.Replayed {
+			t.Fatalf("frank got %+v", m)
+		}
+		p = ts.publish(t, "gina", "chat.message", nil)
+		if m := gina.expect(t, "notification"); m.ID != p.ID || m.Replayed {
+			t.Fatalf("gina got %+v", m)
+		}
+	}
+	frank.send(t, map[string]any{"type": "ack", "ids": frankIDs[:1]})
+	frank.send(t, map[string]any{"type": "read", "ids": frankIDs[:1]})
+	if m := frank.expect(t, "read"); m.Unread != 1 {
+		t.Fatalf("frank read = %+v", m)
+	}
+	waitCount(t, st, "gina's cursor acks", 2, `SELECT count(*) FROM deliveries WHERE user_id = 'gina' AND acked_at IS NOT NULL`)
+
+	// alice's, frank's and gina's sessions end with the server: shutdown. Close flushes every
+	// record.
 	ts.stop(t)
 	if d := ts.recorder.Dropped(); d != 0 {
 		t.Fatalf("recorder dropped %d records", d)
 	}
-	st := reportDB(t, ts.DBURL)
 	since := start.Add(-time.Minute)
 
 	wantRows(t, "report_delivery_share", queryMaps(t, st, `SELECT * FROM report_delivery_share($1, interval '1 day')`, since),
 		[]string{"published", "within_1s", "within_10s", "within_1m", "later", "never"},
-		[][]any{{9, 5, 7, 7, 0, 2}})
+		[][]any{{13, 9, 11, 11, 0, 2}})
 
 	lat := queryMaps(t, st, `SELECT * FROM report_delivery_latency($1, interval '1 day')`, since)
 	wantRows(t, "report_delivery_latency", lat, []string{"transport", "deliveries", "live", "replayed", "acked"},
-		[][]any{{"websocket", 10, 8, 2, 6}})
-	wantPercentiles(t, "live delivery latency", lat[0], []string{"p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms"}, 0, 1000)
+		[][]any{{"longpoll", 2, 2, 0, 2}, {"sse", 2, 2, 0, 1}, {"websocket", 10, 8, 2, 6}})
+	for _, r := range lat {
+		wantPercentiles(t, "live delivery latency", r, []string{"p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms"}, 0, 1000)
+	}
 	hourly := queryMaps(t, st, `SELECT sum(deliveries)::int AS deliveries, sum(live)::int AS live, count(DISTINCT bucket_start)::int AS hours,
 		bool_and(bucket_start = date_trunc('hour', bucket_start)) AS aligned FROM report_delivery_latency($1)`, since)
-	if hourly[0]["deliveries"] != int32(10) || hourly[0]["live"] != int32(8) || hourly[0]["aligned"] != true {
+	if hourly[0]["deliveries"] != int32(14) || hourly[0]["live"] != int32(12) || hourly[0]["aligned"] != true {
 		t.Errorf("hourly latency buckets: %v", hourly)
 	}
 
 	read := queryMaps(t, st, `SELECT * FROM report_read_latency($1, interval '1 day')`, since)
 	wantRows(t, "report_read_latency", read, []string{"transport", "published", "read"},
-		[][]any{{"none", 2, 1}, {"websocket", 7, 4}})
+		[][]any{{"longpoll", 2, 0}, {"none", 2, 1}, {"sse", 2, 1}, {"websocket", 7, 4}})
 	for _, r := range read {
+		if r["read"] == int64(0) {
+			continue
+		}
 		wantPercentiles(t, "read latency", r, []string{"p50_ms", "p90_ms", "p99_ms", "max_ms"}, 0, 60_000)
 	}
 
 	sessions := queryMaps(t, st, `SELECT * FROM report_sessions($1)`, since)
 	wantRows(t, "report_sessions", sessions,
 		[]string{"transport", "sessions", "open", "client_close", "heartbeat_timeout", "kicked", "replaced", "slow_consumer", "shutdown", "error", "restart"},
-		[][]any{{"websocket", 6, 0, 1, 1, 1, 1, 0, 2, 0, 0}})
-	wantPercentiles(t, "session durations", sessions[0], []string{"p50_s", "p90_s", "max_s"}, 0, 120)
+		[][]any{
+			{"longpoll", 1, 0, 0, 0, 0, 0, 0, 1, 0, 0},
+			{"sse", 1, 0, 0, 0, 0, 0, 0, 1, 0, 0},
+			{"websocket", 6, 0, 1, 1, 1, 1, 0, 2, 0, 0},
+		})
+	for _, r := range sessions {
+		wantPercentiles(t, "session durations", r, []string{"p50_s", "p90_s", "max_s"}, 0, 120)
+	}
 
-	wantRows(t, "report_transport_mix", queryMaps(t, st, `SELECT * FROM report_transport_mix($1)`, since),
-		[]string{"transport", "users", "never_websocket"}, [][]any{{"websocket", 4, 0}})
+	wantRows(t, "report_transport_mix", queryMaps(t, st, `SELECT transport, users, pct_users::float8 AS pct_users, never_websocket FROM report_transport_mix($1)`, since),
+		[]string{"transport", "users", "pct_users", "never_websocket"},
+		[][]any{{"longpoll", 1, 16.67, 1}, {"sse", 1, 16.67, 1}, {"websocket", 4, 66.67, 0}})
 	wantRows(t, "user_transports", queryMaps(t, st, `SELECT * FROM user_transports ORDER BY user_id`),
 		[]string{"user_id", "sessions", "websocket", "sse", "longpoll", "last_transport", "fell_back", "never_websocket"},
 		[][]any{
@@ -305,6 +366,8 @@ func TestReportViews(t *testing.T) {
 			{"bob", 1, 1, 0, 0, "websocket", false, false},
 			{"carol", 2, 2, 0, 0, "websocket", false, false},
 			{"dave", 1, 1, 0, 0, "websocket", false, false},
+			{"frank", 1, 0, 1, 0, "sse", true, true},
+			{"gina", 1, 0, 0, 1, "longpoll", true, true},
 		})
 
 	wantRows(t, "session_log", queryMaps(t, st, `SELECT user_id, device, transport, end_reason, open FROM session_log ORDER BY connected_at`),
@@ -316,6 +379,8 @@ func TestReportViews(t *testing.T) {
 			{"carol", "tablet", "websocket", "client_close", false},
 			{"dave", "old-phone", "websocket", "heartbeat_timeout", false},
 			{"bob", "tab", "websocket", "kicked", false},
+			{"frank", "test", "sse", "shutdown", false},
+			{"gina", "test", "longpoll", "shutdown", false},
 		})
 
 	wantRows(t, "unread_aging", queryMaps(t, st, `SELECT * FROM unread_aging ORDER BY user_id, topic`),
@@ -325,6 +390,8 @@ func TestReportViews(t *testing.T) {
 			{"carol", "chat.message", 1, 0, 0, 0},
 			{"dave", "order.shipped", 1, 0, 0, 0},
 			{"erin", "promo", 1, 0, 0, 0},
+			{"frank", "order.shipped", 1, 0, 0, 0},
+			{"gina", "chat.message", 2, 0, 0, 0},
 		})
 
 	// One notification, every question an operator asks about it.
@@ -363,13 +430,13 @@ func TestReportViews(t *testing.T) {
 	if len(rep.Sections) != len(store.ReportQueries()) {
 		t.Fatalf("report has %d sections, want %d", len(rep.Sections), len(store.ReportQueries()))
 	}
-	if r := got["delivery_share"]; len(r) != 1 || r[0]["published"] != 9.0 || r[0]["never"] != 2.0 || r[0]["pct_never"] != 22.22 {
+	if r := got["delivery_share"]; len(r) != 1 || r[0]["published"] != 13.0 || r[0]["never"] != 2.0 || r[0]["pct_never"] != 15.38 {
 		t.Errorf("report delivery_share = %v", r)
 	}
-	if r := got["sessions"]; len(r) != 1 || r[0]["heartbeat_timeout"] != 1.0 || r[0]["replaced"] != 1.0 {
+	if r := got["sessions"]; len(r) != 3 || r[2]["heartbeat_timeout"] != 1.0 || r[2]["replaced"] != 1.0 || r[0]["shutdown"] != 1.0 {
 		t.Errorf("report sessions = %v", r)
 	}
-	if r := got["unread_aging"]; len(r) != 4 || r[0]["unread"] != 1.0 {
+	if r := got["unread_aging"]; len(r) != 6 || r[0]["user_id"] != "erin" || r[0]["unread"] != 1.0 {
 		t.Errorf("report unread_aging = %v", r)
 	}
 
