@@ -175,7 +175,7 @@ func (c *sseConn) run(cursor int64) {
 		return
 	}
 	// hello goes out before the replay query runs.
-	if reason, ok := c.publish(s.Take(), nil); !ok {
+	if reason, ok := c.publish(s.Take(), nil, s.Done()); !ok {
 		hub.End(s, reason)
 	} else {
 		c.t.api.replay(s, cursor)
@@ -186,7 +186,7 @@ func (c *sseConn) run(cursor int64) {
 	for {
 		select {
 		case <-s.Wake():
-			if reason, ok := c.publish(s.Take(), nil); !ok {
+			if reason, ok := c.publish(s.Take(), nil, s.Done()); !ok {
 				hub.End(s, reason)
 			}
 		case <-keepAlive.C:
@@ -220,11 +220,11 @@ func (c *sseConn) goodbye() {
 	}
 	deadline := time.NewTimer(sseByeWait)
 	defer deadline.Stop()
-	if _, ok := c.publish(frames, deadline.C); !ok {
+	if _, ok := c.publish(frames, deadline.C, nil); !ok {
 		return
 	}
 	// An event without data or comment makes the library's handler return.
-	if !c.reserve(deadline.C) || !c.t.srv.TryPublish(c.s.ConnID, &sse.Event{}) {
+	if !c.reserve(deadline.C, nil) || !c.t.srv.TryPublish(c.s.ConnID, &sse.Event{}) {
 		return
 	}
 	select {
@@ -253,11 +253,11 @@ func (c *sseConn) finish() {
 
 // publish hands frames to the library, one fresh event each (the library
 // mutates events, so one event is never shared). It stops at the first frame
-// that cannot go and says which reason ends the session then. stop, when not
-// nil, bounds the wait for room in the window.
-func (c *sseConn) publish(frames []realtime.Frame, stop <-chan time.Time) (realtime.Reason, bool) {
+// that cannot go and says which reason ends the session then. stop and done,
+// when not nil, end the wait for room in the window.
+func (c *sseConn) publish(frames []realtime.Frame, stop <-chan time.Time, done <-chan struct{}) (realtime.Reason, bool) {
 	for _, f := range frames {
-		if !c.reserve(stop) {
+		if !c.reserve(stop, done) {
 			return realtime.ReasonClientClose, false
 		}
 		if f.Type == realtime.TypeNotification && f.Seq > c.lastID {
@@ -278,7 +278,7 @@ func (c *sseConn) publish(frames []realtime.Frame, stop <-chan time.Time) (realt
 
 // publishComment writes a comment line that keeps proxies from closing an idle stream.
 func (c *sseConn) publishComment() (realtime.Reason, bool) {
-	if !c.reserve(nil) {
+	if !c.reserve(nil, c.s.Done()) {
 		return realtime.ReasonClientClose, false
 	}
 	if !c.push(realtime.Frame{}, &sse.Event{Comment: []byte("ka")}) {
@@ -303,9 +303,11 @@ func (c *sseConn) push(f realtime.Frame, ev *sse.Event) bool {
 }
 
 // reserve waits until fewer than sseWindow events are in flight. It gives up
-// when the client is gone, the session ended, or stop fires. A client that
-// stops reading is caught by the write deadline of the event being written.
-func (c *sseConn) reserve(stop <-chan time.Time) bool {
+// when the client is gone, or stop or done fires (the main loop passes the
+// session's Done: an ended session is cut at once, see goodbye). A client
+// that stops reading is caught by the write deadline of the event being
+// written, or by its session's queue overflowing meanwhile.
+func (c *sseConn) reserve(stop <-chan time.Time, done <-chan struct{}) bool {
 	for {
 		c.mu.Lock()
 		n := len(c.inflight)
@@ -320,6 +322,8 @@ func (c *sseConn) reserve(stop <-chan time.Time) bool {
 		case <-c.served:
 			return false
 		case <-stop:
+			return false
+		case <-done:
 			return false
 		}
 	}

@@ -4,15 +4,21 @@ package main
 // SSE, long-poll), then what only SSE or only long-poll have.
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -987,4 +993,74 @@ func TestPollNewConnectionTakesOver(t *testing.T) {
 	if len(next.Messages) != 1 || next.Messages[0].ID != n.ID || next.Messages[0].Replayed {
 		t.Fatalf("continuation: %+v", next)
 	}
+}
+
+// TestSSEStalledClientIsCut: a client that stops reading while its stream is
+// full is ended (a slow consumer: its queue overflows while the library's
+// handler is stuck writing to it), and the server cuts the stream at once:
+// none of the SSE library's goroutines or ours stay behind, though the client
+// keeps its connection open.
+func TestSSEStalledClientIsCut(t *testing.T) {
+	ts := startServer(t, func(c *Config) { c.QueueLimit = 4; c.ReplayLimit = 4; c.MaxDataBytes = 1 << 20 })
+	// A tiny receive buffer, so the server's writes block soon.
+	dialer := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	conn, err := dialer.Dial("tcp", strings.TrimPrefix(ts.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := fmt.Fprintf(conn, "GET /v1/sse?token=%s HTTP/1.1\r\nHost: notifyd\r\n\r\n", ts.token(t, "stalled")); err != nil {
+		t.Fatal(err)
+	}
+	// Read the header and hello, then never read again.
+	br := bufio.NewReader(conn)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasPrefix(line, "event: hello") {
+			break
+		}
+	}
+	eventually(t, 5*time.Second, "sse goroutines running", func() bool { return sseGoroutines() > 0 })
+	// Big notifications fill the socket buffers (the server's send buffer
+	// grows to 4 MB), then small ones fill the window and the queue.
+	for range 6 {
+		ts.publish(t, "stalled", "big", map[string]string{"pad": strings.Repeat("p", 900<<10)})
+	}
+	ended := false
+	for round := 0; round < 300 && !ended; round++ {
+		ts.publish(t, "stalled", "small", nil)
+		ended = len(ts.sessionsOf(t, "stalled")) == 0
+	}
+	if !ended {
+		t.Fatal("the stalled SSE session is still live")
+	}
+	// Cut at once (bye gets 1s), long before a write deadline would end it.
+	eventually(t, 5*time.Second, "the stalled stream's goroutines gone", func() bool { return sseGoroutines() == 0 })
+	eventually(t, 5*time.Second, "the session's end recorded", func() bool {
+		return ts.scalar(t, `SELECT count(*) FROM session_history WHERE user_id = 'stalled' AND end_reason = 'slow_consumer'`) == 1
+	})
+}
+
+// sseGoroutines counts goroutines in the SSE library or our SSE transport.
+func sseGoroutines() int {
+	var buf bytes.Buffer
+	_ = pprof.Lookup("goroutine").WriteTo(&buf, 2)
+	n := 0
+	for _, g := range strings.Split(buf.String(), "\n\n") {
+		if strings.Contains(g, "github.com/r3labs/sse/v2.") || strings.Contains(g, "handlers.(*sseConn)") || strings.Contains(g, "handlers.(*sseTransport)") {
+			n++
+		}
+	}
+	return n
 }
