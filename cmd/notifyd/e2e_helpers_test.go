@@ -494,31 +494,15 @@ func startSquid(t *testing.T) *proxyProc {
 
 // ---- notifyd as a child process ------------------------------------------------
 
-var (
-	buildOnce sync.Once
-	buildPath string
-	buildErr  error
-)
-
-// notifydBinary builds cmd/notifyd once per test run.
+// notifydBinary builds cmd/notifyd into the test's temp dir (the build cache
+// makes this a link step).
 func notifydBinary(t *testing.T) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "notifyd-e2e-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		buildPath = filepath.Join(dir, "notifyd")
-		out, err := exec.Command("go", "build", "-o", buildPath, ".").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	path := filepath.Join(t.TempDir(), "notifyd")
+	if out, err := exec.Command("go", "build", "-o", path, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	return buildPath
+	return path
 }
 
 // childServer is notifyd running as its own process on a fixed address.
