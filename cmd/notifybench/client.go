@@ -44,7 +44,7 @@ type bench struct {
 	next    atomic.Uint64
 	ws      *websocket.Dialer
 	streams *http.Client // SSE streams and polls: one connection per session
-	posts   *http.Client // SSE pings: a few shared connections
+	posts   *http.Client // SSE pings: up to 128 shared connections
 	pingInt time.Duration
 	pingTO  time.Duration
 
@@ -85,7 +85,7 @@ func newBench(ctx context.Context, t *target, sources []net.IP, pingInt, pingTO 
 	b.streams = &http.Client{Transport: &http.Transport{DialContext: b.dial, MaxIdleConnsPerHost: 1 << 20,
 		IdleConnTimeout: 5 * time.Minute, DisableCompression: true, WriteBufferSize: 1024, ReadBufferSize: 2048}}
 	b.posts = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DialContext: b.dial,
-		MaxConnsPerHost: 32, MaxIdleConnsPerHost: 32, DisableCompression: true}}
+		MaxConnsPerHost: 128, MaxIdleConnsPerHost: 128, DisableCompression: true}}
 	return b
 }
 

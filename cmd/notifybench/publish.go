@@ -217,5 +217,11 @@ func storeUnread(ctx context.Context, dbURL string, users []string, n int) error
 	if err := flush(); err != nil {
 		return fmt.Errorf("store unread: %w", err)
 	}
+	// A bulk load into a fresh schema leaves the planner without statistics
+	// until autovacuum's next round (up to a minute): give them now, as a
+	// long-running database has them.
+	if _, err := pool.Exec(ctx, "ANALYZE notifications"); err != nil {
+		return fmt.Errorf("store unread: analyze: %w", err)
+	}
 	return nil
 }
