@@ -3,6 +3,7 @@ package handlers
 import (
 	"context"
 	"errors"
+	"hash/maphash"
 	"io"
 	"net/http"
 	"time"
@@ -30,7 +31,7 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 				}
 			}
 		case realtime.ClientRead:
-			if err := a.applyRead(ctx, s.User, m.IDs, m.UpToSeq); err != nil {
+			if _, _, err := a.applyRead(ctx, s.User, m.IDs, m.UpToSeq); err != nil {
 				replies = append(replies, realtime.ErrorFrame("unavailable", "could not mark read; retry"))
 			}
 		}
@@ -39,17 +40,26 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 }
 
 // applyRead marks notifications read and tells every session of the user.
-func (a *API) applyRead(ctx context.Context, user string, ids []string, upToSeq int64) error {
+// Reads of one user are serialized from the database write to the broadcast,
+// so the `unread` counts that devices see arrive in commit order and the last
+// one is the true count: badges never drift.
+func (a *API) applyRead(ctx context.Context, user string, ids []string, upToSeq int64) ([]string, int64, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
+	mu := &a.readLocks[maphash.String(readLockSeed, user)%uint64(len(a.readLocks))]
+	mu.Lock()
+	defer mu.Unlock()
 	changed, unread, err := a.Store.MarkRead(ctx, user, ids, upToSeq)
 	if err != nil {
 		a.Log.Warn("mark read failed", "user", user, "err", err)
-		return err
+		return nil, 0, err
 	}
 	a.Hub.BroadcastRead(user, changed, unread)
-	return nil
+	return changed, unread, nil
 }
+
+// readLockSeed spreads users over API.readLocks.
+var readLockSeed = maphash.MakeSeed()
 
 // readBody reads a request body of at most limit bytes.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -67,6 +68,8 @@ type Options struct {
 // API holds the dependencies of every handler.
 type API struct {
 	Options
+	// readLocks serialize the reads of one user (see applyRead).
+	readLocks [64]sync.Mutex
 }
 
 // New returns the router with every endpoint of PROTOCOL.md.

@@ -99,13 +99,11 @@ func (a *API) markRead(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, "bad_request", "give ids (at most 1000) or a positive up_to_seq"))
 		return
 	}
-	ctx := r.Context()
-	changed, unread, err := a.Store.MarkRead(ctx, user, req.IDs, req.UpToSeq)
+	changed, unread, err := a.applyRead(r.Context(), user, req.IDs, req.UpToSeq)
 	if err != nil {
 		a.publishFailed(w, r, err)
 		return
 	}
-	a.Hub.BroadcastRead(user, changed, unread)
 	if changed == nil {
 		changed = []string{}
 	}
