@@ -50,14 +50,14 @@ func TestTinyScenario(t *testing.T) {
 		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 
 	// Probe which transports this server has.
-	probe, err := spawnServer(ctx, bin, cfg.baseDB, "", serverSettings{PingInterval: time.Second, PingTimeout: 2 * time.Second})
+	probe, err := spawnServer(ctx, bin, cfg.baseDB, "", serverSettings{PingInterval: time.Second, PingTimeout: 4 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	sse, poll := hasRoute(t, probe, "/v1/sse"), hasRoute(t, probe, "/v1/poll")
 	probe.stop()
 
-	sc := Scenario{Name: "tiny", WS: 12, Unread: 2, PingInterval: time.Second, PingTimeout: 2 * time.Second,
+	sc := Scenario{Name: "tiny", WS: 12, Unread: 2, PingInterval: time.Second, PingTimeout: 4 * time.Second,
 		RSS: true, Idle: 500 * time.Millisecond, Publish: publishBatch, Publishers: 2, Batch: 10, PublishFor: 700 * time.Millisecond,
 		Reconnect: 4, ReconnectUnread: 3, ReconnectWithin: 200 * time.Millisecond, Silent: 3,
 		Targets: Targets{MaxEvictLagMs: 1000}, settle: 200 * time.Millisecond}
