@@ -70,26 +70,7 @@ func (ts *testServer) dialWSSilent(t testing.TB, user string) *wsClient {
 		t.Fatalf("dial ws: %v", err)
 	}
 	conn.SetPingHandler(func(string) error { return nil })
-	c := &wsClient{conn: conn, in: make(chan msg, 4096), done: make(chan struct{})}
-	go func() {
-		defer close(c.done)
-		defer close(c.in)
-		for {
-			_, data, err := conn.ReadMessage()
-			if err != nil {
-				c.closeErr = err
-				return
-			}
-			var m msg
-			if err := json.Unmarshal(data, &m); err != nil {
-				c.closeErr = err
-				return
-			}
-			c.in <- m
-		}
-	}()
-	t.Cleanup(func() { _ = conn.Close() })
-	return c
+	return newWSClient(t, conn)
 }
 
 // httpStatusError is how an SSE or long-poll client ends on an HTTP error.

@@ -199,6 +199,12 @@ func (ts *testServer) dialWS(t testing.TB, user string, extra url.Values) *wsCli
 		}
 		t.Fatalf("dial ws: %v (status %d)", err, status)
 	}
+	return newWSClient(t, conn)
+}
+
+// newWSClient reads the server's messages of conn into the client's channel
+// until the connection ends; conn is closed at the end of the test.
+func newWSClient(t testing.TB, conn *websocket.Conn) *wsClient {
 	c := &wsClient{conn: conn, in: make(chan msg, 4096), done: make(chan struct{})}
 	go func() {
 		defer close(c.done)

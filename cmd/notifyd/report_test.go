@@ -32,26 +32,7 @@ func (ts *testServer) dialDevice(t *testing.T, user, device string, extra url.Va
 	if err != nil {
 		t.Fatalf("dial %s/%s: %v", user, device, err)
 	}
-	c := &wsClient{conn: conn, in: make(chan msg, 4096), done: make(chan struct{})}
-	go func() {
-		defer close(c.done)
-		defer close(c.in)
-		for {
-			_, data, err := conn.ReadMessage()
-			if err != nil {
-				c.closeErr = err
-				return
-			}
-			var m msg
-			if err := json.Unmarshal(data, &m); err != nil {
-				c.closeErr = err
-				return
-			}
-			c.in <- m
-		}
-	}()
-	t.Cleanup(func() { _ = conn.Close() })
-	return c
+	return newWSClient(t, conn)
 }
 
 // waitNoSessions polls the operator API until user has no live session (bounded).
