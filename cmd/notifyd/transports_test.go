@@ -533,6 +533,10 @@ func TestTransportsResume(t *testing.T) {
 					// old loop acknowledged seq 1 at least) is a client that lost
 					// its place, and resumes.
 					a.drop()
+					a.waitClosed(t, 5*time.Second)
+					// A poll it sent just before is still reaching the server:
+					// let it arrive (and end) before the page comes back.
+					time.Sleep(300 * time.Millisecond)
 					cursor, want = "0", []string{n1.ID, n2.ID}
 				}
 				b := ts.dialTransport(t, to, user, url.Values{"session": {h.Session}, "cursor": {cursor}})
