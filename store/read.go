@@ -42,13 +42,28 @@ func (s *Store) Replay(ctx context.Context, user string, after int64, limit int)
 	if limit <= 0 {
 		limit = DefaultReplayLimit
 	}
-	b := &pgx.Batch{}
-	b.Queue(`SELECT `+notificationCols+` FROM notifications n
+	ns, unread, err = s.listWithUnread(ctx, user, `SELECT `+notificationCols+` FROM notifications n
 		WHERE n.user_id = $1 AND n.seq > $2 AND n.read_at IS NULL AND `+unexpired+`
 		ORDER BY n.seq LIMIT $3`, user, after, limit+1)
+	if err != nil {
+		return nil, 0, false, fmt.Errorf("store: replay %q after %d: %w", user, after, err)
+	}
+	if len(ns) > limit {
+		ns, truncated = ns[:limit], true
+	}
+	return ns, unread, truncated, nil
+}
+
+// listWithUnread runs a notification query and the count of user's unread
+// notifications in one round trip.
+func (s *Store) listWithUnread(ctx context.Context, user, query string, args ...any) ([]Notification, int64, error) {
+	b := &pgx.Batch{}
+	b.Queue(query, args...)
 	b.Queue(unreadCountSQL, user)
 	br := s.pool.SendBatch(ctx, b)
 	defer br.Close()
+	var ns []Notification
+	var unread int64
 	rows, err := br.Query()
 	if err == nil {
 		ns, err = pgx.CollectRows(rows, scanNotification)
@@ -59,13 +74,7 @@ func (s *Store) Replay(ctx context.Context, user string, after int64, limit int)
 	if err == nil {
 		err = br.Close()
 	}
-	if err != nil {
-		return nil, 0, false, fmt.Errorf("store: replay %q after %d: %w", user, after, err)
-	}
-	if len(ns) > limit {
-		ns, truncated = ns[:limit], true
-	}
-	return ns, unread, truncated, nil
+	return ns, unread, err
 }
 
 // SeqRange is a user's seqs From..To, inclusive.
@@ -207,25 +216,9 @@ func (s *Store) Inbox(ctx context.Context, user string, unreadOnly bool, limit i
 	if unreadOnly {
 		cond = " AND n.read_at IS NULL"
 	}
-	b := &pgx.Batch{}
-	b.Queue(`SELECT `+notificationCols+` FROM notifications n
+	ns, unread, err := s.listWithUnread(ctx, user, `SELECT `+notificationCols+` FROM notifications n
 		WHERE n.user_id = $1 AND n.seq < $2`+cond+` AND `+unexpired+`
 		ORDER BY n.seq DESC LIMIT $3`, user, beforeSeq, limit)
-	b.Queue(unreadCountSQL, user)
-	br := s.pool.SendBatch(ctx, b)
-	defer br.Close()
-	var ns []Notification
-	var unread int64
-	rows, err := br.Query()
-	if err == nil {
-		ns, err = pgx.CollectRows(rows, scanNotification)
-	}
-	if err == nil {
-		err = br.QueryRow().Scan(&unread)
-	}
-	if err == nil {
-		err = br.Close()
-	}
 	if err != nil {
 		return nil, 0, fmt.Errorf("store: inbox of %q: %w", user, err)
 	}
