@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/notifyd/notifyd/handlers/realtime"
 	"github.com/notifyd/notifyd/store"
 )
 
@@ -57,6 +58,10 @@ func (a *API) validateItem(it publishItem, where string) (store.NewNotification,
 	data := bytes.TrimSpace(it.Data)
 	if len(data) == 0 || bytes.Equal(data, []byte("null")) {
 		data = []byte("{}")
+	}
+	var compact bytes.Buffer
+	if err := json.Compact(&compact, data); err == nil {
+		data = compact.Bytes()
 	}
 	if len(data) > a.Limits.MaxDataBytes {
 		return store.NewNotification{}, errorf(http.StatusRequestEntityTooLarge, "too_large", where+"data is larger than the limit")
@@ -137,6 +142,7 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 		a.publishFailed(w, r, err)
 		return
 	}
+	a.published(ns, res)
 	out := make([]published, len(res))
 	status := http.StatusOK
 	for i, p := range res {
@@ -163,6 +169,7 @@ func (a *API) publishOne(w http.ResponseWriter, r *http.Request, req publishRequ
 		a.publishFailed(w, r, err)
 		return
 	}
+	a.published([]store.NewNotification{n}, []store.Published{p})
 	status := http.StatusCreated
 	if p.Duplicate {
 		status = http.StatusOK
@@ -171,6 +178,25 @@ func (a *API) publishOne(w http.ResponseWriter, r *http.Request, req publishRequ
 		a.Metrics.published.Inc()
 	}
 	writeJSON(w, status, toPublished(p))
+}
+
+// published hands notifications that were just committed to OnPublished, so
+// the dispatcher can deliver them without reading them back. Repeats of an
+// idempotency key were delivered when first stored, and rows that expire are
+// left to the store's filtering.
+func (a *API) published(ns []store.NewNotification, res []store.Published) {
+	if a.OnPublished == nil {
+		return
+	}
+	out := make([]realtime.Notification, 0, len(res))
+	for i, p := range res {
+		if p.Duplicate || ns[i].ExpiresAt != nil {
+			continue
+		}
+		out = append(out, realtime.Notification{ID: p.ID, User: ns[i].UserID, Seq: p.Seq, Topic: ns[i].Topic,
+			Data: ns[i].Data, CreatedAt: p.CreatedAt})
+	}
+	a.OnPublished(out)
 }
 
 func (a *API) publishFailed(w http.ResponseWriter, r *http.Request, err error) {

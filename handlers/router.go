@@ -59,6 +59,9 @@ type Options struct {
 	Static fs.FS
 	// Dev turns on GET /v1/dev/token, which mints tokens for anyone: never in production.
 	Dev bool
+	// OnPublished, when set, receives the notifications a publish request
+	// has just committed (the dispatcher's cache); it must not block.
+	OnPublished func([]realtime.Notification)
 	// Extra mounts more routes (e.g. the SSE and long-poll transports, negotiate).
 	Extra func(r chi.Router, a *API)
 	// Negotiate serves GET/POST /v1/negotiate (learned transport order); nil leaves them out.

@@ -179,6 +179,9 @@ func (m *Main) Start(ctx context.Context) error {
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
 		Extra:     extraRoutes(m),
 		Negotiate: handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
+		// Rows published through the API are delivered from memory when
+		// their commit signal comes, without reading them back.
+		OnPublished: dispatcher.Remember,
 	})
 	m.api = api
 	ln, err := net.Listen("tcp", cfg.Addr)

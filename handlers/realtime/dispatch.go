@@ -33,6 +33,7 @@ type Dispatcher struct {
 	limit   int
 	in      chan []Range
 	catchUp chan struct{}
+	recent  recent
 }
 
 // NewDispatcher returns a dispatcher; limit bounds a catch-up per user and round.
@@ -111,11 +112,21 @@ func (d *Dispatcher) dispatch(ctx context.Context, rs []Range) {
 	if len(rs) == 0 {
 		return
 	}
+	found, rs := d.recent.take(rs)
+	if len(rs) == 0 {
+		sortByUserSeq(found)
+		d.hub.Deliver(found)
+		return
+	}
 	for attempt := 0; ; attempt++ {
 		fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		ns, err := d.src.Fetch(fctx, rs)
 		cancel()
 		if err == nil {
+			if len(found) > 0 {
+				ns = append(ns, found...)
+				sortByUserSeq(ns)
+			}
 			d.hub.Deliver(ns)
 			return
 		}

@@ -1,0 +1,74 @@
+package realtime
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
+
+// countingSource is a Source over a fixed set of rows that counts fetches.
+type countingSource struct {
+	rows    []Notification
+	fetches int
+	asked   []Range
+}
+
+func (c *countingSource) Fetch(_ context.Context, rs []Range) ([]Notification, error) {
+	c.fetches++
+	c.asked = append(c.asked, rs...)
+	var out []Notification
+	for _, r := range rs {
+		for _, n := range c.rows {
+			if n.User == r.User && n.Seq >= r.From && n.Seq <= r.To {
+				out = append(out, n)
+			}
+		}
+	}
+	sortByUserSeq(out)
+	return out, nil
+}
+
+func (c *countingSource) After(context.Context, map[string]int64, int) ([]Notification, error) {
+	return nil, errors.New("not used")
+}
+
+// TestDispatcherDeliversRememberedRows: ranges whose rows were remembered are
+// delivered without a fetch; a range only partly remembered is fetched whole;
+// rows of users nobody is connected as are not kept.
+func TestDispatcherDeliversRememberedRows(t *testing.T) {
+	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
+	s := h.NewSession(SessionInfo{User: "ann", Transport: WebSocket}, 0)
+	if err := h.Register(s, ""); err != nil {
+		t.Fatal(err)
+	}
+	s.FinishReplay(nil, 0, false)
+	n := func(seq int64) Notification {
+		return Notification{ID: "id" + string(rune('0'+seq)), User: "ann", Seq: seq, Topic: "t", Data: []byte(`{}`), CreatedAt: time.Now()}
+	}
+	src := &countingSource{rows: []Notification{n(1), n(2), n(3), n(4)}}
+	d := NewDispatcher(h, src, nil, 100)
+
+	d.Remember([]Notification{n(1), n(2), {ID: "x", User: "offline", Seq: 1}})
+	if len(d.recent.m) != 2 {
+		t.Fatalf("kept %d rows, want 2 (the offline user's row is not kept)", len(d.recent.m))
+	}
+	d.dispatch(context.Background(), []Range{{User: "ann", From: 1, To: 2}})
+	if src.fetches != 0 {
+		t.Fatalf("fetched %d times for remembered rows", src.fetches)
+	}
+	d.Remember([]Notification{n(3)})
+	d.dispatch(context.Background(), []Range{{User: "ann", From: 3, To: 4}})
+	if src.fetches != 1 || len(src.asked) != 1 || src.asked[0] != (Range{User: "ann", From: 3, To: 4}) {
+		t.Fatalf("fetches %d, asked %v; want one fetch of 3..4", src.fetches, src.asked)
+	}
+	var seqs []int64
+	for _, f := range s.Take() {
+		if f.Type == TypeNotification {
+			seqs = append(seqs, f.Seq)
+		}
+	}
+	if len(seqs) != 4 || seqs[0] != 1 || seqs[3] != 4 {
+		t.Fatalf("delivered seqs %v, want 1..4 once each", seqs)
+	}
+}
