@@ -62,8 +62,6 @@ type Options struct {
 	// OnPublished, when set, receives the notifications a publish request
 	// has just committed (the dispatcher's cache); it must not block.
 	OnPublished func([]realtime.Notification)
-	// Extra mounts more routes (e.g. the SSE and long-poll transports, negotiate).
-	Extra func(r chi.Router, a *API)
 	// Negotiate serves GET/POST /v1/negotiate (learned transport order); nil leaves them out.
 	Negotiate *Negotiator
 }
@@ -115,9 +113,6 @@ func New(opt Options) (http.Handler, *API) {
 				r.Post("/negotiate", a.reportNegotiate)
 			}
 		})
-		if opt.Extra != nil {
-			opt.Extra(r, a)
-		}
 	})
 	if opt.Static != nil {
 		r.Handle("/*", http.FileServerFS(opt.Static))

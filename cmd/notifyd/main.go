@@ -177,7 +177,6 @@ func (m *Main) Start(ctx context.Context) error {
 		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
-		Extra:     extraRoutes(m),
 		Negotiate: handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
 		// Rows published through the API are delivered from memory when
 		// their commit signal comes, without reading them back.

@@ -10,7 +10,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/go-chi/chi/v5"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/notifyd/notifyd/handlers"
@@ -82,11 +81,6 @@ func registerStoreMetrics(m *handlers.Metrics, rec *store.Recorder) {
 			Help: "Acks that matched no recorded delivery of their session (never sent there, or its record was dropped)."},
 			func() float64 { return float64(rec.Unmatched()) }),
 	)
-}
-
-// extraRoutes mounts the routes that need more than the handlers package has.
-func extraRoutes(m *Main) func(chi.Router, *handlers.API) {
-	return nil
 }
 
 func staticFS() fs.FS { return static.FS }
