@@ -26,7 +26,6 @@ var (
 	errForbidden    = errorf(http.StatusForbidden, "forbidden", "not allowed")
 	errUnavailable  = errorf(http.StatusServiceUnavailable, "unavailable", "the database is unavailable; retry later")
 	errShuttingDown = errorf(http.StatusServiceUnavailable, "shutting_down", "the server is restarting; retry later")
-	errNotFound     = errorf(http.StatusNotFound, "not_found", "no such resource")
 )
 
 type errorBody struct {

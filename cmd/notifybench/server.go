@@ -418,7 +418,7 @@ func execSQL(ctx context.Context, dbURL, sql string) error {
 func withSearchPath(base, schema string) (string, error) {
 	u, err := url.Parse(base)
 	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
-		return "", fmt.Errorf("database url %q: want postgres://...", base)
+		return "", fmt.Errorf("database url %q: want a postgres:// URL", base)
 	}
 	q := u.Query()
 	q.Set("search_path", schema)

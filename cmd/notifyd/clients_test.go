@@ -309,16 +309,6 @@ func (c *sseClient) eventsSeen() []sseEvent {
 	return append([]sseEvent(nil), c.events...)
 }
 
-// lastEventID is the id of the last event, as a browser keeps it.
-func (c *sseClient) lastEventID() string {
-	c.emu.Lock()
-	defer c.emu.Unlock()
-	if len(c.events) == 0 {
-		return ""
-	}
-	return c.events[len(c.events)-1].ID
-}
-
 func (c *sseClient) read() {
 	defer c.resp.Body.Close()
 	br := bufio.NewReader(c.resp.Body)

@@ -100,11 +100,9 @@ func TestWheelPinnedStaysOut(t *testing.T) {
 func TestWheelLongPause(t *testing.T) {
 	for _, gap := range []int64{10, 1_000_000} {
 		w := newWheel(10, time.Unix(0, 10))
-		var ss []*Session
 		w.mu.Lock()
 		for i := int64(1); i <= 50; i++ {
 			s := &Session{ID: string(rune('A' + i))}
-			ss = append(ss, s)
 			w.schedule(s, i*gap)
 		}
 		w.mu.Unlock()
@@ -190,7 +188,7 @@ func TestSweepEvictionWindow(t *testing.T) {
 				start := time.Now()
 				for _, off := range offsets {
 					s := mustLive(t, h, "u", WebSocket)
-					time.Sleep(start.Add(off).Sub(time.Now()))
+					time.Sleep(time.Until(start.Add(off)))
 					h.Touch(s)
 					cases = append(cases, tc{s, time.Now()})
 				}
@@ -199,7 +197,7 @@ func TestSweepEvictionWindow(t *testing.T) {
 				}
 				// Just before each deadline nothing is gone.
 				for _, c := range cases {
-					time.Sleep(c.last.Add(cfg.PingTimeout - time.Millisecond).Sub(time.Now()))
+					time.Sleep(time.Until(c.last.Add(cfg.PingTimeout - time.Millisecond)))
 					synctest.Wait()
 					if isDone(c.s) {
 						t.Fatalf("touched at %v, evicted by %v (%v < PingTimeout)",
@@ -207,7 +205,7 @@ func TestSweepEvictionWindow(t *testing.T) {
 					}
 				}
 				last := cases[len(cases)-1].last
-				time.Sleep(last.Add(cfg.PingTimeout + time.Second).Sub(time.Now()))
+				time.Sleep(time.Until(last.Add(cfg.PingTimeout + time.Second)))
 				synctest.Wait()
 				for _, c := range cases {
 					if !isDone(c.s) {
