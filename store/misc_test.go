@@ -33,9 +33,12 @@ func TestEnsureDatabase(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer admin.Close(context.Background())
+	// Cleanup runs after the test returns: the admin connection must outlive it.
 	t.Cleanup(func() {
-		_, _ = admin.Exec(context.Background(), "DROP DATABASE IF EXISTS "+name)
+		if _, err := admin.Exec(context.Background(), "DROP DATABASE IF EXISTS "+name); err != nil {
+			t.Errorf("drop %s: %v", name, err)
+		}
+		_ = admin.Close(context.Background())
 	})
 	var wg sync.WaitGroup
 	for range 3 { // nodes starting at once
