@@ -142,42 +142,19 @@ func (c *httpSession) err() error {
 // next returns the next message, failing the test after timeout.
 func (c *httpSession) next(t testing.TB, timeout time.Duration) msg {
 	t.Helper()
-	select {
-	case m, ok := <-c.in:
-		if !ok {
-			t.Fatalf("session ended: %v", c.err())
-		}
-		return m
-	case <-time.After(timeout):
-		t.Fatalf("no message within %s", timeout)
-	}
-	return msg{}
+	return nextFrom(t, c.in, c.err, timeout)
 }
 
 // expect returns the next message and fails unless it has type typ.
 func (c *httpSession) expect(t testing.TB, typ string) msg {
 	t.Helper()
-	m := c.next(t, 5*time.Second)
-	if m.Type != typ {
-		t.Fatalf("got %+v, want a %s message", m, typ)
-	}
-	return m
+	return expectFrom(t, c.in, c.err, typ)
 }
 
 // waitClosed waits for the session to end and returns why.
 func (c *httpSession) waitClosed(t testing.TB, timeout time.Duration) error {
 	t.Helper()
-	deadline := time.After(timeout)
-	for {
-		select {
-		case _, ok := <-c.in:
-			if !ok {
-				return c.err()
-			}
-		case <-deadline:
-			t.Fatalf("session still open after %s", timeout)
-		}
-	}
+	return waitClosedFrom(t, c.in, c.err, timeout)
 }
 
 // send posts one client message (or an array) to the session and reads the

@@ -230,10 +230,26 @@ func newWSClient(t testing.TB, conn *websocket.Conn) *wsClient {
 // next returns the next message, failing the test after timeout.
 func (c *wsClient) next(t testing.TB, timeout time.Duration) msg {
 	t.Helper()
+	return nextFrom(t, c.in, c.ended, timeout)
+}
+
+// expect returns the next message and fails unless it has type typ.
+func (c *wsClient) expect(t testing.TB, typ string) msg {
+	t.Helper()
+	return expectFrom(t, c.in, c.ended, typ)
+}
+
+// ended is why the connection ended; read it once c.in is closed.
+func (c *wsClient) ended() error { return c.closeErr }
+
+// nextFrom returns the next message of a test client's stream, failing the
+// test after timeout or when the stream has ended (ended says why).
+func nextFrom(t testing.TB, in <-chan msg, ended func() error, timeout time.Duration) msg {
+	t.Helper()
 	select {
-	case m, ok := <-c.in:
+	case m, ok := <-in:
 		if !ok {
-			t.Fatalf("connection ended: %v", c.closeErr)
+			t.Fatalf("session ended: %v", ended())
 		}
 		return m
 	case <-time.After(timeout):
@@ -242,14 +258,30 @@ func (c *wsClient) next(t testing.TB, timeout time.Duration) msg {
 	return msg{}
 }
 
-// expect returns the next message and fails unless it has type typ.
-func (c *wsClient) expect(t testing.TB, typ string) msg {
+// expectFrom returns the next message and fails unless it has type typ.
+func expectFrom(t testing.TB, in <-chan msg, ended func() error, typ string) msg {
 	t.Helper()
-	m := c.next(t, 5*time.Second)
+	m := nextFrom(t, in, ended, 5*time.Second)
 	if m.Type != typ {
 		t.Fatalf("got %+v, want a %s message", m, typ)
 	}
 	return m
+}
+
+// waitClosedFrom drains a test client's stream until it ends and returns why.
+func waitClosedFrom(t testing.TB, in <-chan msg, ended func() error, timeout time.Duration) error {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		select {
+		case _, ok := <-in:
+			if !ok {
+				return ended()
+			}
+		case <-deadline:
+			t.Fatalf("session still open after %s", timeout)
+		}
+	}
 }
 
 // send writes one client message.
@@ -263,15 +295,5 @@ func (c *wsClient) send(t testing.TB, v any) {
 // waitClosed waits for the server to end the connection and returns its close error.
 func (c *wsClient) waitClosed(t testing.TB, timeout time.Duration) error {
 	t.Helper()
-	deadline := time.After(timeout)
-	for {
-		select {
-		case _, ok := <-c.in:
-			if !ok {
-				return c.closeErr
-			}
-		case <-deadline:
-			t.Fatalf("connection still open after %s", timeout)
-		}
-	}
+	return waitClosedFrom(t, c.in, c.ended, timeout)
 }
