@@ -60,6 +60,7 @@ func (m *Metrics) Handler() http.Handler {
 func (m *Metrics) Written(s *realtime.Session, frames []realtime.Frame) {
 	now := time.Now()
 	var live, replayed int
+	var latency prometheus.Observer // looked up once per write, not per frame
 	for i := range frames {
 		f := &frames[i]
 		if f.Type != realtime.TypeNotification {
@@ -71,7 +72,10 @@ func (m *Metrics) Written(s *realtime.Session, frames []realtime.Frame) {
 		}
 		live++
 		d := now.Sub(f.CreatedAt)
-		m.latency.WithLabelValues(string(s.Transport)).Observe(d.Seconds())
+		if latency == nil {
+			latency = m.latency.WithLabelValues(string(s.Transport))
+		}
+		latency.Observe(d.Seconds())
 		m.recent.add(d)
 	}
 	if live > 0 {
