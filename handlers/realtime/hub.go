@@ -208,9 +208,12 @@ func (h *Hub) Unpin(s *Session) {
 
 // Sweep evicts every session whose heartbeat deadline has passed at now and
 // returns how many it evicted. Its cost grows with the sessions that expire.
+// It ends them as End would, but removes them from presence in one batch
+// (Tracker.removeAll), which locks each shard once and spreads a large
+// batch over the cores.
 func (h *Hub) Sweep(now time.Time) int {
 	due := h.wheel.expire(now.UnixNano(), nil)
-	n := 0
+	ended := due[:0]
 	for _, s := range due {
 		deadline := s.lastSeen.Load() + int64(h.cfg.PingTimeout)
 		if deadline > now.UnixNano() {
@@ -222,10 +225,20 @@ func (h *Hub) Sweep(now time.Time) int {
 			h.wheel.mu.Unlock()
 			continue
 		}
-		h.End(s, ReasonHeartbeat)
-		n++
+		// expire took s out of the wheel, and a pinned session is never in
+		// it, so only presence is left to update.
+		if s.close(ReasonHeartbeat) {
+			ended = append(ended, s)
+		}
 	}
-	return n
+	h.tracker.removeAll(ended)
+	h.evictions.Add(uint64(len(ended)))
+	if h.hooks.Ended != nil {
+		for _, s := range ended {
+			h.hooks.Ended(s, ReasonHeartbeat)
+		}
+	}
+	return len(ended)
 }
 
 // Run sweeps every SweepEvery until ctx ends.

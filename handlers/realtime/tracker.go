@@ -3,6 +3,7 @@ package realtime
 import (
 	"errors"
 	"hash/maphash"
+	"runtime"
 	"sync"
 	"sync/atomic"
 )
@@ -119,7 +120,24 @@ func (t *Tracker) add(s *Session, resume string, maxPerUser int, before func()) 
 func (t *Tracker) remove(s *Session) bool {
 	us := t.userShard(s.User)
 	us.mu.Lock()
-	defer us.mu.Unlock()
+	ok := t.removeUserLocked(us, s)
+	us.mu.Unlock()
+	if !ok {
+		return false
+	}
+	is := t.idShard(s.ID)
+	is.mu.Lock()
+	delete(is.m, s.ID)
+	is.mu.Unlock()
+	return true
+}
+
+// removeUserLocked takes s out of its user's list (us, locked) and reports
+// whether it was there. When it was, the id map also holds s under s.ID (a
+// resume that takes the id over also takes the list slot), so the caller
+// deletes that entry without looking it up first: at a million sessions
+// every map access is a cache miss of its own.
+func (t *Tracker) removeUserLocked(us *userShard, s *Session) bool {
 	list := us.m[s.User]
 	idx := -1
 	for i, cur := range list {
@@ -143,13 +161,79 @@ func (t *Tracker) remove(s *Session) bool {
 	}
 	t.sessions.Add(-1)
 	t.byTransport[transportIndex(s.Transport)].Add(-1)
-	is := t.idShard(s.ID)
-	is.mu.Lock()
-	if is.m[s.ID] == s {
-		delete(is.m, s.ID)
-	}
-	is.mu.Unlock()
 	return true
+}
+
+// parallelRemoveMin is the batch size from which removeAll spreads its work
+// over several goroutines.
+const parallelRemoveMin = 1024
+
+// removeAll removes many sessions at once, as a sweep tick does. It groups
+// them by shard, so each shard is locked once per batch rather than once per
+// session, and a large batch is split by shard over up to GOMAXPROCS
+// goroutines: the work is dominated by cache misses on the maps, which
+// independent cores take in parallel. Sessions no longer registered are
+// skipped.
+func (t *Tracker) removeAll(ss []*Session) {
+	if len(ss) == 0 {
+		return
+	}
+	workers := 1
+	if len(ss) >= parallelRemoveMin {
+		workers = min(runtime.GOMAXPROCS(0), 8)
+	}
+	var byUser, byID [trackerShards][]*Session
+	for _, s := range ss {
+		i := maphash.String(t.seed, s.User) % trackerShards
+		byUser[i] = append(byUser[i], s)
+	}
+	var mu sync.Mutex
+	run(workers, func(w int) {
+		var local [trackerShards][]*Session
+		for i := w; i < trackerShards; i += workers {
+			if len(byUser[i]) == 0 {
+				continue
+			}
+			us := &t.users[i]
+			us.mu.Lock()
+			for _, s := range byUser[i] {
+				if t.removeUserLocked(us, s) {
+					j := maphash.String(t.seed, s.ID) % trackerShards
+					local[j] = append(local[j], s)
+				}
+			}
+			us.mu.Unlock()
+		}
+		mu.Lock()
+		for j := range local {
+			byID[j] = append(byID[j], local[j]...)
+		}
+		mu.Unlock()
+	})
+	run(workers, func(w int) {
+		for j := w; j < trackerShards; j += workers {
+			if len(byID[j]) == 0 {
+				continue
+			}
+			is := &t.ids[j]
+			is.mu.Lock()
+			for _, s := range byID[j] {
+				delete(is.m, s.ID)
+			}
+			is.mu.Unlock()
+		}
+	})
+}
+
+// run calls fn(0..n-1), each on its own goroutine except the last, which runs
+// on the caller's, and returns when all are done.
+func run(n int, fn func(w int)) {
+	var wg sync.WaitGroup
+	for w := range n - 1 {
+		wg.Go(func() { fn(w) })
+	}
+	fn(n - 1)
+	wg.Wait()
 }
 
 // Get returns the live session with this id.

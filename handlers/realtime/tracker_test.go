@@ -396,3 +396,66 @@ func TestTrackerConcurrent(t *testing.T) {
 		t.Fatalf("Counts after removing everything = %d, %d, %v", sessions, nusers, by)
 	}
 }
+
+// TestTrackerRemoveAll removes a batch large enough to be split over
+// goroutines, mixed with sessions that were replaced by a resume (no longer
+// registered, so they must not take their successor with them) and with
+// users who keep another device online.
+func TestTrackerRemoveAll(t *testing.T) {
+	h := NewHub(testConfig(), Hooks{})
+	tr := NewTracker()
+	const n = 3 * parallelRemoveMin
+	var batch, keep []*Session
+	for i := range n {
+		s := newSession(h, fmt.Sprintf("u%d", i/2), Transports[i%3])
+		if _, err := tr.add(s, "", 0, nil); err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case i%10 == 0: // replaced by a resume: the batch holds the old one
+			next := newSession(h, s.User, s.Transport)
+			if old, err := tr.add(next, s.ID, 0, nil); err != nil || old != s {
+				t.Fatalf("resume: %v, %v", old, err)
+			}
+			batch = append(batch, s)
+			keep = append(keep, next)
+		case i%5 == 1:
+			keep = append(keep, s)
+		default:
+			batch = append(batch, s)
+		}
+	}
+	tr.removeAll(batch)
+	sessions, users, by := tr.Counts()
+	if sessions != int64(len(keep)) {
+		t.Fatalf("sessions = %d, want %d", sessions, len(keep))
+	}
+	var sum int64
+	for _, c := range by {
+		sum += c
+	}
+	if sum != sessions {
+		t.Fatalf("per-transport counts %v add up to %d, not %d", by, sum, sessions)
+	}
+	online := map[string]bool{}
+	for _, s := range keep {
+		online[s.User] = true
+		if got, ok := tr.Get(s.ID); !ok || got != s {
+			t.Fatalf("kept session %s: Get = %v, %v", s.ID, got, ok)
+		}
+	}
+	if users != int64(len(online)) {
+		t.Fatalf("users = %d, want %d", users, len(online))
+	}
+	for _, s := range batch {
+		if got, ok := tr.Get(s.ID); ok && got == s {
+			t.Fatalf("removed session %s is still registered", s.ID)
+		}
+		if !online[s.User] && tr.Online(s.User) {
+			t.Fatalf("user %s still online", s.User)
+		}
+	}
+	if got := len(tr.All()); got != len(keep) {
+		t.Fatalf("All() has %d sessions, want %d", got, len(keep))
+	}
+}
