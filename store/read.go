@@ -35,25 +35,6 @@ func scanNotification(row pgx.CollectableRow) (Notification, error) {
 	return n, err
 }
 
-// Replay returns the user's unread, unexpired notifications with seq > after, oldest first,
-// at most limit (DefaultReplayLimit when limit <= 0); unread is the user's total unread count
-// and truncated reports that more such notifications were left out. One round trip.
-func (s *Store) Replay(ctx context.Context, user string, after int64, limit int) (ns []Notification, unread int64, truncated bool, err error) {
-	if limit <= 0 {
-		limit = DefaultReplayLimit
-	}
-	ns, unread, err = s.listWithUnread(ctx, user, `SELECT `+notificationCols+` FROM notifications n
-		WHERE n.user_id = $1 AND n.seq > $2 AND n.read_at IS NULL AND `+unexpired+`
-		ORDER BY n.seq LIMIT $3`, user, after, limit+1)
-	if err != nil {
-		return nil, 0, false, fmt.Errorf("store: replay %q after %d: %w", user, after, err)
-	}
-	if len(ns) > limit {
-		ns, truncated = ns[:limit], true
-	}
-	return ns, unread, truncated, nil
-}
-
 // listWithUnread runs a notification query and the count of user's unread
 // notifications in one round trip.
 func (s *Store) listWithUnread(ctx context.Context, user, query string, args ...any) ([]Notification, int64, error) {

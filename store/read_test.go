@@ -1,7 +1,9 @@
 package store_test
 
 import (
+	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -73,6 +75,60 @@ func TestReplay(t *testing.T) {
 	if err != nil || len(ns) != 0 || unread != 0 || truncated {
 		t.Fatalf("replay(nobody) = %v %d %v %v", ns, unread, truncated, err)
 	}
+}
+
+// TestReplayConcurrentShareStatements: many connects replaying at once share
+// statements, and each still gets exactly its own user's rows above its own
+// cursor, its own count and its own truncation.
+func TestReplayConcurrentShareStatements(t *testing.T) {
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	const users = 40
+	for u := range users {
+		publishN(t, s, fmt.Sprintf("u%d", u), u%7) // seqs 1..u%7
+	}
+	before := s.Stats().ReplayStatements
+	const callers = 600
+	var wg sync.WaitGroup
+	errs := make(chan error, callers)
+	for c := range callers {
+		wg.Go(func() {
+			u := c % users
+			total := int64(u % 7)
+			after := int64(c % 3)
+			limit := 1 + c%4
+			ns, unread, truncated, err := s.Replay(ctx, fmt.Sprintf("u%d", u), after, limit)
+			if err != nil {
+				errs <- err
+				return
+			}
+			var want []int64
+			for q := after + 1; q <= total && len(want) < limit; q++ {
+				want = append(want, q)
+			}
+			wantTrunc := total-after > int64(limit)
+			for _, n := range ns {
+				if n.UserID != fmt.Sprintf("u%d", u) {
+					errs <- fmt.Errorf("caller %d got a row of %s", c, n.UserID)
+					return
+				}
+			}
+			if !slices.Equal(seqs(ns), want) || unread != total || truncated != wantTrunc {
+				errs <- fmt.Errorf("caller %d (u%d after %d limit %d): %v unread %d truncated %v; want %v, %d, %v",
+					c, u, after, limit, seqs(ns), unread, truncated, want, total, wantTrunc)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	stmts := s.Stats().ReplayStatements - before
+	if stmts == 0 || stmts >= callers {
+		t.Fatalf("%d callers used %d statements; want them shared", callers, stmts)
+	}
+	t.Logf("%d concurrent replays in %d statements", callers, stmts)
 }
 
 func TestMarkRead(t *testing.T) {

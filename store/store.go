@@ -67,10 +67,13 @@ type Store struct {
 	loopDone chan struct{}
 	workers  chan struct{} // semaphore of concurrent group transactions
 
+	replays replayQueue // batched Replay (replay.go)
+
 	stats struct {
 		publishStatements atomic.Uint64
 		publishOneCalls   atomic.Uint64
 		publishOneGroups  atomic.Uint64
+		replayStatements  atomic.Uint64
 	}
 }
 
@@ -83,6 +86,9 @@ type Stats struct {
 	PublishOneCalls uint64
 	// PublishOneGroups counts group transactions attempted for PublishOne callers.
 	PublishOneGroups uint64
+	// ReplayStatements counts the statements that served Replay calls (several calls share
+	// one when they come at once).
+	ReplayStatements uint64
 }
 
 // Stats returns the publish counters.
@@ -91,6 +97,7 @@ func (s *Store) Stats() Stats {
 		PublishStatements: s.stats.publishStatements.Load(),
 		PublishOneCalls:   s.stats.publishOneCalls.Load(),
 		PublishOneGroups:  s.stats.publishOneGroups.Load(),
+		ReplayStatements:  s.stats.replayStatements.Load(),
 	}
 }
 
@@ -170,6 +177,7 @@ func Open(ctx context.Context, url string, opt Options) (*Store, error) {
 		stop:     make(chan struct{}),
 		loopDone: make(chan struct{}),
 		workers:  make(chan struct{}, nworkers),
+		replays:  newReplayQueue(),
 	}
 	go s.groupLoop()
 	return s, nil
