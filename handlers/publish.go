@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/notifyd/notifyd/handlers/realtime"
 	"github.com/notifyd/notifyd/store"
 )
 
@@ -142,7 +141,6 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 		a.publishFailed(w, r, err)
 		return
 	}
-	a.published(ns, res)
 	out := make([]published, len(res))
 	status := http.StatusOK
 	for i, p := range res {
@@ -169,7 +167,6 @@ func (a *API) publishOne(w http.ResponseWriter, r *http.Request, req publishRequ
 		a.publishFailed(w, r, err)
 		return
 	}
-	a.published([]store.NewNotification{n}, []store.Published{p})
 	status := http.StatusCreated
 	if p.Duplicate {
 		status = http.StatusOK
@@ -178,25 +175,6 @@ func (a *API) publishOne(w http.ResponseWriter, r *http.Request, req publishRequ
 		a.Metrics.published.Inc()
 	}
 	writeJSON(w, status, toPublished(p))
-}
-
-// published hands notifications that were just committed to OnPublished, so
-// the dispatcher can deliver them without reading them back. Repeats of an
-// idempotency key were delivered when first stored, and rows that expire are
-// left to the store's filtering.
-func (a *API) published(ns []store.NewNotification, res []store.Published) {
-	if a.OnPublished == nil {
-		return
-	}
-	out := make([]realtime.Notification, 0, len(res))
-	for i, p := range res {
-		if p.Duplicate || ns[i].ExpiresAt != nil {
-			continue
-		}
-		out = append(out, realtime.Notification{ID: p.ID, User: ns[i].UserID, Seq: p.Seq, Topic: ns[i].Topic,
-			Data: ns[i].Data, CreatedAt: p.CreatedAt})
-	}
-	a.OnPublished(out)
 }
 
 func (a *API) publishFailed(w http.ResponseWriter, r *http.Request, err error) {

@@ -59,9 +59,6 @@ type Options struct {
 	Static fs.FS
 	// Dev turns on GET /v1/dev/token, which mints tokens for anyone: never in production.
 	Dev bool
-	// OnPublished, when set, receives the notifications a publish request
-	// has just committed (the dispatcher's cache); it must not block.
-	OnPublished func([]realtime.Notification)
 	// Negotiate serves GET/POST /v1/negotiate (learned transport order); nil leaves them out.
 	Negotiate *Negotiator
 }

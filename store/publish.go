@@ -165,6 +165,23 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 		expires = append(expires, n.ExpiresAt)
 	}
 
+	done := func([]NewNotification, []Published) {}
+	if h := s.hook.Load(); h != nil && *h != nil {
+		done = (*h)(users)
+	}
+	out, err := s.publishRows(ctx, ns, sent, alias, ids, users, topics, datas, keys, expires)
+	if err != nil {
+		done(nil, nil)
+		return nil, err
+	}
+	done(ns, out)
+	return out, nil
+}
+
+// publishRows runs the publish statement for the rows Publish prepared, with
+// bounded retries, and returns the results in input order.
+func (s *Store) publishRows(ctx context.Context, ns []NewNotification, sent []int, alias map[int]int,
+	ids, users, topics, datas []string, keys []*string, expires []*time.Time) ([]Published, error) {
 	byID := make(map[string]Published, len(sent))
 	for attempt := 1; ; attempt++ {
 		clear(byID)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -376,5 +377,57 @@ func TestPublishOneContext(t *testing.T) {
 	cancel()
 	if _, err := s.PublishOne(ctx, note("x")); !errors.Is(err, context.Canceled) {
 		t.Fatalf("canceled ctx: %v", err)
+	}
+}
+
+// TestPublishHook: the hook hears of every publish statement before it runs,
+// with its users, and after it, with the rows and results when it committed
+// and nothing when it failed.
+func TestPublishHook(t *testing.T) {
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	type call struct {
+		users     []string
+		committed int // rows handed over; -1 for a failure
+	}
+	var mu sync.Mutex
+	var calls []call
+	s.SetPublishHook(func(users []string) func([]store.NewNotification, []store.Published) {
+		mu.Lock()
+		i := len(calls)
+		calls = append(calls, call{users: slices.Clone(users)})
+		mu.Unlock()
+		return func(ns []store.NewNotification, res []store.Published) {
+			mu.Lock()
+			defer mu.Unlock()
+			if ns == nil {
+				calls[i].committed = -1
+				return
+			}
+			if len(ns) != len(res) {
+				t.Errorf("hook got %d rows and %d results", len(ns), len(res))
+			}
+			calls[i].committed = len(res)
+		}
+	})
+	mustPublish(t, s, note("b"), note("a"), note("b"))
+	if _, err := s.PublishOne(ctx, note("c")); err != nil {
+		t.Fatal(err)
+	}
+	bad := note("d")
+	bad.IdempotencyKey = randomString(10000) // refused by the btree: the statement fails
+	if _, err := s.Publish(ctx, []store.NewNotification{bad}); !errors.Is(err, store.ErrInvalid) {
+		t.Fatalf("over-long key: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := []call{{[]string{"a", "b", "b"}, 3}, {[]string{"c"}, 1}, {[]string{"d"}, -1}}
+	if len(calls) != len(want) {
+		t.Fatalf("hook calls %+v, want %+v", calls, want)
+	}
+	for i := range want {
+		if !slices.Equal(calls[i].users, want[i].users) || calls[i].committed != want[i].committed {
+			t.Errorf("hook call %d = %+v, want %+v", i, calls[i], want[i])
+		}
 	}
 }

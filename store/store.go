@@ -69,6 +69,8 @@ type Store struct {
 
 	replays replayQueue // batched Replay (replay.go)
 
+	hook atomic.Pointer[PublishHook] // SetPublishHook
+
 	stats struct {
 		publishStatements atomic.Uint64
 		publishOneCalls   atomic.Uint64
@@ -76,6 +78,18 @@ type Store struct {
 		replayStatements  atomic.Uint64
 	}
 }
+
+// PublishHook is told, before a publish statement goes to Postgres, which
+// users it is for; the function it returns is called once the statement is
+// over, with the rows and their results when it committed, or with nothing
+// when it failed. Neither may block. notifyd's dispatcher uses it to deliver
+// the rows it publishes from memory: their commit signal often arrives before
+// the statement's answer, and it then waits for them rather than reading
+// them back.
+type PublishHook func(users []string) (done func(ns []NewNotification, res []Published))
+
+// SetPublishHook installs h for the publish statements that start after it.
+func (s *Store) SetPublishHook(h PublishHook) { s.hook.Store(&h) }
 
 // Stats are counters of the publish paths since Open (for tests and metrics).
 type Stats struct {

@@ -142,9 +142,13 @@ func (m *Main) Start(ctx context.Context) error {
 		},
 	})
 	metrics = handlers.NewMetrics(m.hub)
-	registerStoreMetrics(metrics, m.recorder)
+	registerStoreMetrics(metrics, st, m.recorder)
 
 	dispatcher := realtime.NewDispatcher(m.hub, storeSource{st}, log, cfg.ReplayLimit)
+	registerDispatchMetrics(metrics, dispatcher)
+	// Rows published through the API are delivered from memory when their
+	// commit signal comes, without reading them back.
+	st.SetPublishHook(publishHook(dispatcher))
 	ready := make(chan struct{})
 	listener := st.NewListener(log)
 	m.goBackground(func() {
@@ -178,9 +182,6 @@ func (m *Main) Start(ctx context.Context) error {
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
 		Negotiate: handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
-		// Rows published through the API are delivered from memory when
-		// their commit signal comes, without reading them back.
-		OnPublished: dispatcher.Remember,
 	})
 	m.api = api
 	ln, err := net.Listen("tcp", cfg.Addr)

@@ -69,8 +69,20 @@ func recordDeliveries(rec *store.Recorder, s *realtime.Session, frames []realtim
 }
 
 // registerStoreMetrics exposes the recorder's counters.
-func registerStoreMetrics(m *handlers.Metrics, rec *store.Recorder) {
+func registerStoreMetrics(m *handlers.Metrics, st *store.Store, rec *store.Recorder) {
 	m.Registry.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_publish_statements_total",
+			Help: "Publish statements run (one transaction each, retries included)."},
+			func() float64 { return float64(st.Stats().PublishStatements) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_publish_single_total",
+			Help: "Single-notification publish requests queued for group commit."},
+			func() float64 { return float64(st.Stats().PublishOneCalls) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_publish_groups_total",
+			Help: "Group-commit transactions of single-notification publishes (single_total / groups_total is the mean group size)."},
+			func() float64 { return float64(st.Stats().PublishOneGroups) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_replay_statements_total",
+			Help: "Statements that served connect replays (concurrent connects share one)."},
+			func() float64 { return float64(st.Stats().ReplayStatements) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_receipts_dropped_total",
 			Help: "Delivery records and receipts dropped because the recorder's buffer was full or Postgres failed."},
 			func() float64 { return float64(rec.Dropped()) }),
@@ -81,6 +93,42 @@ func registerStoreMetrics(m *handlers.Metrics, rec *store.Recorder) {
 			Help: "Acks that matched no recorded delivery of their session (never sent there, or its record was dropped)."},
 			func() float64 { return float64(rec.Unmatched()) }),
 	)
+}
+
+// publishHook hands what this node publishes to the dispatcher (see
+// realtime.Dispatcher.Expect). Repeats of an idempotency key were delivered
+// when first stored, and rows that expire are left to the store's filtering.
+func publishHook(d *realtime.Dispatcher) store.PublishHook {
+	return func(users []string) func([]store.NewNotification, []store.Published) {
+		committed := d.Expect(users)
+		return func(ns []store.NewNotification, res []store.Published) {
+			out := make([]realtime.Notification, 0, len(res))
+			for i, p := range res {
+				if p.Duplicate || ns[i].ExpiresAt != nil {
+					continue
+				}
+				out = append(out, realtime.Notification{ID: p.ID, User: ns[i].UserID, Seq: p.Seq,
+					Topic: ns[i].Topic, Data: ns[i].Data, CreatedAt: p.CreatedAt})
+			}
+			committed(out)
+		}
+	}
+}
+
+// registerDispatchMetrics exports where dispatched notifications were read from.
+func registerDispatchMetrics(m *handlers.Metrics, d *realtime.Dispatcher) {
+	for _, src := range []string{"memory", "db"} {
+		m.Registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_dispatched_total",
+			Help:        "Live notifications dispatched, by where their rows were read: this node's own publishes in memory, or Postgres.",
+			ConstLabels: prometheus.Labels{"source": src}},
+			func() float64 {
+				st := d.Stats()
+				if src == "memory" {
+					return float64(st.FromMemory)
+				}
+				return float64(st.FromDB)
+			}))
+	}
 }
 
 func staticFS() fs.FS { return static.FS }

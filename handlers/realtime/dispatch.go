@@ -3,6 +3,7 @@ package realtime
 import (
 	"context"
 	"log/slog"
+	"sync/atomic"
 	"time"
 )
 
@@ -34,6 +35,21 @@ type Dispatcher struct {
 	in      chan []Range
 	catchUp chan struct{}
 	recent  recent
+
+	fromMemory, fromDB atomic.Uint64 // notifications dispatched, by where they were read
+}
+
+// DispatchStats counts the live notifications dispatched since start, by
+// where their rows came from: the memory of this process's own publishes, or
+// a read from Postgres (rows inserted by SQL or by another node, or a signal
+// that overtook its publish's answer).
+type DispatchStats struct {
+	FromMemory, FromDB uint64
+}
+
+// Stats returns the dispatch counters.
+func (d *Dispatcher) Stats() DispatchStats {
+	return DispatchStats{FromMemory: d.fromMemory.Load(), FromDB: d.fromDB.Load()}
 }
 
 // NewDispatcher returns a dispatcher; limit bounds a catch-up per user and round.
@@ -112,7 +128,8 @@ func (d *Dispatcher) dispatch(ctx context.Context, rs []Range) {
 	if len(rs) == 0 {
 		return
 	}
-	found, rs := d.recent.take(rs)
+	found, rs := d.recent.takeOrWait(ctx, rs)
+	d.fromMemory.Add(uint64(len(found)))
 	if len(rs) == 0 {
 		sortByUserSeq(found)
 		d.hub.Deliver(found)
@@ -123,6 +140,7 @@ func (d *Dispatcher) dispatch(ctx context.Context, rs []Range) {
 		ns, err := d.src.Fetch(fctx, rs)
 		cancel()
 		if err == nil {
+			d.fromDB.Add(uint64(len(ns)))
 			if len(found) > 0 {
 				ns = append(ns, found...)
 				sortByUserSeq(ns)

@@ -1,6 +1,7 @@
 package realtime
 
 import (
+	"context"
 	"slices"
 	"strings"
 	"sync"
@@ -14,10 +15,18 @@ import (
 // and a range that is not wholly here is fetched as before. Entries for users
 // nobody is connected as are not kept; entries live at most recentTTL and
 // there are at most recentMax of them.
+//
+// The commit signal and the publisher's answer from Postgres race: the
+// signal often arrives first. So a publish announces its users before it
+// starts (Expect), and a signal whose rows are missing while one of its
+// users is expected waits, at most expectWait, for the publish to hand them
+// over, rather than reading them back at once.
 type recent struct {
-	mu    sync.Mutex
-	m     map[recentKey]Notification
-	order []recentEntry // insertion order, for expiry
+	mu       sync.Mutex
+	m        map[recentKey]Notification
+	order    []recentEntry  // insertion order, for expiry
+	expected map[string]int // users with publishes in flight here
+	changed  chan struct{}  // closed (and replaced) when rows arrive or a publish ends
 }
 
 type recentKey struct {
@@ -31,17 +40,58 @@ type recentEntry struct {
 }
 
 const (
-	recentTTL = 30 * time.Second
-	recentMax = 200_000
+	recentTTL  = 30 * time.Second
+	recentMax  = 200_000
+	expectWait = 20 * time.Millisecond
 )
+
+// Expect tells the dispatcher that this process is about to publish for
+// users. It must be followed by one call of the returned function, once the
+// publish is over, with the notifications it committed (none if it failed).
+// Users with no live session are ignored.
+func (d *Dispatcher) Expect(users []string) (committed func([]Notification)) {
+	var online []string
+	for _, u := range users {
+		if d.hub.tracker.Online(u) {
+			online = append(online, u)
+		}
+	}
+	c := &d.recent
+	if len(online) > 0 {
+		c.mu.Lock()
+		if c.expected == nil {
+			c.expected = make(map[string]int)
+		}
+		for _, u := range online {
+			c.expected[u]++
+		}
+		c.mu.Unlock()
+	}
+	return func(ns []Notification) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for _, u := range online {
+			if c.expected[u]--; c.expected[u] <= 0 {
+				delete(c.expected, u)
+			}
+		}
+		d.rememberLocked(ns)
+		if c.changed != nil {
+			close(c.changed)
+			c.changed = nil
+		}
+	}
+}
 
 // Remember offers notifications that were just committed to the dispatcher.
 // Notifications of users with no live session are ignored.
 func (d *Dispatcher) Remember(ns []Notification) {
+	d.Expect(nil)(ns)
+}
+
+func (d *Dispatcher) rememberLocked(ns []Notification) {
 	now := time.Now()
 	c := &d.recent
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.m == nil {
 		c.m = make(map[recentKey]Notification)
 	}
@@ -62,6 +112,49 @@ func (d *Dispatcher) Remember(ns []Notification) {
 	if drop > 0 {
 		c.order = slices.Delete(c.order, 0, drop)
 	}
+}
+
+// await returns a channel that is closed when rows arrive or a publish ends,
+// or nil when no user of rs is expected (waiting would be in vain).
+func (c *recent) await(rs []Range) <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, r := range rs {
+		if c.expected[r.User] > 0 {
+			if c.changed == nil {
+				c.changed = make(chan struct{})
+			}
+			return c.changed
+		}
+	}
+	return nil
+}
+
+// takeOrWait is take, then, while ranges are missing whose users have a
+// publish in flight here, waiting (until deadline) for it to hand them over.
+func (c *recent) takeOrWait(ctx context.Context, rs []Range) (found []Notification, missing []Range) {
+	found, missing = c.take(rs)
+	var timer *time.Timer
+	for len(missing) > 0 {
+		wait := c.await(missing)
+		if wait == nil {
+			break
+		}
+		if timer == nil {
+			timer = time.NewTimer(expectWait)
+			defer timer.Stop()
+		}
+		select {
+		case <-wait:
+		case <-timer.C:
+			return found, missing
+		case <-ctx.Done():
+			return found, missing
+		}
+		more, still := c.take(missing)
+		found, missing = append(found, more...), still
+	}
+	return found, missing
 }
 
 // take removes and returns the notifications of the ranges that are wholly

@@ -72,3 +72,63 @@ func TestDispatcherDeliversRememberedRows(t *testing.T) {
 		t.Fatalf("delivered seqs %v, want 1..4 once each", seqs)
 	}
 }
+
+// TestDispatcherWaitsForExpectedPublish: a commit signal that overtakes its
+// publisher's answer waits for the rows rather than reading them back; when
+// the publish hands over nothing (it failed, or its rows expire), the rows
+// are fetched.
+func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
+	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
+	s := h.NewSession(SessionInfo{User: "ann", Transport: WebSocket}, 0)
+	if err := h.Register(s, ""); err != nil {
+		t.Fatal(err)
+	}
+	s.FinishReplay(nil, 0, false)
+	n := func(seq int64) Notification {
+		return Notification{ID: "id" + string(rune('0'+seq)), User: "ann", Seq: seq, Topic: "t", Data: []byte(`{}`), CreatedAt: time.Now()}
+	}
+	src := &countingSource{rows: []Notification{n(1), n(2)}}
+	d := NewDispatcher(h, src, nil, 100)
+
+	committed := d.Expect([]string{"ann", "offline"})
+	if got := len(d.recent.expected); got != 1 {
+		t.Fatalf("expecting %d users, want 1 (offline users are not expected)", got)
+	}
+	dispatched := make(chan struct{})
+	go func() {
+		d.dispatch(context.Background(), []Range{{User: "ann", From: 1, To: 1}})
+		close(dispatched)
+	}()
+	select {
+	case <-dispatched:
+		t.Fatal("the signal did not wait for the expected publish")
+	case <-time.After(expectWait / 4):
+	}
+	committed([]Notification{n(1)})
+	<-dispatched
+	if src.fetches != 0 {
+		t.Fatalf("fetched %d times; the publish handed the row over", src.fetches)
+	}
+	if len(d.recent.expected) != 0 {
+		t.Fatalf("still expecting %v", d.recent.expected)
+	}
+
+	failed := d.Expect([]string{"ann"})
+	go func() {
+		time.Sleep(expectWait / 4)
+		failed(nil)
+	}()
+	d.dispatch(context.Background(), []Range{{User: "ann", From: 2, To: 2}})
+	if src.fetches != 1 {
+		t.Fatalf("fetches = %d, want the row read back once the publish handed over nothing", src.fetches)
+	}
+	var seqs []int64
+	for _, f := range s.Take() {
+		if f.Type == TypeNotification {
+			seqs = append(seqs, f.Seq)
+		}
+	}
+	if len(seqs) != 2 || seqs[0] != 1 || seqs[1] != 2 {
+		t.Fatalf("delivered seqs %v, want 1, 2", seqs)
+	}
+}
