@@ -90,7 +90,7 @@ func New(opt Options) (http.Handler, *API) {
 	r.Route("/v1", func(r chi.Router) {
 		// Streaming transports: no timeout or throttling middleware on them.
 		r.Get("/ws", a.serveWS)
-		r.Get("/sse", a.newSSE().serve)
+		r.Get("/sse", a.serveSSE)
 		r.Get("/poll", a.newPoll().serve)
 		r.Post("/sessions/{session}/messages", a.postMessages)
 

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -14,7 +13,12 @@ import (
 	"github.com/notifyd/notifyd/handlers/realtime"
 )
 
-const wsWriteWait = 10 * time.Second
+const (
+	// wsWriteWait bounds one write to the client.
+	wsWriteWait = 10 * time.Second
+	// wsByeWait bounds the writes of an ended session: what is left and bye.
+	wsByeWait = time.Second
+)
 
 // upgrader keeps idle connections small: small buffers, a pooled write buffer
 // (held only while a message is written) and no compression
@@ -40,17 +44,13 @@ var closeCodes = map[realtime.Reason]int{
 
 // wsConn carries one session over a WebSocket. An idle connection costs one
 // goroutine, its reader; the handler returns once it runs, so net/http keeps
-// nothing pinned per connection. The writer is started only when the session
-// has something to write (flush), and the keep-alive ping is a timer, so an
-// idle connection holds no writer goroutine and no stack for it: that is most
-// of the memory of an idle session.
+// nothing pinned per connection. The writer runs only while the session has
+// something to write (frameWriter), and the keep-alive ping is a timer.
 type wsConn struct {
 	api  *API
 	s    *realtime.Session
 	conn *websocket.Conn
-	// flushing is true while a flush goroutine runs (at most one does: it is
-	// the connection's only writer of data frames).
-	flushing atomic.Bool
+	w    frameWriter
 	// release tells Hub.Shutdown that this connection has said its bye.
 	release func()
 	ping    *time.Timer
@@ -80,9 +80,11 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := &wsConn{api: a, s: s, conn: conn, release: a.Hub.Hold()}
+	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish,
+		cut: func() { _ = conn.NetConn().SetWriteDeadline(time.Now().Add(wsByeWait)) }}
 	c.ping = time.AfterFunc(a.Hub.Config().PingInterval, c.pingTick)
-	s.SetNotify(c.kick)
-	c.kick() // hello was queued before the upgrade
+	s.SetNotify(c.w.kick)
+	c.w.kick() // hello was queued before the upgrade
 	go c.readLoop()
 	a.replay(s, cr.cursor)
 }
@@ -123,12 +125,11 @@ func (c *wsConn) readLoop() {
 		if bytes.Equal(bytes.TrimSpace(data), pingMessage) {
 			// The message an idle client sends. A shallow path keeps this
 			// goroutine's stack (which it keeps while idle) small, and the
-			// pong is written from here when no flush runs: starting a
-			// writer goroutine for it would wake a second thread per ping.
-			inline := c.flushing.CompareAndSwap(false, true)
+			// pong is written from here when no flush runs (see claim).
+			claimed := c.w.claim()
 			s.Send(realtime.PongFrame(time.Now()))
-			if inline {
-				c.flushInline()
+			if claimed {
+				c.w.flushClaimed()
 			}
 			continue
 		}
@@ -140,73 +141,6 @@ func (c *wsConn) readLoop() {
 		for _, f := range a.handleMessages(ctx, s, msgs) {
 			s.Send(f)
 		}
-	}
-}
-
-// kick starts a flush unless one runs. The session calls it (with its lock
-// held) whenever a frame is queued and when it ends.
-func (c *wsConn) kick() {
-	if c.flushing.CompareAndSwap(false, true) {
-		go c.flush()
-	}
-}
-
-// flush writes what is queued until nothing is, then ends; when the session
-// has ended it says bye and closes the connection (finish).
-func (c *wsConn) flush() {
-	s, hub := c.s, c.api.Hub
-	for {
-		select {
-		case <-s.Done():
-			c.finish()
-			return // flushing stays true: no writer runs after the close
-		case <-s.Wake():
-			if !c.write(s.Take()) {
-				hub.End(s, realtime.ReasonClientClose)
-			}
-			continue
-		default:
-		}
-		c.flushing.Store(false)
-		// A frame queued (or an end) after the select above may have found
-		// flushing still true and started nothing; its Wake or Done signal is
-		// left behind, so look once more before leaving.
-		if len(s.Wake()) == 0 && !chanClosed(s.Done()) {
-			return
-		}
-		if !c.flushing.CompareAndSwap(false, true) {
-			return // a kick started another flush
-		}
-	}
-}
-
-// flushInline writes what is queued, once, from the calling goroutine (the
-// reader answering a ping), which has set flushing. Whatever is queued after
-// that, and the end of the session, are left to a flush goroutine, so the
-// reader is never kept from reading for long.
-func (c *wsConn) flushInline() {
-	s := c.s
-	if !chanClosed(s.Done()) {
-		select {
-		case <-s.Wake(): // taken with the frames below
-		default:
-		}
-		if !c.write(s.Take()) {
-			c.api.Hub.End(s, realtime.ReasonClientClose)
-		}
-	}
-	c.flushing.Store(false)
-	if len(s.Wake()) > 0 || chanClosed(s.Done()) {
-		c.kick()
-	}
-}
-
-func chanClosed(done <-chan struct{}) bool {
-	select {
-	case <-done:
-		return true
-	default:
-		return false
 	}
 }
 
@@ -258,7 +192,11 @@ func (c *wsConn) write(frames []realtime.Frame) bool {
 	if len(frames) == 0 {
 		return true
 	}
-	_ = c.conn.SetWriteDeadline(time.Now().Add(wsWriteWait))
+	wait := wsWriteWait
+	if chanClosed(c.s.Done()) {
+		wait = wsByeWait // what is left of an ended session, and its bye
+	}
+	_ = c.conn.SetWriteDeadline(time.Now().Add(wait))
 	for i, f := range frames {
 		if err := c.conn.WriteMessage(websocket.TextMessage, f.JSON); err != nil {
 			c.api.Hub.Written(c.s, frames[:i])

@@ -1,0 +1,112 @@
+package handlers
+
+import (
+	"sync/atomic"
+
+	"github.com/notifyd/notifyd/handlers/realtime"
+)
+
+// frameWriter is the single writer of a session on a connection that keeps
+// no idle writer goroutine (WebSocket, and SSE on its hijacked connection):
+// a goroutine runs only while the session has frames queued, and the same
+// goroutine finishes the connection when the session ends. An idle
+// connection thus costs one goroutine, its reader, which is most of the
+// memory saved per idle session.
+type frameWriter struct {
+	s   *realtime.Session
+	hub *realtime.Hub
+	// write sends frames; false when the connection failed.
+	write func([]realtime.Frame) bool
+	// finish runs once, when the session has ended: it writes what is left
+	// and bye, and closes the connection.
+	finish func()
+	// cut, when the session ends while a write is under way, shortens that
+	// write's deadline: a client that stopped reading must not hold the
+	// writer (and the bye after it) for a whole write timeout. It must not
+	// block.
+	cut func()
+	// busy is true while a goroutine writes (at most one does: it is the
+	// connection's only writer of data).
+	busy atomic.Bool
+}
+
+// kick starts a flush unless a writer runs. The session calls it (with its
+// lock held) whenever a frame is queued and when it ends.
+func (w *frameWriter) kick() {
+	if w.busy.CompareAndSwap(false, true) {
+		go w.flush()
+		return
+	}
+	if w.cut != nil && chanClosed(w.s.Done()) {
+		w.cut()
+	}
+}
+
+// flush writes what is queued until nothing is, then ends; when the session
+// has ended it finishes the connection.
+func (w *frameWriter) flush() {
+	s := w.s
+	for {
+		if chanClosed(s.Done()) {
+			// Before Wake: an ended session's frames go out with its bye.
+			w.finish()
+			return // busy stays true: nothing is written after the end
+		}
+		select {
+		case <-s.Done():
+			continue
+		case <-s.Wake():
+			if !w.write(s.Take()) {
+				w.hub.End(s, realtime.ReasonClientClose)
+			}
+			continue
+		default:
+		}
+		w.busy.Store(false)
+		// A frame queued (or an end) after the select above may have found
+		// busy still true and started nothing; its Wake or Done signal is
+		// left behind, so look once more before leaving.
+		if len(s.Wake()) == 0 && !chanClosed(s.Done()) {
+			return
+		}
+		if !w.busy.CompareAndSwap(false, true) {
+			return // a kick started another flush
+		}
+	}
+}
+
+// claim makes the calling goroutine the writer, if no other is; it must then
+// call flushClaimed. A reader answering a ping claims first and queues the
+// pong after, so the queueing starts no goroutine, and writes it itself:
+// starting a writer goroutine for it would wake a second thread per ping.
+func (w *frameWriter) claim() bool { return w.busy.CompareAndSwap(false, true) }
+
+// flushClaimed writes what is queued, once, from the goroutine that claimed
+// the writer, and gives the claim up. Whatever is queued after that, and the
+// end of the session, are left to a flush goroutine, so the caller is never
+// kept long.
+func (w *frameWriter) flushClaimed() {
+	s := w.s
+	if !chanClosed(s.Done()) {
+		select {
+		case <-s.Wake(): // taken with the frames below
+		default:
+		}
+		if !w.write(s.Take()) {
+			w.hub.End(s, realtime.ReasonClientClose)
+		}
+	}
+	w.busy.Store(false)
+	if len(s.Wake()) > 0 || chanClosed(s.Done()) {
+		w.kick()
+	}
+}
+
+func chanClosed(done <-chan struct{}) bool {
+	select {
+	case <-done:
+		return true
+	default:
+		return false
+	}
+}
