@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"net/http"
 	"strconv"
 	"sync"
@@ -21,6 +22,8 @@ const (
 	// pollBatchWindow is how long a poll that was woken waits for more
 	// frames, so that a burst comes back in one response.
 	pollBatchWindow = 10 * time.Millisecond
+	// pollWriteWait bounds the writing of an answer on a parked poll's connection.
+	pollWriteWait = 10 * time.Second
 )
 
 // pollTransport serves GET /v1/poll. A long-poll session lives in the tracker
@@ -123,52 +126,122 @@ func (p *pollTransport) serve(w http.ResponseWriter, r *http.Request) {
 // answer runs one poll of st and writes its answer. The first answer of a
 // new session (opened) makes it known to later polls only once it has taken
 // hello and the replay: a poll that comes meanwhile with the same id (the
-// session it replaced) cannot take them, and gets that session's bye.
+// session it replaced) cannot take them, and gets that session's bye. A poll
+// that has to wait is taken off net/http first (park).
 func (p *pollTransport) answer(w http.ResponseWriter, r *http.Request, st *pollState, cursor int64, wait time.Duration, opened bool) {
 	a, s := p.api, st.s
-	if !opened && !isDone(s) {
+	pinned := !opened && !isDone(s)
+	if pinned {
 		// A poll is a sign of life; while it waits the session cannot be evicted,
 		// and its timeout runs again from when the poll returns.
 		a.Hub.Touch(s)
 		a.Hub.Pin(s)
-		defer a.Hub.Unpin(s)
 	}
-	out, fresh, ended := st.exchange(r.Context(), a, cursor, wait)
-	if r.Context().Err() != nil {
-		// Nobody reads this answer: the next poll is a new connection.
-		st.mu.Lock()
-		st.detached = true
-		st.mu.Unlock()
+	me, out, fresh := st.begin(a, cursor)
+	if me != nil && len(out) == 0 && len(fresh) == 0 && wait > 0 {
+		if p.park(w, st, me, wait, pinned) {
+			return
+		}
+		fresh = st.wait(r.Context(), a, me, wait)
 	}
+	out, fresh, ended := st.end(a, me, out, fresh)
+	if pinned {
+		a.Hub.Unpin(s)
+	}
+	gone := r.Context().Err() != nil // nobody reads this answer: the next poll is a new connection
 	switch {
 	case opened && !ended:
 		p.track(st)
 	case ended:
 		p.forget(st)
 	}
+	h := w.Header()
+	for k, v := range pollHeaders {
+		h.Set(k, v)
+	}
+	w.WriteHeader(http.StatusOK)
+	_, err := w.Write(st.replyBody(out))
+	st.answered(a, fresh, gone || err != nil)
+}
+
+// pollHeaders go on every poll answer.
+var pollHeaders = map[string]string{
+	"Content-Type":      "application/json",
+	"Cache-Control":     "no-store",
+	"X-Accel-Buffering": "no",
+}
+
+// park takes the connection of a poll that has to wait from net/http and
+// waits on a goroutine of its own, so that a waiting poll keeps neither the
+// handler's goroutine nor net/http's buffers (hijack.go). A second goroutine
+// reads the connection, to learn that the client went away. The answer
+// closes the connection. It reports false, having changed nothing, when the
+// connection cannot be taken (HTTP/2).
+func (p *pollTransport) park(w http.ResponseWriter, st *pollState, me *pollWaiter, wait time.Duration, pinned bool) bool {
+	a, s := p.api, st.s
+	head := w.Header().Clone()
+	conn, err := hijack(w)
+	if err != nil {
+		return false
+	}
+	release := a.Hub.Hold() // Shutdown waits for this answer (the session's bye)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		var b [1]byte
+		for {
+			if _, err := conn.Read(b[:]); err != nil {
+				cancel()
+				return
+			}
+		}
+	}()
+	go func() {
+		defer release()
+		defer conn.Close()
+		defer cancel()
+		fresh := st.wait(ctx, a, me, wait)
+		out, fresh, ended := st.end(a, me, nil, fresh)
+		if pinned {
+			a.Hub.Unpin(s)
+		}
+		if ended {
+			p.forget(st)
+		}
+		gone := ctx.Err() != nil
+		body := st.replyBody(out)
+		set := maps.Clone(pollHeaders)
+		set["Content-Length"] = strconv.Itoa(len(body))
+		_ = conn.SetWriteDeadline(time.Now().Add(pollWriteWait))
+		_, err := conn.Write(append(responseHead(head, set), body...))
+		st.answered(a, fresh, gone || err != nil)
+	}()
+	return true
+}
+
+// replyBody is the JSON answer carrying out.
+func (st *pollState) replyBody(out []realtime.Frame) []byte {
 	st.mu.Lock()
-	reply := pollReply{Session: s.ID, Cursor: st.given, Messages: make([]jsonFrame, len(out))}
+	reply := pollReply{Session: st.s.ID, Cursor: st.given, Messages: make([]jsonFrame, len(out))}
 	st.mu.Unlock()
 	for i, f := range out {
 		reply.Messages[i] = f.JSON
 	}
-	body, err := json.Marshal(reply)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	h := w.Header()
-	h.Set("Content-Type", "application/json")
-	h.Set("Cache-Control", "no-store")
-	h.Set("X-Accel-Buffering", "no")
-	w.WriteHeader(http.StatusOK)
-	if _, err := w.Write(body); err != nil {
+	body, _ := json.Marshal(reply) // raw JSON frames and plain fields cannot fail
+	return body
+}
+
+// answered records the outcome of writing an answer: its fresh frames were
+// written, or its client is gone (then the next poll is a new connection).
+func (st *pollState) answered(a *API, fresh []realtime.Frame, lost bool) {
+	if lost {
 		st.mu.Lock()
 		st.detached = true
 		st.mu.Unlock()
-	} else if len(fresh) > 0 {
+		return
+	}
+	if len(fresh) > 0 {
 		// Frames sent again are not recorded again.
-		a.Hub.Written(s, fresh)
+		a.Hub.Written(st.s, fresh)
 	}
 }
 
@@ -292,20 +365,19 @@ func (p *pollTransport) forget(st *pollState) {
 	p.mu.Unlock()
 }
 
-// exchange is one poll: it takes charge of the session (an older poll returns
-// at once), acknowledges the notifications up to cursor, and returns the
-// frames to send: those sent before and not acknowledged, then new ones,
-// waiting up to wait for them; once the session ended, its last frames and
-// bye. fresh are the frames sent for the first time; ended says that bye went.
-func (st *pollState) exchange(ctx context.Context, a *API, cursor int64, wait time.Duration) (out, fresh []realtime.Frame, ended bool) {
+// begin starts one poll's exchange: it takes charge of the session (an
+// older poll returns at once), acknowledges the notifications up to cursor,
+// and returns what to send at once: those sent before and not acknowledged,
+// then what is queued. If nothing is, the poll may wait for frames (wait)
+// before it calls end. me is nil when a newer poll has already taken over.
+func (st *pollState) begin(a *API, cursor int64) (me *pollWaiter, out, fresh []realtime.Frame) {
 	s := st.s
-	me := st.enter()
-	defer close(me.exited)
-
+	me = st.enter()
 	st.mu.Lock()
 	if st.waiter != me {
 		st.mu.Unlock()
-		return nil, nil, false
+		close(me.exited)
+		return nil, nil, nil
 	}
 	out = st.ackLocked(a, cursor)
 	select {
@@ -317,11 +389,18 @@ func (st *pollState) exchange(ctx context.Context, a *API, cursor int64, wait ti
 	if overflow {
 		a.Hub.End(s, realtime.ReasonSlowConsumer)
 	}
+	return me, out, fresh
+}
 
-	if len(out) == 0 && len(fresh) == 0 && wait > 0 {
-		fresh = st.wait(ctx, a, me, wait)
+// end finishes the exchange begin started and returns the frames to send;
+// once the session ended, with its last frames and bye (ended). fresh are
+// the frames sent for the first time.
+func (st *pollState) end(a *API, me *pollWaiter, out, fresh []realtime.Frame) (all, freshAll []realtime.Frame, ended bool) {
+	if me == nil {
+		return nil, nil, false
 	}
-
+	defer close(me.exited)
+	s := st.s
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if st.waiter != me {

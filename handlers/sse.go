@@ -1,7 +1,6 @@
 package handlers
 
 import (
-	"bytes"
 	"net"
 	"net/http"
 	"strconv"
@@ -26,10 +25,8 @@ const (
 var sseComment = []byte(": ka\n\n")
 
 // sseConn carries one session as an event stream on a hijacked HTTP/1.1
-// connection. After the response header the handler returns, so net/http
-// keeps no goroutine and no buffers for the stream: an idle stream costs one
-// goroutine, which reads only to learn that the client went away, as a
-// WebSocket does. Frames are written by a frameWriter, every batch of them in
+// connection (hijack.go): an idle stream costs one goroutine, which reads
+// only to learn that the client went away, as a WebSocket does. Frames are written by a frameWriter, every batch of them in
 // one write. The response has no length and no chunking and says
 // Connection: close: it ends when the connection closes, after bye.
 type sseConn struct {
@@ -62,15 +59,17 @@ func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	head := sseHead(w.Header())
-	conn, _, err := http.NewResponseController(w).Hijack()
+	head := responseHead(w.Header(), map[string]string{
+		"Content-Type":      "text/event-stream",
+		"Cache-Control":     "no-cache, no-transform",
+		"X-Accel-Buffering": "no", // nginx: do not buffer this response
+	})
+	conn, err := hijack(w)
 	if err != nil {
 		a.Hub.End(s, realtime.ReasonError)
 		writeError(w, errorf(http.StatusHTTPVersionNotSupported, "http1_required", "event streams are served over HTTP/1.1"))
 		return
 	}
-	// The server may have left deadlines on the connection; ours are per write.
-	_ = conn.SetDeadline(time.Time{})
 	_ = conn.SetWriteDeadline(time.Now().Add(sseWriteWait))
 	if _, err := conn.Write(head); err != nil {
 		a.Hub.End(s, realtime.ReasonClientClose)
@@ -87,25 +86,6 @@ func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
 	c.w.kick() // hello was queued at registration
 	go c.readLoop()
 	a.replay(s, cr.cursor)
-}
-
-// sseHead is the response header: what the middleware set (CORS, Vary) plus
-// the event-stream headers.
-func sseHead(h http.Header) []byte {
-	h = h.Clone()
-	h.Del("Content-Length")
-	h.Del("Transfer-Encoding")
-	h.Del("Expires")
-	h.Del("Pragma")
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache, no-transform")
-	h.Set("X-Accel-Buffering", "no") // nginx: do not buffer this response
-	h.Set("Connection", "close")
-	var b bytes.Buffer
-	b.WriteString("HTTP/1.1 200 OK\r\n")
-	_ = h.Write(&b)
-	b.WriteString("\r\n")
-	return b.Bytes()
 }
 
 // readLoop waits for the client to go away (it sends nothing after its

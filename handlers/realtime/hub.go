@@ -56,6 +56,8 @@ type Hub struct {
 	sweepMax   atomic.Int64 // and the longest one
 	closing    atomic.Bool
 	writers    sync.WaitGroup
+	holdMu     sync.Mutex // orders Hold against Shutdown's wait
+	draining   bool
 }
 
 // Stats are the hub's totals.
@@ -343,33 +345,32 @@ func (h *Hub) Bye(reason Reason) Frame {
 	return ByeFrame(reason, retry)
 }
 
-// Go runs a transport's writer (or any per-session goroutine) so that
-// Shutdown can wait for it to say bye.
-func (h *Hub) Go(fn func()) {
-	h.writers.Add(1)
-	go func() {
-		defer h.writers.Done()
-		fn()
-	}()
-}
-
-// Hold counts a transport's writer that Shutdown waits for, like Go, for a
-// transport that writes from short-lived goroutines instead of one long-lived
-// one. Call the returned function once the connection's last write (its
-// bye) is done; calls after the first do nothing.
+// Hold counts a transport's writer that Shutdown waits for. Call the
+// returned function once the connection's last write (its bye) is done;
+// calls after the first do nothing.
+// Once Shutdown is waiting, a new hold is not counted (its session was
+// refused or ended already).
 func (h *Hub) Hold() (release func()) {
+	h.holdMu.Lock()
+	defer h.holdMu.Unlock()
+	if h.draining {
+		return func() {}
+	}
 	h.writers.Add(1)
 	var once sync.Once
 	return func() { once.Do(h.writers.Done) }
 }
 
 // Shutdown refuses new sessions, ends every session with `bye shutdown` and
-// waits until the writers started with Go have finished or ctx ends.
+// waits until every Hold has been released or ctx ends.
 func (h *Hub) Shutdown(ctx context.Context) error {
 	h.closing.Store(true)
 	for _, s := range h.tracker.All() {
 		h.End(s, ReasonShutdown)
 	}
+	h.holdMu.Lock()
+	h.draining = true
+	h.holdMu.Unlock()
 	done := make(chan struct{})
 	go func() {
 		h.writers.Wait()

@@ -109,13 +109,15 @@ func TestShutdown(t *testing.T) {
 			s := mustLive(t, h, fmt.Sprint("u", i%4), Transports[i%3])
 			ss = append(ss, s)
 			// A writer: waits for the end, says bye, and takes a moment to flush.
-			h.Go(func() {
+			done := h.Hold()
+			go func() {
+				defer done()
 				<-s.Done()
 				time.Sleep(100 * time.Millisecond)
 				mu.Lock()
 				byes[s.ID] = h.Bye(s.Reason())
 				mu.Unlock()
-			})
+			}()
 		}
 		if h.Closing() {
 			t.Fatalf("Closing before Shutdown")
@@ -159,7 +161,8 @@ func TestShutdownTimeout(t *testing.T) {
 		h := NewHub(testConfig(), Hooks{})
 		s := mustLive(t, h, "alice", WebSocket)
 		release := make(chan struct{})
-		h.Go(func() { <-release }) // a writer stuck on a dead peer
+		done := h.Hold() // a writer stuck on a dead peer
+		go func() { <-release; done() }()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := h.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
