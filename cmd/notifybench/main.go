@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	rpprof "runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -98,6 +99,7 @@ func mainErr() error {
 		outDir   = flag.String("out", "", "directory for results.json, results.md, server logs and profiles")
 		pprof    = flag.Bool("pprof", false, "capture server heap and CPU profiles during the runs (needs -out)")
 		commit   = flag.String("commit", "", "commit measured (default: git rev-parse of the working directory)")
+		cpuProf  = flag.String("cpuprofile", "", "write the load tool's own CPU profile to this file")
 
 		c Scenario
 	)
@@ -122,6 +124,17 @@ func mainErr() error {
 	flag.Parse()
 
 	raiseFileLimit()
+	if *cpuProf != "" {
+		f, err := os.Create(*cpuProf)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := rpprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("cpu profile: %w", err)
+		}
+		defer rpprof.StopCPUProfile()
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
