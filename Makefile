@@ -41,6 +41,6 @@ bench-report: pg-up
 	NOTIFYD_BENCH_REPORT=1 NOTIFYD_BENCH_OUT=$(CURDIR)/bench-report.md $(GO) test -run '^TestReportAtScale$$' -count=1 -timeout 60m -v ./store/
 	$(GO) test -run '^$$' -bench 'BenchmarkRecording' -benchtime 5s -count 3 -timeout 20m ./cmd/notifyd/
 
-## bench: Go benchmarks, then the notifybench scenarios (cmd/notifybench/suite.sh; about 8 min)
+## bench: Go benchmarks, then the notifybench scenarios (cmd/notifybench/suite.sh; about 5 min)
 bench: pg-up
 	GO=$(GO) cmd/notifybench/suite.sh
