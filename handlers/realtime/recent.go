@@ -83,12 +83,6 @@ func (d *Dispatcher) Expect(users []string) (committed func([]Notification)) {
 	}
 }
 
-// Remember offers notifications that were just committed to the dispatcher.
-// Notifications of users with no live session are ignored.
-func (d *Dispatcher) Remember(ns []Notification) {
-	d.Expect(nil)(ns)
-}
-
 func (d *Dispatcher) rememberLocked(ns []Notification) {
 	now := time.Now()
 	c := &d.recent
