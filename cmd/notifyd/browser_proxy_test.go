@@ -115,7 +115,9 @@ func TestBrowserProxyRestart(t *testing.T) {
 
 	b := startBrowser(t)
 	b.launch("a", "http://"+sq.addr())
-	b.open("a", "p", demoURL(ts.URL, "dora", nil))
+	// The reconnect can race squid's restart and land on long-poll (the
+	// ladder's next rung); a short probe interval brings it back up to SSE.
+	b.open("a", "p", demoURL(ts.URL, "dora", url.Values{"probeInterval": {"3000"}}))
 	s := waitConnected(t, b, "p", 20*time.Second)
 	if s.Transport != "sse" {
 		t.Fatalf("connected over %s, want sse; %s", s.Transport, s.brief())
