@@ -33,10 +33,9 @@ func (c *countingSource) After(context.Context, map[string]int64, int) ([]Notifi
 	return nil, errors.New("not used")
 }
 
-// TestDispatcherDeliversRememberedRows: ranges whose rows were remembered are
-// delivered without a fetch; a range only partly remembered is fetched whole;
-// rows of users nobody is connected as are not kept.
-func TestDispatcherDeliversRememberedRows(t *testing.T) {
+// annOnline is a hub with one live session of "ann", and a maker of her notifications.
+func annOnline(t *testing.T) (*Hub, *Session, func(seq int64) Notification) {
+	t.Helper()
 	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
 	s := h.NewSession(SessionInfo{User: "ann", Transport: WebSocket}, 0)
 	if err := h.Register(s, ""); err != nil {
@@ -46,6 +45,25 @@ func TestDispatcherDeliversRememberedRows(t *testing.T) {
 	n := func(seq int64) Notification {
 		return Notification{ID: "id" + string(rune('0'+seq)), User: "ann", Seq: seq, Topic: "t", Data: []byte(`{}`), CreatedAt: time.Now()}
 	}
+	return h, s, n
+}
+
+// deliveredSeqs takes s's queue and returns the seqs of its notifications.
+func deliveredSeqs(s *Session) []int64 {
+	var seqs []int64
+	for _, f := range s.Take() {
+		if f.Type == TypeNotification {
+			seqs = append(seqs, f.Seq)
+		}
+	}
+	return seqs
+}
+
+// TestDispatcherDeliversRememberedRows: ranges whose rows were remembered are
+// delivered without a fetch; a range only partly remembered is fetched whole;
+// rows of users nobody is connected as are not kept.
+func TestDispatcherDeliversRememberedRows(t *testing.T) {
+	h, s, n := annOnline(t)
 	src := &countingSource{rows: []Notification{n(1), n(2), n(3), n(4)}}
 	d := NewDispatcher(h, src, nil, 100)
 
@@ -62,12 +80,7 @@ func TestDispatcherDeliversRememberedRows(t *testing.T) {
 	if src.fetches != 1 || len(src.asked) != 1 || src.asked[0] != (Range{User: "ann", From: 3, To: 4}) {
 		t.Fatalf("fetches %d, asked %v; want one fetch of 3..4", src.fetches, src.asked)
 	}
-	var seqs []int64
-	for _, f := range s.Take() {
-		if f.Type == TypeNotification {
-			seqs = append(seqs, f.Seq)
-		}
-	}
+	seqs := deliveredSeqs(s)
 	if len(seqs) != 4 || seqs[0] != 1 || seqs[3] != 4 {
 		t.Fatalf("delivered seqs %v, want 1..4 once each", seqs)
 	}
@@ -78,15 +91,7 @@ func TestDispatcherDeliversRememberedRows(t *testing.T) {
 // the publish hands over nothing (it failed, or its rows expire), the rows
 // are fetched.
 func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
-	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
-	s := h.NewSession(SessionInfo{User: "ann", Transport: WebSocket}, 0)
-	if err := h.Register(s, ""); err != nil {
-		t.Fatal(err)
-	}
-	s.FinishReplay(nil, 0, false)
-	n := func(seq int64) Notification {
-		return Notification{ID: "id" + string(rune('0'+seq)), User: "ann", Seq: seq, Topic: "t", Data: []byte(`{}`), CreatedAt: time.Now()}
-	}
+	h, s, n := annOnline(t)
 	src := &countingSource{rows: []Notification{n(1), n(2)}}
 	d := NewDispatcher(h, src, nil, 100)
 
@@ -122,12 +127,7 @@ func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
 	if src.fetches != 1 {
 		t.Fatalf("fetches = %d, want the row read back once the publish handed over nothing", src.fetches)
 	}
-	var seqs []int64
-	for _, f := range s.Take() {
-		if f.Type == TypeNotification {
-			seqs = append(seqs, f.Seq)
-		}
-	}
+	seqs := deliveredSeqs(s)
 	if len(seqs) != 2 || seqs[0] != 1 || seqs[1] != 2 {
 		t.Fatalf("delivered seqs %v, want 1, 2", seqs)
 	}
