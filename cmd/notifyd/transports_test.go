@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -1067,4 +1068,66 @@ func sseGoroutines() int {
 		}
 	}
 	return n
+}
+
+// TestHijackedAnswersKeepCORS: an SSE stream, and a poll answered after it
+// waited, are written on the bare connection taken from net/http. They still
+// carry what the middleware set for a cross-origin browser, and say that the
+// connection closes after them; a poll answered at once keeps it open.
+func TestHijackedAnswersKeepCORS(t *testing.T) {
+	ts := startServer(t)
+	token := ts.token(t, "cors")
+	get := func(u string) (*http.Response, []byte) {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodGet, u, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Origin", ts.URL)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var body []byte
+		if resp.Header.Get("Content-Type") == "text/event-stream" {
+			line, _ := bufio.NewReader(resp.Body).ReadString('\n')
+			body = []byte(line)
+		} else if body, err = io.ReadAll(resp.Body); err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != http.StatusOK || resp.Header.Get("Access-Control-Allow-Origin") != ts.URL {
+			t.Fatalf("GET %s: %d %v", u, resp.StatusCode, resp.Header)
+		}
+		return resp, body
+	}
+
+	resp, first := get(ts.sseURL(url.Values{"token": {token}}))
+	if !resp.Close || len(first) == 0 {
+		t.Fatalf("SSE: Close=%v, first line %q", resp.Close, first)
+	}
+
+	poll := ts.URL + "/v1/poll?" + url.Values{"token": {token}, "wait": {"0"}}.Encode()
+	resp, body := get(poll)
+	var opened struct {
+		Session string `json:"session"`
+		Cursor  int64  `json:"cursor"`
+	}
+	if err := json.Unmarshal(body, &opened); err != nil || opened.Session == "" || resp.Close {
+		t.Fatalf("opening poll: Close=%v, %s (%v)", resp.Close, body, err)
+	}
+	waited := ts.URL + "/v1/poll?" + url.Values{"token": {token}, "session": {opened.Session},
+		"cursor": {strconv.FormatInt(opened.Cursor, 10)}, "wait": {"1"}}.Encode()
+	start := time.Now()
+	resp, body = get(waited)
+	var reply struct {
+		Session  string            `json:"session"`
+		Messages []json.RawMessage `json:"messages"`
+	}
+	if err := json.Unmarshal(body, &reply); err != nil || reply.Session != opened.Session || len(reply.Messages) != 0 {
+		t.Fatalf("waited poll: %s (%v)", body, err)
+	}
+	if !resp.Close || time.Since(start) < 900*time.Millisecond || resp.Header.Get("Cache-Control") != "no-store" {
+		t.Fatalf("waited poll: Close=%v after %v, headers %v", resp.Close, time.Since(start), resp.Header)
+	}
 }
