@@ -1077,7 +1077,7 @@ func sseGoroutines() int {
 func TestHijackedAnswersKeepCORS(t *testing.T) {
 	ts := startServer(t)
 	token := ts.token(t, "cors")
-	get := func(u string) (*http.Response, []byte) {
+	get := func(what, u string) (*http.Response, []byte) {
 		t.Helper()
 		req, err := http.NewRequest(http.MethodGet, u, nil)
 		if err != nil {
@@ -1097,18 +1097,18 @@ func TestHijackedAnswersKeepCORS(t *testing.T) {
 			t.Fatal(err)
 		}
 		if resp.StatusCode != http.StatusOK || resp.Header.Get("Access-Control-Allow-Origin") != ts.URL {
-			t.Fatalf("GET %s: %d %v", u, resp.StatusCode, resp.Header)
+			t.Fatalf("%s: %d %v", what, resp.StatusCode, resp.Header)
 		}
 		return resp, body
 	}
 
-	resp, first := get(ts.sseURL(url.Values{"token": {token}}))
+	resp, first := get("SSE", ts.sseURL(url.Values{"token": {token}}))
 	if !resp.Close || len(first) == 0 {
 		t.Fatalf("SSE: Close=%v, first line %q", resp.Close, first)
 	}
 
 	poll := ts.URL + "/v1/poll?" + url.Values{"token": {token}, "wait": {"0"}}.Encode()
-	resp, body := get(poll)
+	resp, body := get("opening poll", poll)
 	var opened struct {
 		Session string `json:"session"`
 		Cursor  int64  `json:"cursor"`
@@ -1119,7 +1119,7 @@ func TestHijackedAnswersKeepCORS(t *testing.T) {
 	waited := ts.URL + "/v1/poll?" + url.Values{"token": {token}, "session": {opened.Session},
 		"cursor": {strconv.FormatInt(opened.Cursor, 10)}, "wait": {"1"}}.Encode()
 	start := time.Now()
-	resp, body = get(waited)
+	resp, body = get("waited poll", waited)
 	var reply struct {
 		Session  string            `json:"session"`
 		Messages []json.RawMessage `json:"messages"`
