@@ -125,7 +125,7 @@ func (c *recent) await(rs []Range) <-chan struct{} {
 }
 
 // takeOrWait is take, then, while ranges are missing whose users have a
-// publish in flight here, waiting (until deadline) for it to hand them over.
+// publish in flight here, waiting (at most expectWait) for it to hand them over.
 func (c *recent) takeOrWait(ctx context.Context, rs []Range) (found []Notification, missing []Range) {
 	found, missing = c.take(rs)
 	var timer *time.Timer
