@@ -1,6 +1,7 @@
 package realtime
 
 import (
+	"cmp"
 	"context"
 	"slices"
 	"strings"
@@ -27,6 +28,7 @@ type recent struct {
 	order    []recentEntry  // insertion order, for expiry
 	expected map[string]int // users with publishes in flight here
 	changed  chan struct{}  // closed (and replaced) when rows arrive or a publish ends
+	wait     time.Duration  // the longest a signal waits for an expected publish (expectWait)
 }
 
 type recentKey struct {
@@ -135,7 +137,7 @@ func (c *recent) takeOrWait(ctx context.Context, rs []Range) (found []Notificati
 			break
 		}
 		if timer == nil {
-			timer = time.NewTimer(expectWait)
+			timer = time.NewTimer(cmp.Or(c.wait, expectWait))
 			defer timer.Stop()
 		}
 		select {
