@@ -178,7 +178,7 @@ func (c *sseConn) keepAlive() {
 		c.w.flushClaimed()
 		quiet = 0
 	}
-	c.ka.Reset(max(c.every-quiet, time.Second))
+	c.ka.Reset(max(c.every-quiet, c.every/8))
 }
 
 // finish runs once, when the session has ended: the frames still queued and
