@@ -26,9 +26,10 @@ var sseComment = []byte(": ka\n\n")
 
 // sseConn carries one session as an event stream on a hijacked HTTP/1.1
 // connection (hijack.go): an idle stream costs one goroutine, which reads
-// only to learn that the client went away, as a WebSocket does. Frames are written by a frameWriter, every batch of them in
-// one write. The response has no length and no chunking and says
-// Connection: close: it ends when the connection closes, after bye.
+// only to learn that the client went away, as a WebSocket does. Frames are
+// written by a frameWriter, every batch of them in one write. The response
+// has no length and no chunking and says Connection: close: it ends when the
+// connection closes, after bye.
 type sseConn struct {
 	api     *API
 	s       *realtime.Session
