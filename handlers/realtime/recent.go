@@ -50,7 +50,8 @@ const (
 // Expect tells the dispatcher that this process is about to publish for
 // users. It must be followed by one call of the returned function, once the
 // publish is over, with the notifications it committed (none if it failed).
-// Users with no live session are ignored.
+// Users with no live session when the publish starts are ignored, and their
+// rows are not kept (presence is looked up once per user, here).
 func (d *Dispatcher) Expect(users []string) (committed func([]Notification)) {
 	var online []string
 	for _, u := range users {
@@ -72,12 +73,12 @@ func (d *Dispatcher) Expect(users []string) (committed func([]Notification)) {
 	return func(ns []Notification) {
 		c.mu.Lock()
 		defer c.mu.Unlock()
+		c.rememberLocked(ns) // before the counts drop: it keeps the rows of expected users
 		for _, u := range online {
 			if c.expected[u]--; c.expected[u] <= 0 {
 				delete(c.expected, u)
 			}
 		}
-		d.rememberLocked(ns)
 		if c.changed != nil {
 			close(c.changed)
 			c.changed = nil
@@ -85,14 +86,14 @@ func (d *Dispatcher) Expect(users []string) (committed func([]Notification)) {
 	}
 }
 
-func (d *Dispatcher) rememberLocked(ns []Notification) {
+// rememberLocked keeps the notifications of expected users, and expires old ones.
+func (c *recent) rememberLocked(ns []Notification) {
 	now := time.Now()
-	c := &d.recent
 	if c.m == nil {
 		c.m = make(map[recentKey]Notification)
 	}
 	for _, n := range ns {
-		if !d.hub.tracker.Online(n.User) {
+		if c.expected[n.User] <= 0 {
 			continue
 		}
 		k := recentKey{n.User, n.Seq}

@@ -67,7 +67,7 @@ func TestDispatcherDeliversRememberedRows(t *testing.T) {
 	src := &countingSource{rows: []Notification{n(1), n(2), n(3), n(4)}}
 	d := NewDispatcher(h, src, nil, 100)
 
-	d.Expect(nil)([]Notification{n(1), n(2), {ID: "x", User: "offline", Seq: 1}})
+	d.Expect([]string{"ann", "ann", "offline"})([]Notification{n(1), n(2), {ID: "x", User: "offline", Seq: 1}})
 	if len(d.recent.m) != 2 {
 		t.Fatalf("kept %d rows, want 2 (the offline user's row is not kept)", len(d.recent.m))
 	}
@@ -75,7 +75,7 @@ func TestDispatcherDeliversRememberedRows(t *testing.T) {
 	if src.fetches != 0 {
 		t.Fatalf("fetched %d times for remembered rows", src.fetches)
 	}
-	d.Expect(nil)([]Notification{n(3)})
+	d.Expect([]string{"ann"})([]Notification{n(3)})
 	d.dispatch(context.Background(), []Range{{User: "ann", From: 3, To: 4}})
 	if src.fetches != 1 || len(src.asked) != 1 || src.asked[0] != (Range{User: "ann", From: 3, To: 4}) {
 		t.Fatalf("fetches %d, asked %v; want one fetch of 3..4", src.fetches, src.asked)
