@@ -22,8 +22,6 @@ const (
 	// pollBatchWindow is how long a poll that was woken waits for more
 	// frames, so that a burst comes back in one response.
 	pollBatchWindow = 10 * time.Millisecond
-	// pollWriteWait bounds the writing of an answer on a parked poll's connection.
-	pollWriteWait = 10 * time.Second
 )
 
 // pollTransport serves GET /v1/poll. A long-poll session lives in the tracker
@@ -211,7 +209,7 @@ func (p *pollTransport) park(w http.ResponseWriter, st *pollState, me *pollWaite
 		body := st.replyBody(out)
 		set := maps.Clone(pollHeaders)
 		set["Content-Length"] = strconv.Itoa(len(body))
-		_ = conn.SetWriteDeadline(time.Now().Add(pollWriteWait))
+		_ = conn.SetWriteDeadline(time.Now().Add(writeWait))
 		_, err := conn.Write(append(responseHead(head, set), body...))
 		st.answered(a, fresh, gone || err != nil)
 	}()

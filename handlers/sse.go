@@ -10,16 +10,9 @@ import (
 	"github.com/notifyd/notifyd/handlers/realtime"
 )
 
-// SSE settings.
-const (
-	// sseKeepAlive is the longest an idle stream goes without a write (a
-	// comment line when nothing else goes out); at most the ping interval.
-	sseKeepAlive = 15 * time.Second
-	// sseWriteWait bounds one write to the client.
-	sseWriteWait = 10 * time.Second
-	// sseByeWait is how long the last events (bye) may take before the stream is cut.
-	sseByeWait = time.Second
-)
+// sseKeepAlive is the longest an idle stream goes without a write (a comment
+// line when nothing else goes out); at most the ping interval.
+const sseKeepAlive = 15 * time.Second
 
 // sseComment keeps proxies from closing an idle stream.
 var sseComment = []byte(": ka\n\n")
@@ -71,7 +64,7 @@ func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusHTTPVersionNotSupported, "http1_required", "event streams are served over HTTP/1.1"))
 		return
 	}
-	_ = conn.SetWriteDeadline(time.Now().Add(sseWriteWait))
+	_ = conn.SetWriteDeadline(time.Now().Add(writeWait))
 	if _, err := conn.Write(head); err != nil {
 		a.Hub.End(s, realtime.ReasonClientClose)
 		conn.Close()
@@ -81,7 +74,7 @@ func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
 		every: min(sseKeepAlive, a.Hub.Config().PingInterval)}
 	c.lastWrite.Store(time.Now().UnixNano())
 	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish,
-		cut: func() { _ = conn.SetWriteDeadline(time.Now().Add(sseByeWait)) }}
+		cut: func() { _ = conn.SetWriteDeadline(time.Now().Add(byeWait)) }}
 	c.ka = time.AfterFunc(c.every, c.keepAlive)
 	s.SetNotify(c.w.kick)
 	c.w.kick() // hello was queued at registration
@@ -102,9 +95,7 @@ func (c *sseConn) readLoop() {
 }
 
 // write sends frames as events, all in one write; false when the connection failed.
-func (c *sseConn) write(frames []realtime.Frame) bool { return c.writeWithin(frames, sseWriteWait) }
-
-func (c *sseConn) writeWithin(frames []realtime.Frame, wait time.Duration) bool {
+func (c *sseConn) write(frames []realtime.Frame) bool {
 	if len(frames) == 0 {
 		return true
 	}
@@ -112,20 +103,15 @@ func (c *sseConn) writeWithin(frames []realtime.Frame, wait time.Duration) bool 
 	for _, f := range frames {
 		b = c.appendEvent(b, f)
 	}
-	if !c.send(b, wait) {
+	if !c.send(b) {
 		return false
 	}
 	c.api.Hub.Written(c.s, frames)
 	return true
 }
 
-func (c *sseConn) send(b []byte, wait time.Duration) bool {
-	_ = c.conn.SetWriteDeadline(time.Now().Add(wait))
-	if wait > sseByeWait && chanClosed(c.s.Done()) {
-		// The session ended (its cut may have come before the line above):
-		// what is left gets the bye's time, not a whole write timeout.
-		_ = c.conn.SetWriteDeadline(time.Now().Add(sseByeWait))
-	}
+func (c *sseConn) send(b []byte) bool {
+	c.w.armDeadline(c.conn.SetWriteDeadline)
 	if _, err := c.conn.Write(b); err != nil {
 		return false
 	}
@@ -173,7 +159,7 @@ func (c *sseConn) keepAlive() {
 	}
 	quiet := time.Since(time.Unix(0, c.lastWrite.Load()))
 	if quiet >= c.every && c.w.claim() {
-		if !c.send(sseComment, sseWriteWait) {
+		if !c.send(sseComment) {
 			c.api.Hub.End(s, realtime.ReasonClientClose)
 		}
 		c.w.flushClaimed()
@@ -188,13 +174,7 @@ func (c *sseConn) finish() {
 	defer c.release()
 	defer c.conn.Close()
 	c.ka.Stop()
-	reason := c.s.Reason()
-	if reason == realtime.ReasonClientClose {
-		return
+	if frames, ok := c.w.leftover(); ok {
+		c.write(frames)
 	}
-	frames := c.s.Take()
-	if reason.SendsBye() {
-		frames = append(frames, c.api.Hub.Bye(reason))
-	}
-	c.writeWithin(frames, sseByeWait)
 }

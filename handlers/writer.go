@@ -2,8 +2,17 @@ package handlers
 
 import (
 	"sync/atomic"
+	"time"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
+)
+
+// Write deadlines of every transport.
+const (
+	// writeWait bounds one write to a client.
+	writeWait = 10 * time.Second
+	// byeWait bounds the writes of an ended session: what is left and bye.
+	byeWait = time.Second
 )
 
 // frameWriter is the single writer of a session on a connection that keeps
@@ -100,6 +109,31 @@ func (w *frameWriter) flushClaimed() {
 	if len(s.Wake()) > 0 || chanClosed(s.Done()) {
 		w.kick()
 	}
+}
+
+// armDeadline gives the write about to start its deadline through set:
+// writeWait, or byeWait once the session has ended. It looks at the end after
+// setting, so an end whose cut came just before still gets the short one.
+func (w *frameWriter) armDeadline(set func(time.Time) error) {
+	_ = set(time.Now().Add(writeWait))
+	if chanClosed(w.s.Done()) {
+		_ = set(time.Now().Add(byeWait))
+	}
+}
+
+// leftover is what an ended session still sends: the frames queued, then bye
+// where its reason has one. ok is false when the client closed (nothing can
+// reach it).
+func (w *frameWriter) leftover() (frames []realtime.Frame, ok bool) {
+	reason := w.s.Reason()
+	if reason == realtime.ReasonClientClose {
+		return nil, false
+	}
+	frames = w.s.Take()
+	if reason.SendsBye() {
+		frames = append(frames, w.hub.Bye(reason))
+	}
+	return frames, true
 }
 
 func chanClosed(done <-chan struct{}) bool {

@@ -13,13 +13,6 @@ import (
 	"github.com/notifyd/notifyd/handlers/realtime"
 )
 
-const (
-	// wsWriteWait bounds one write to the client.
-	wsWriteWait = 10 * time.Second
-	// wsByeWait bounds the writes of an ended session: what is left and bye.
-	wsByeWait = time.Second
-)
-
 // upgrader keeps idle connections small: small buffers, a pooled write buffer
 // (held only while a message is written) and no compression
 // (../shared/LIBRARIES.md). The Origins middleware has already judged Origin.
@@ -81,7 +74,7 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	c := &wsConn{api: a, s: s, conn: conn, release: a.Hub.Hold()}
 	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish,
-		cut: func() { _ = conn.NetConn().SetWriteDeadline(time.Now().Add(wsByeWait)) }}
+		cut: func() { _ = conn.NetConn().SetWriteDeadline(time.Now().Add(byeWait)) }}
 	c.ping = time.AfterFunc(a.Hub.Config().PingInterval, c.pingTick)
 	s.SetNotify(c.w.kick)
 	c.w.kick() // hello was queued before the upgrade
@@ -147,19 +140,12 @@ func (c *wsConn) readLoop() {
 // finish runs once, when the session has ended: the frames still queued and
 // bye where the reason sends one, then the close frame and the close.
 func (c *wsConn) finish() {
-	s, hub := c.s, c.api.Hub
 	defer c.release()
 	defer c.conn.Close()
 	c.ping.Stop()
-	reason := s.Reason()
-	if reason == realtime.ReasonClientClose {
-		return
-	}
-	frames := s.Take()
-	if reason.SendsBye() {
-		frames = append(frames, hub.Bye(reason))
-	}
-	if c.write(frames) {
+	frames, ok := c.w.leftover()
+	if ok && c.write(frames) {
+		reason := c.s.Reason()
 		code := closeCodes[reason]
 		msg := websocket.FormatCloseMessage(code, string(reason))
 		_ = c.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
@@ -179,7 +165,7 @@ func (c *wsConn) pingTick() {
 	}
 	interval := hub.Config().PingInterval
 	if time.Since(s.LastSeen()) >= interval {
-		if err := c.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(wsWriteWait)); err != nil {
+		if err := c.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeWait)); err != nil {
 			hub.End(s, realtime.ReasonClientClose)
 			return
 		}
@@ -192,11 +178,7 @@ func (c *wsConn) write(frames []realtime.Frame) bool {
 	if len(frames) == 0 {
 		return true
 	}
-	wait := wsWriteWait
-	if chanClosed(c.s.Done()) {
-		wait = wsByeWait // what is left of an ended session, and its bye
-	}
-	_ = c.conn.SetWriteDeadline(time.Now().Add(wait))
+	c.w.armDeadline(c.conn.SetWriteDeadline)
 	for i, f := range frames {
 		if err := c.conn.WriteMessage(websocket.TextMessage, f.JSON); err != nil {
 			c.api.Hub.Written(c.s, frames[:i])

@@ -347,9 +347,8 @@ func (h *Hub) Bye(reason Reason) Frame {
 
 // Hold counts a transport's writer that Shutdown waits for. Call the
 // returned function once the connection's last write (its bye) is done;
-// calls after the first do nothing.
-// Once Shutdown is waiting, a new hold is not counted (its session was
-// refused or ended already).
+// calls after the first do nothing. Once Shutdown is waiting, a new hold is
+// not counted (its session was refused or ended already).
 func (h *Hub) Hold() (release func()) {
 	h.holdMu.Lock()
 	defer h.holdMu.Unlock()
