@@ -91,6 +91,9 @@ func TestTinyScenario(t *testing.T) {
 	if p == nil || p.Committed == 0 || p.Delivered != p.Expected || p.Lost != 0 || p.Latency.N == 0 {
 		t.Fatalf("publish: %+v", p)
 	}
+	if p.ReadBack < 0 || p.ReadBack > 1 {
+		t.Errorf("read-back share %v: the server's dispatch metrics were not read", p.ReadBack)
+	}
 	if rc := r.Reconnect; rc == nil || rc.Errors != 0 || rc.ReplayBad != 0 || rc.AllSynced <= 0 {
 		t.Errorf("reconnect: %+v", rc)
 	}
@@ -102,6 +105,22 @@ func TestTinyScenario(t *testing.T) {
 	writeMarkdown(&md, &Report{Date: today(), Machine: machine(), Commit: "test", Results: []*Result{r}})
 	if !strings.Contains(md.String(), "| **tiny**") || !strings.Contains(md.String(), "delivered/s") {
 		t.Errorf("markdown:\n%s", md.String())
+	}
+}
+
+// TestReadBack: the share comes from the metric deltas, and is unknown
+// without them or without dispatches.
+func TestReadBack(t *testing.T) {
+	const db, mem = `notifyd_dispatched_total{source="db"}`, `notifyd_dispatched_total{source="memory"}`
+	before := map[string]float64{db: 10, mem: 100}
+	if got := readBack(before, map[string]float64{db: 30, mem: 160}); got != 0.25 {
+		t.Errorf("readBack = %v, want 0.25", got)
+	}
+	if got := readBack(before, map[string]float64{}); got != -1 {
+		t.Errorf("without metrics: %v, want -1", got)
+	}
+	if got := readBack(before, before); got != -1 {
+		t.Errorf("without dispatches: %v, want -1", got)
 	}
 }
 

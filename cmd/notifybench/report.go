@@ -74,7 +74,11 @@ func checks(r *Result) []Check {
 			target = ">= " + num(tg.MinDeliveredPerSec)
 			pass = p.DeliveredPerSec >= tg.MinDeliveredPerSec
 		}
-		add(what, target, fmt.Sprintf("%s (%s committed/s, server CPU %.0f%%)", num(p.DeliveredPerSec), num(p.PublishedPerSec), p.ServerCPU), pass)
+		readBack := ""
+		if p.ReadBack >= 0 {
+			readBack = fmt.Sprintf(", %.0f%% read back from Postgres", 100*p.ReadBack)
+		}
+		add(what, target, fmt.Sprintf("%s (%s committed/s, server CPU %.0f%%%s)", num(p.DeliveredPerSec), num(p.PublishedPerSec), p.ServerCPU, readBack), pass)
 		target, pass = "reported", true
 		if tg.MaxP99Ms > 0 {
 			target = fmt.Sprintf("p99 <= %g ms", tg.MaxP99Ms)

@@ -174,6 +174,10 @@ type PublishResult struct {
 	Latency         Percentiles    `json:"latency"`
 	Request         Percentiles    `json:"request"`
 	ServerCPU       float64        `json:"server_cpu_pct"`
+	// ReadBack is the share of the notifications dispatched meanwhile whose
+	// rows the server read back from Postgres instead of taking them from its
+	// own publishes (notifyd_dispatched_total); -1 when not known.
+	ReadBack float64 `json:"read_back_fraction"`
 }
 
 // ReconnectResult is the mass reconnect.
@@ -346,10 +350,12 @@ func run(ctx context.Context, cfg runConfig, t *target, sc Scenario, res *Result
 	}
 
 	if sc.Publish != "" {
+		before := t.runtimeMetrics(ctx)
 		pr, err := publishPhase(ctx, t, b, sc, users, sessions, profile)
 		if err != nil {
 			return err
 		}
+		pr.ReadBack = readBack(before, t.runtimeMetrics(ctx))
 		res.Publish = pr
 		log.Info("published", "delivered_per_sec", int(pr.DeliveredPerSec), "lost", pr.Lost, "p99_ms", pr.Latency.P99)
 	}
@@ -662,4 +668,20 @@ func sortedKeys(m map[string]int) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// readBack is the share of dispatched notifications read back from Postgres
+// between two readings of the server's metrics, or -1 without them.
+func readBack(before, after map[string]float64) float64 {
+	const db, mem = `notifyd_dispatched_total{source="db"}`, `notifyd_dispatched_total{source="memory"}`
+	d, okD := after[db]
+	m, okM := after[mem]
+	if !okD || !okM {
+		return -1
+	}
+	d, m = d-before[db], m-before[mem]
+	if d+m <= 0 {
+		return -1
+	}
+	return d / (d + m)
 }

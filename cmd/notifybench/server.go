@@ -225,7 +225,7 @@ func (t *target) runtimeMetrics(ctx context.Context) map[string]float64 {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		name, val, ok := strings.Cut(sc.Text(), " ")
-		if !ok || !strings.HasPrefix(name, "go_") {
+		if !ok || !strings.HasPrefix(name, "go_") && !strings.HasPrefix(name, "notifyd_") {
 			continue
 		}
 		if v, err := strconv.ParseFloat(strings.TrimSpace(val), 64); err == nil {
