@@ -207,9 +207,7 @@ func TestPostgresUnreachable(t *testing.T) {
 	proxy := startPGProxy(t, hostPort(t, direct))
 	ts := startServerOn(t, proxy.viaProxy(t, direct))
 	const user = "px"
-	c := ts.dialWS(t, user, nil)
-	c.expect(t, "hello")
-	c.expect(t, "synced")
+	c := ts.liveWS(t, user)
 	first := ts.publish(t, user, "before.cut", nil)
 	if m := c.expect(t, "notification"); m.ID != first.ID || m.Seq != 1 {
 		t.Fatalf("before the cut: %+v", m)
@@ -292,9 +290,7 @@ func TestCatchUpBeforeNewerSignals(t *testing.T) {
 	proxy := startPGProxy(t, hostPort(t, direct))
 	ts := startServerOn(t, proxy.viaProxy(t, direct))
 	const user = "order"
-	c := ts.dialWS(t, user, nil)
-	c.expect(t, "hello")
-	c.expect(t, "synced")
+	c := ts.liveWS(t, user)
 	admin := pgConn(t, storetest.BaseURL())
 	conn := pgConn(t, direct)
 	schema := schemaOf(t, direct)

@@ -326,9 +326,7 @@ func TestRacingPublishersReconnectingClient(t *testing.T) {
 func TestSQLPublishPath(t *testing.T) {
 	ts := startServer(t)
 	const user = "sql-user"
-	c := ts.dialWS(t, user, nil)
-	c.expect(t, "hello")
-	c.expect(t, "synced")
+	c := ts.liveWS(t, user)
 	conn := pgConn(t, ts.DBURL)
 	ctx := context.Background()
 
@@ -455,9 +453,7 @@ func TestListenerReconnectCatchUp(t *testing.T) {
 	ts := startServer(t)
 	const user = "listen-user"
 	schema := schemaOf(t, ts.DBURL)
-	c := ts.dialWS(t, user, nil)
-	c.expect(t, "hello")
-	c.expect(t, "synced")
+	c := ts.liveWS(t, user)
 	admin := pgConn(t, storetest.BaseURL())
 	direct := pgConn(t, ts.DBURL)
 	background := pgConn(t, ts.DBURL)

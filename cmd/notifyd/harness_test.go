@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -184,6 +186,16 @@ func (ts *testServer) wsURL(q url.Values) string {
 	return "ws" + strings.TrimPrefix(ts.URL, "http") + "/v1/ws?" + q.Encode()
 }
 
+// liveWS dials a WebSocket session for user and reads its hello and synced:
+// its next message is live.
+func (ts *testServer) liveWS(t testing.TB, user string) *wsClient {
+	t.Helper()
+	c := ts.dialWS(t, user, nil)
+	c.expect(t, "hello")
+	c.expect(t, "synced")
+	return c
+}
+
 // dialWS connects as user; extra adds query parameters (cursor, session).
 func (ts *testServer) dialWS(t testing.TB, user string, extra url.Values) *wsClient {
 	t.Helper()
@@ -296,4 +308,29 @@ func (c *wsClient) send(t testing.TB, v any) {
 func (c *wsClient) waitClosed(t testing.TB, timeout time.Duration) error {
 	t.Helper()
 	return waitClosedFrom(t, c.in, c.ended, timeout)
+}
+
+// forEach calls fn(0) .. fn(n-1) from workers goroutines and returns the
+// first error (naming its i); the workers stop at the first error each meets.
+func forEach(n, workers int, fn func(i int) error) error {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for range workers {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				if err := fn(i); err != nil {
+					errs <- fmt.Errorf("session %d: %w", i, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	return <-errs
 }

@@ -183,17 +183,38 @@ func pump(client *http.Client, base, user string, stop, exited <-chan struct{}, 
 	}
 }
 
-// waitPumped waits until the pumps had n publishes answered 201, so that the signal lands on
-// publishes in flight.
-func waitPumped(t testing.TB, pumped *atomic.Int64, n int64) {
+// pumps are n pump goroutines (users prefix-0 .. prefix-<n-1>) publishing to one server.
+type pumps struct {
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	outcomes chan publishOutcome
+}
+
+// startPumps starts the pumps and returns once they had 10 publishes answered 201, so that a
+// signal sent next lands on publishes in flight.
+func startPumps(t testing.TB, client *http.Client, base, prefix string, n int, exited <-chan struct{}) *pumps {
 	t.Helper()
+	p := &pumps{stop: make(chan struct{}), outcomes: make(chan publishOutcome, 100000)}
+	var pumped atomic.Int64
+	for i := range n {
+		p.wg.Go(func() { pump(client, base, fmt.Sprintf("%s-%d", prefix, i), p.stop, exited, p.outcomes, &pumped) })
+	}
 	deadline := time.Now().Add(20 * time.Second)
-	for pumped.Load() < n {
+	for pumped.Load() < 10 {
 		if time.Now().After(deadline) {
 			t.Fatalf("only %d publishes answered 201 in 20s", pumped.Load())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	return p
+}
+
+// end stops the pumps and returns every outcome, once all of them have returned.
+func (p *pumps) end() <-chan publishOutcome {
+	close(p.stop)
+	p.wg.Wait()
+	close(p.outcomes)
+	return p.outcomes
 }
 
 // TestServerProcess runs the built binary: kill -9 and SIGTERM (one build for both).
@@ -210,19 +231,7 @@ func testKill9KeepsCommitted(t *testing.T, bin string) {
 	dbURL := storetest.URL(t)
 	first := startProc(t, bin, dbURL)
 
-	client := publishClient(t)
-	stop := make(chan struct{})
-	outcomes := make(chan publishOutcome, 100000)
-	var wg sync.WaitGroup
-	var pumped atomic.Int64
-	for i := range 3 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			pump(client, first.URL, fmt.Sprintf("pumped-%d", i), stop, first.exited, outcomes, &pumped)
-		}()
-	}
-	waitPumped(t, &pumped, 10)
+	pumping := startPumps(t, publishClient(t), first.URL, "pumped", 3, first.exited)
 
 	p := first.publish(t, "kim", "before.kill", map[string]any{"n": 1})
 	if err := first.cmd.Process.Signal(syscall.SIGKILL); err != nil {
@@ -231,9 +240,7 @@ func testKill9KeepsCommitted(t *testing.T, bin string) {
 	if code := first.waitExit(t, 10*time.Second); code != -1 {
 		t.Fatalf("exit code %d after SIGKILL", code)
 	}
-	close(stop)
-	wg.Wait()
-	close(outcomes)
+	outcomes := pumping.end()
 
 	second := startProc(t, bin, dbURL)
 	c := second.dialWS(t, "kim", map[string][]string{"cursor": {"0"}})
@@ -293,19 +300,7 @@ func testSIGTERMDrains(t *testing.T, bin string) {
 		clients = append(clients, c)
 	}
 
-	client := publishClient(t)
-	stop := make(chan struct{})
-	outcomes := make(chan publishOutcome, 100000)
-	var wg sync.WaitGroup
-	var pumped atomic.Int64
-	for i := range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			pump(client, srv.URL, fmt.Sprintf("drain-%d", i), stop, srv.exited, outcomes, &pumped)
-		}()
-	}
-	waitPumped(t, &pumped, 10)
+	pumping := startPumps(t, publishClient(t), srv.URL, "drain", 4, srv.exited)
 	if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -330,9 +325,7 @@ func testSIGTERMDrains(t *testing.T, bin string) {
 	if code := srv.waitExit(t, 15*time.Second); code != 0 {
 		t.Fatalf("exit code %d after SIGTERM, want 0\n%s", code, srv.out.String())
 	}
-	wg.Wait()
-	close(stop)
-	close(outcomes)
+	outcomes := pumping.end() // the pumps have stopped on the exit
 
 	conn := pgConn(t, dbURL)
 	var created, noAnswer, refused int

@@ -16,8 +16,6 @@ import (
 	"net/url"
 	"runtime"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -58,28 +56,7 @@ func testTransportLeak(t *testing.T, tr string) {
 
 	run := func(n int) {
 		t.Helper()
-		var next atomic.Int64
-		var wg sync.WaitGroup
-		errs := make(chan error, leakConcurrency)
-		for range leakConcurrency {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for {
-					i := int(next.Add(1)) - 1
-					if i >= n {
-						return
-					}
-					if err := client.openAndDrop(tr, i); err != nil {
-						errs <- fmt.Errorf("session %d: %w", i, err)
-						return
-					}
-				}
-			}()
-		}
-		wg.Wait()
-		close(errs)
-		for err := range errs {
+		if err := forEach(n, leakConcurrency, func(i int) error { return client.openAndDrop(tr, i) }); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -91,9 +91,7 @@ func TestPublishBatchAndFanOut(t *testing.T) {
 	for i := range users {
 		u := fmt.Sprintf("fan%02d", i)
 		ids = append(ids, u)
-		clients[i] = ts.dialWS(t, u, nil)
-		clients[i].expect(t, "hello")
-		clients[i].expect(t, "synced")
+		clients[i] = ts.liveWS(t, u)
 	}
 	ids = append(ids, "fan03") // a repeat is sent once
 	var fan struct{ Notifications []publishedNote }
@@ -438,9 +436,7 @@ func (ts *testServer) dialStalled(t testing.TB, user string) *websocket.Conn {
 func TestSlowConsumer(t *testing.T) {
 	ts := startServer(t, func(c *Config) { c.QueueLimit = 4; c.ReplayLimit = 4; c.MaxDataBytes = 1 << 20 })
 	slow := ts.dialStalled(t, "slow")
-	fast := ts.dialWS(t, "fast", nil)
-	fast.expect(t, "hello")
-	fast.expect(t, "synced")
+	fast := ts.liveWS(t, "fast")
 
 	var slowSeq, fastSeq int64
 	// publish stores n notifications for each client, with data of pad bytes for the slow one;

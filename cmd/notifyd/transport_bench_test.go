@@ -17,8 +17,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -132,32 +130,14 @@ func TestTransportBenchClient(t *testing.T) {
 	}
 	auth := handlers.NewAuth(testSecret, testAPIKey, nil)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n}}
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	errs := make(chan error, 32)
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= n {
-					return
-				}
-				tok, err := auth.NewToken(fmt.Sprintf("idle-%d", i), "bench", time.Hour)
-				if err == nil {
-					err = holdSession(client, base, tr, tok)
-				}
-				if err != nil {
-					errs <- fmt.Errorf("session %d: %w", i, err)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	err = forEach(n, 32, func(i int) error {
+		tok, err := auth.NewToken(fmt.Sprintf("idle-%d", i), "bench", time.Hour)
+		if err != nil {
+			return err
+		}
+		return holdSession(client, base, tr, tok)
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 	fmt.Println("ready")

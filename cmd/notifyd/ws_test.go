@@ -116,9 +116,7 @@ func TestWebSocketRefusals(t *testing.T) {
 	})
 
 	t.Run("message too big", func(t *testing.T) {
-		c := ts.dialWS(t, "dave", nil)
-		c.expect(t, "hello")
-		c.expect(t, "synced")
+		c := ts.liveWS(t, "dave")
 		big := `{"type":"ack","ids":["` + strings.Repeat("a", 2000) + `"]}`
 		if err := c.conn.WriteMessage(websocket.TextMessage, []byte(big)); err != nil {
 			t.Fatal(err)
