@@ -1,11 +1,14 @@
 package handlers
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -13,11 +16,11 @@ import (
 	"github.com/notifyd/notifyd/handlers/realtime"
 )
 
-// upgrader keeps idle connections small: small buffers, a pooled write buffer
-// (held only while a message is written) and no compression
-// (../shared/LIBRARIES.md). The Origins middleware has already judged Origin.
+// upgrader keeps idle connections small: a small read buffer (wsReadBuffer,
+// handed to it by wsResponse), a pooled write buffer (held only while a
+// message is written) and no compression (../shared/LIBRARIES.md). The
+// Origins middleware has already judged Origin.
 var upgrader = websocket.Upgrader{
-	ReadBufferSize:    512,
 	WriteBufferSize:   1024,
 	WriteBufferPool:   &sync.Pool{},
 	CheckOrigin:       func(*http.Request) bool { return true },
@@ -35,18 +38,52 @@ var closeCodes = map[realtime.Reason]int{
 	realtime.ReasonClientClose:  websocket.CloseNormalClosure,
 }
 
+// wsReadBuffer is the size of a connection's read buffer: enough for a
+// client message of the usual size and for any control frame.
+const wsReadBuffer = 512
+
+// wsResponse gives gorilla's Upgrade a read buffer of our own (gorilla reads
+// through the hijacked bufio.Reader when Upgrader.ReadBufferSize is 0), so
+// the reader can tell whether a frame is already buffered before it parks.
+type wsResponse struct {
+	http.ResponseWriter
+	br *bufio.Reader
+}
+
+// Hijack takes the connection and puts a wsReadBuffer-sized reader in front
+// of it. Bytes the client sent ahead of the handshake stay where gorilla
+// finds and refuses them.
+func (w *wsResponse) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil || brw.Reader.Buffered() > 0 {
+		return conn, brw, err
+	}
+	w.br = bufio.NewReaderSize(conn, wsReadBuffer)
+	return conn, bufio.NewReadWriter(w.br, brw.Writer), nil
+}
+
 // wsConn carries one session over a WebSocket. An idle connection costs one
-// goroutine, its reader; the handler returns once it runs, so net/http keeps
-// nothing pinned per connection. The writer runs only while the session has
-// something to write (frameWriter), and the keep-alive ping is a timer.
+// goroutine with a 2 KiB stack, waiting for the socket to become readable
+// (park), and nothing else: the handler returns once it runs, so net/http
+// keeps nothing pinned per connection; reading and handling a message grows
+// the stack past 2 KiB, and a stack never shrinks back while its goroutine
+// is parked this deep, so after each burst of messages a new goroutine
+// parks and the grown one ends; the writer runs only while the session has
+// something to write (frameWriter); the keep-alive ping is a timer.
 type wsConn struct {
 	api  *API
 	s    *realtime.Session
 	conn *websocket.Conn
+	br   *bufio.Reader      // gorilla's read buffer (wsResponse)
+	raw  syscall.RawConn    // the socket, for park's wait; nil when it has none
+	peek func(uintptr) bool // park's readiness check
 	w    frameWriter
 	// release tells Hub.Shutdown that this connection has said its bye.
 	release func()
 	ping    *time.Timer
+	// backstop is the read deadline after each message: the sweeper evicts
+	// on time, the deadline only backs it up.
+	backstop time.Duration
 }
 
 // serveWS is GET /v1/ws: auth and limits are checked before the upgrade so a
@@ -66,75 +103,122 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	conn, err := upgrader.Upgrade(w, r, nil)
+	wr := &wsResponse{ResponseWriter: w}
+	conn, err := upgrader.Upgrade(wr, r, nil)
 	if err != nil {
 		// Upgrade has answered the client already.
 		a.Hub.End(s, realtime.ReasonError)
 		return
 	}
-	c := &wsConn{api: a, s: s, conn: conn, release: a.Hub.Hold()}
+	c := &wsConn{api: a, s: s, conn: conn, br: wr.br, release: a.Hub.Hold(),
+		backstop: a.Hub.Config().PingTimeout + 5*time.Second}
+	if sc, ok := conn.NetConn().(syscall.Conn); ok && c.br != nil {
+		if raw, err := sc.SyscallConn(); err == nil {
+			c.raw, c.peek = raw, peekReadable
+		}
+	}
 	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish,
 		cut: func() { _ = conn.NetConn().SetWriteDeadline(time.Now().Add(byeWait)) }}
-	c.ping = time.AfterFunc(a.Hub.Config().PingInterval, c.pingTick)
+	c.ping = time.AfterFunc(c.pingAfter(), c.pingTick)
 	s.SetNotify(c.w.kick)
 	c.w.kick() // hello was queued before the upgrade
-	go c.readLoop()
+	conn.SetReadLimit(a.Limits.MaxMessageBytes)
+	_ = conn.SetReadDeadline(time.Now().Add(c.backstop))
+	conn.SetPongHandler(func(string) error {
+		c.heard()
+		return nil
+	})
+	go c.park()
 	a.replay(s, cr.cursor)
+}
+
+// peekReadable is a RawConn.Read callback: true once the socket has a byte
+// to read, has reached end of file or has failed; false (wait) while it has
+// nothing. It consumes nothing.
+func peekReadable(fd uintptr) bool {
+	var b [1]byte
+	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	return !errors.Is(err, syscall.EAGAIN)
+}
+
+// park waits, on a shallow stack, until the client sends something (or the
+// read deadline passes), then reads and handles what came (readLoop). It is
+// an idle connection's only goroutine. Without a RawConn it reads in place.
+func (c *wsConn) park() {
+	if c.raw != nil {
+		if err := c.raw.Read(c.peek); err != nil {
+			c.api.Hub.End(c.s, realtime.ReasonClientClose)
+			return
+		}
+	}
+	c.readLoop()
+}
+
+// heard is a sign of life from the client: a message or a pong. It moves the
+// session's deadline, the read deadline and the keep-alive ping.
+func (c *wsConn) heard() {
+	c.api.Hub.Touch(c.s)
+	_ = c.conn.SetReadDeadline(time.Now().Add(c.backstop))
+	c.ping.Reset(c.pingAfter())
 }
 
 // pingMessage is the client ping as clients send it; it is answered without
 // a JSON parse (the same answer handleMessages gives).
 var pingMessage = []byte(`{"type":"ping"}`)
 
-// readLoop reads client messages until the connection fails. Every message
-// and every pong frame is a sign of life.
+// readLoop reads and handles client messages until none is buffered, then
+// parks the connection on a new goroutine, with a new, small stack, and
+// ends: handling a message grows this one's. It ends the session when the
+// connection fails.
 func (c *wsConn) readLoop() {
-	a, s := c.api, c.s
-	c.conn.SetReadLimit(a.Limits.MaxMessageBytes)
-	// The sweeper evicts on time; the read deadline only backs it up.
-	backstop := a.Hub.Config().PingTimeout + 5*time.Second
-	_ = c.conn.SetReadDeadline(time.Now().Add(backstop))
-	c.conn.SetPongHandler(func(string) error {
-		a.Hub.Touch(s)
-		return c.conn.SetReadDeadline(time.Now().Add(backstop))
-	})
-	ctx := context.Background()
 	for {
-		typ, data, err := c.conn.ReadMessage()
-		if err != nil {
-			reason := realtime.ReasonClientClose
-			if errors.Is(err, websocket.ErrReadLimit) {
-				reason = realtime.ReasonError // gorilla has sent close 1009 already
-			}
-			a.Hub.End(s, reason)
+		if !c.readOne() {
 			return
 		}
-		a.Hub.Touch(s)
-		_ = c.conn.SetReadDeadline(time.Now().Add(backstop))
-		if typ != websocket.TextMessage {
-			s.Send(realtime.ErrorFrame("bad_message", "messages are JSON text frames"))
-			continue
-		}
-		if bytes.Equal(bytes.TrimSpace(data), pingMessage) {
-			// The message an idle client sends. A shallow path keeps this
-			// goroutine's stack (which it keeps while idle) small, and the
-			// pong is written from here when no flush runs (see claim).
-			claimed := c.w.claim()
-			s.Send(realtime.PongFrame(time.Now()))
-			if claimed {
-				c.w.flushClaimed()
-			}
-			continue
-		}
-		msgs, err := realtime.ParseClientMessages(data)
-		if err != nil {
-			s.Send(protocolErrorFrame(err))
-			continue
-		}
-		for _, f := range a.handleMessages(ctx, s, msgs) {
-			s.Send(f)
+		if c.raw != nil && c.br.Buffered() == 0 {
+			go c.park()
+			return
 		}
 	}
+}
+
+// readOne reads and handles one message; false once the session has ended.
+// Every message and every pong frame is a sign of life.
+func (c *wsConn) readOne() bool {
+	a, s := c.api, c.s
+	typ, data, err := c.conn.ReadMessage()
+	if err != nil {
+		reason := realtime.ReasonClientClose
+		if errors.Is(err, websocket.ErrReadLimit) {
+			reason = realtime.ReasonError // gorilla has sent close 1009 already
+		}
+		a.Hub.End(s, reason)
+		return false
+	}
+	c.heard()
+	if typ != websocket.TextMessage {
+		s.Send(realtime.ErrorFrame("bad_message", "messages are JSON text frames"))
+		return true
+	}
+	if bytes.Equal(bytes.TrimSpace(data), pingMessage) {
+		// The message an idle client sends; the pong is written from here
+		// when no flush runs (see claim).
+		claimed := c.w.claim()
+		s.Send(realtime.PongFrame(time.Now()))
+		if claimed {
+			c.w.flushClaimed()
+		}
+		return true
+	}
+	msgs, err := realtime.ParseClientMessages(data)
+	if err != nil {
+		s.Send(protocolErrorFrame(err))
+		return true
+	}
+	for _, f := range a.handleMessages(context.Background(), s, msgs) {
+		s.Send(f)
+	}
+	return true
 }
 
 // finish runs once, when the session has ended: the frames still queued and
@@ -152,25 +236,33 @@ func (c *wsConn) finish() {
 	}
 }
 
-// pingTick sends the keep-alive ping frame, every ping interval, unless the
-// client was heard from within the last interval: its own ping and our pong
-// already kept the connection busy through proxies, and the session alive.
-// A client that falls silent (a frozen tab) is pinged within two intervals of
-// its last sign of life, well inside the ping timeout, and its pong keeps it
-// present. Skipping halves the packets of an idle server whose clients ping.
+// pingAfter is how long the connection may stay silent before it gets a
+// keep-alive ping frame: one and a half ping intervals. Every sign of life
+// from the client pushes the ping back (heard), so a client that pings on
+// time never gets one and its timer never fires: its own ping and our pong
+// already keep the connection busy through proxies, and the session alive.
+// A client that falls silent (a frozen tab) is pinged well inside the ping
+// timeout, and its pong keeps it present.
+func (c *wsConn) pingAfter() time.Duration {
+	return c.api.Hub.Config().PingInterval * 3 / 2
+}
+
+// pingTick sends the keep-alive ping frame after pingAfter of silence, and
+// again every ping interval while the silence lasts.
 func (c *wsConn) pingTick() {
 	s, hub := c.s, c.api.Hub
 	if chanClosed(s.Done()) {
 		return
 	}
-	interval := hub.Config().PingInterval
-	if time.Since(s.LastSeen()) >= interval {
-		if err := c.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeWait)); err != nil {
-			hub.End(s, realtime.ReasonClientClose)
-			return
-		}
+	if since := time.Since(s.LastSeen()); since < hub.Config().PingInterval {
+		c.ping.Reset(c.pingAfter() - since) // heard from as the timer fired
+		return
 	}
-	c.ping.Reset(interval)
+	if err := c.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeWait)); err != nil {
+		hub.End(s, realtime.ReasonClientClose)
+		return
+	}
+	c.ping.Reset(hub.Config().PingInterval)
 }
 
 // write sends frames, one text message each; false when the connection failed.

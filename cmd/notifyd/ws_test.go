@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -231,5 +232,64 @@ func TestHeartbeatEviction(t *testing.T) {
 	ts.do(t, "GET", "/v1/stats", testAPIKey, nil, &stats)
 	if stats.Evictions != 1 {
 		t.Fatalf("evictions = %d", stats.Evictions)
+	}
+}
+
+// A client that sends nothing but answers ping frames (a browser tab frozen
+// by its browser) is pinged after one and a half intervals of silence and
+// stays present past the ping timeout; a client that pings on time is never
+// pinged.
+func TestPingFramesKeepSilentClient(t *testing.T) {
+	ts := startServer(t, func(c *Config) { c.PingInterval = 400 * time.Millisecond; c.PingTimeout = 1200 * time.Millisecond })
+	dial := func(user string) (*websocket.Conn, *atomic.Int64) {
+		conn, _, err := websocket.DefaultDialer.Dial(ts.wsURL(url.Values{"token": {ts.token(t, user)}}), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		var pings atomic.Int64
+		conn.SetPingHandler(func(data string) error {
+			pings.Add(1)
+			return conn.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(time.Second))
+		})
+		return conn, &pings
+	}
+	silent, silentPings := dial("silent")
+	talker, talkerPings := dial("talker")
+	read := func(conn *websocket.Conn, errs chan<- error) {
+		for {
+			if _, _, err := conn.ReadMessage(); err != nil {
+				errs <- err
+				return
+			}
+		}
+	}
+	errs := make(chan error, 2)
+	go read(silent, errs)
+	go read(talker, errs)
+	deadline := time.Now().Add(3 * time.Second) // 2.5 ping timeouts
+	for time.Now().Before(deadline) {
+		if err := talker.WriteMessage(websocket.TextMessage, []byte(`{"type":"ping"}`)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-errs:
+			t.Fatalf("a connection ended: %v", err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	var users struct {
+		Sessions int64 `json:"sessions"`
+	}
+	ts.do(t, "GET", "/v1/stats", testAPIKey, nil, &users)
+	if users.Sessions != 2 {
+		t.Fatalf("%d sessions online, want both", users.Sessions)
+	}
+	// Silent for 3 s: pinged after 0.6 s, then every 0.4 s.
+	if n := silentPings.Load(); n < 3 {
+		t.Fatalf("silent client got %d ping frames, want at least 3", n)
+	}
+	if n := talkerPings.Load(); n != 0 {
+		t.Fatalf("client that pings got %d ping frames, want none", n)
 	}
 }
