@@ -2,8 +2,6 @@ package realtime
 
 import (
 	"context"
-	crand "crypto/rand"
-	"encoding/base64"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -101,7 +99,6 @@ func (h *Hub) Closing() bool { return h.closing.Load() }
 func (h *Hub) NewSession(info SessionInfo, cursor int64) *Session {
 	now := time.Now()
 	s := &Session{
-		ID:          newSessionID(),
 		SessionInfo: info,
 		ConnectedAt: now,
 		ConnID:      newConnID(),
@@ -114,12 +111,6 @@ func (h *Hub) NewSession(info SessionInfo, cursor int64) *Session {
 	}
 	s.lastSeen.Store(now.UnixNano())
 	return s
-}
-
-func newSessionID() string {
-	var b [15]byte
-	_, _ = crand.Read(b[:]) // crypto/rand.Read never fails
-	return base64.RawURLEncoding.EncodeToString(b[:])
 }
 
 func newConnID() string {
@@ -210,28 +201,43 @@ func (h *Hub) Unpin(s *Session) {
 
 // Sweep evicts every session whose heartbeat deadline has passed at now and
 // returns how many it evicted. Its cost grows with the sessions that expire.
-// It ends them as End would, but removes them from presence in one batch
-// (Tracker.removeAll), which locks each shard once and spreads a large
-// batch over the cores.
+// It ends them as End would, but spreads a large batch over the cores and
+// removes them from presence in one batch (Tracker.removeAll), which locks
+// each shard once.
 func (h *Hub) Sweep(now time.Time) int {
 	due := h.wheel.expire(now.UnixNano(), nil)
-	ended := due[:0]
-	for _, s := range due {
-		deadline := s.lastSeen.Load() + int64(h.cfg.PingTimeout)
-		if deadline > now.UnixNano() {
-			// Touched between the slot's expiry and now: put it back.
-			h.wheel.mu.Lock()
-			if !s.isClosed() {
-				h.wheel.schedule(s, deadline)
+	if len(due) == 0 {
+		return 0
+	}
+	// Each worker takes a share of the due sessions: closing one costs a
+	// cache miss on its done channel, which the cores take in parallel.
+	workers := workersFor(len(due))
+	ends := make([][]*Session, workers)
+	run(workers, func(w int) {
+		share := due[w*len(due)/workers : (w+1)*len(due)/workers]
+		ended := share[:0]
+		for _, s := range share {
+			deadline := s.lastSeen.Load() + int64(h.cfg.PingTimeout)
+			if deadline > now.UnixNano() {
+				// Touched between the slot's expiry and now: put it back.
+				h.wheel.mu.Lock()
+				if !s.isClosed() {
+					h.wheel.schedule(s, deadline)
+				}
+				h.wheel.mu.Unlock()
+				continue
 			}
-			h.wheel.mu.Unlock()
-			continue
+			// expire took s out of the wheel, and a pinned session is never
+			// in it, so only presence is left to update.
+			if s.close(ReasonHeartbeat) {
+				ended = append(ended, s)
+			}
 		}
-		// expire took s out of the wheel, and a pinned session is never in
-		// it, so only presence is left to update.
-		if s.close(ReasonHeartbeat) {
-			ended = append(ended, s)
-		}
+		ends[w] = ended
+	})
+	ended := due[:0]
+	for _, e := range ends {
+		ended = append(ended, e...) // e is a prefix of its share: no overlap ahead
 	}
 	h.tracker.removeAll(ended)
 	h.evictions.Add(uint64(len(ended)))

@@ -279,8 +279,16 @@ func TestNewHubDefaults(t *testing.T) {
 	if h.Tracker() == nil {
 		t.Fatalf("no tracker")
 	}
-	s := newSession(h, "alice", WebSocket)
-	if s.ID == "" || s.ID == newSession(h, "alice", WebSocket).ID {
+	s, s2 := newSession(h, "alice", WebSocket), newSession(h, "alice", WebSocket)
+	if s.ID != "" {
+		t.Fatalf("an unregistered session has id %q", s.ID)
+	}
+	for _, x := range []*Session{s, s2} {
+		if err := h.Register(x, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s.ID == "" || s.ID == s2.ID {
 		t.Fatalf("session ids are empty or repeat")
 	}
 	if s.Cursor() != 0 || isDone(s) || s.Reason() != "" {

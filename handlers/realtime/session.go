@@ -24,7 +24,8 @@ type SessionInfo struct {
 // Concurrency: the queue, cursor and replay state are guarded by mu; lastSeen is
 // atomic; the wheel fields belong to the hub's wheel and are guarded by its lock.
 type Session struct {
-	// ID is the session id; it is fixed once the session is registered.
+	// ID is the session id, given when the session is registered
+	// (Tracker.add); it then stays.
 	ID string
 	SessionInfo
 	// ConnectedAt is when this connection was accepted.
@@ -35,6 +36,7 @@ type Session struct {
 
 	hub      *Hub
 	lastSeen atomic.Int64 // unix nanoseconds
+	idSlot   uint32       // the tracker's slot for ID, fixed with it
 
 	mu        sync.Mutex
 	queue     []Frame

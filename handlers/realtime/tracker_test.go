@@ -1,9 +1,11 @@
 package realtime
 
 import (
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -14,15 +16,14 @@ func TestTrackerAddRemoveGet(t *testing.T) {
 	a := newSession(h, "alice", WebSocket)
 	b := newSession(h, "bob", SSE)
 	for _, s := range []*Session{a, b} {
-		id := s.ID
 		if replaced, err := tr.add(s, "", 0, nil); err != nil || replaced != nil {
 			t.Fatalf("add: %v, %v", replaced, err)
 		}
-		if s.ID != id {
-			t.Fatalf("add changed the id of a fresh session")
+		if len(s.ID) != 20 || strings.Trim(s.ID, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_") != "" {
+			t.Fatalf("session id %q is not 20 URL-safe characters", s.ID)
 		}
 	}
-	if a.ID == b.ID || a.ID == "" {
+	if a.ID == b.ID {
 		t.Fatalf("session ids %q, %q are not distinct", a.ID, b.ID)
 	}
 	if got, ok := tr.Get(a.ID); !ok || got != a {
@@ -404,7 +405,7 @@ func TestTrackerConcurrent(t *testing.T) {
 func TestTrackerRemoveAll(t *testing.T) {
 	h := NewHub(testConfig(), Hooks{})
 	tr := NewTracker()
-	const n = 3 * parallelRemoveMin
+	const n = 3 * 1024 // workersFor splits it
 	var batch, keep []*Session
 	for i := range n {
 		s := newSession(h, fmt.Sprintf("u%d", i/2), Transports[i%3])
@@ -457,5 +458,57 @@ func TestTrackerRemoveAll(t *testing.T) {
 	}
 	if got := len(tr.All()); got != len(keep) {
 		t.Fatalf("All() has %d sessions, want %d", got, len(keep))
+	}
+}
+
+// A session id names its slot in the id table: Get finds a session by it
+// only with the whole id, a freed slot is reused with another id, and ids
+// that are not ours (wrong length, not base64, a slot out of range or
+// forged random bytes) find nothing.
+func TestTrackerIDSlots(t *testing.T) {
+	h := NewHub(testConfig(), Hooks{})
+	tr := NewTracker()
+	add := func(user string) *Session {
+		s := newSession(h, user, WebSocket)
+		if _, err := tr.add(s, "", 0, nil); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	a := add("alice")
+	oldID := a.ID
+	if !tr.remove(a) {
+		t.Fatal("remove(a) = false")
+	}
+	if _, ok := tr.Get(oldID); ok {
+		t.Fatal("Get found a removed session")
+	}
+	// The same user lands in the same shard and takes the freed slot.
+	a2 := add("alice")
+	if a2.idSlot != a.idSlot {
+		t.Fatalf("slot %d not reused (new slot %d)", a.idSlot, a2.idSlot)
+	}
+	if a2.ID == oldID {
+		t.Fatal("a reused slot got the same id")
+	}
+	if _, ok := tr.Get(oldID); ok {
+		t.Fatal("the old id finds the slot's new session")
+	}
+	if got, ok := tr.Get(a2.ID); !ok || got != a2 {
+		t.Fatalf("Get(a2) = %v, %v", got, ok)
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(a2.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged := append([]byte(nil), raw...)
+	forged[0] ^= 1 // same slot, other random bytes
+	far := append([]byte(nil), raw...)
+	far[len(far)-3] = 0x7f // a slot far beyond the table
+	for _, id := range []string{"", "nope", a2.ID + "A", a2.ID[:19] + "!",
+		base64.RawURLEncoding.EncodeToString(forged), base64.RawURLEncoding.EncodeToString(far)} {
+		if s, ok := tr.Get(id); ok {
+			t.Fatalf("Get(%q) found %s", id, s.ID)
+		}
 	}
 }
