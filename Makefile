@@ -3,7 +3,7 @@ GO        ?= go
 PKGS      := ./...
 export NOTIFYD_TEST_DATABASE_URL ?= postgres://127.0.0.1:5432/test?sslmode=disable
 
-.PHONY: run test test-go lint bench build pg-up e2e-deps bench-report
+.PHONY: run test test-go lint bench build pg-up e2e-deps bench-report fuzz
 
 ## run: create the database, apply migrations, start in dev mode (prints a token, an API key and a curl line)
 run: pg-up
@@ -34,6 +34,13 @@ lint:
 	$(GO) vet $(PKGS)
 	$(GO) run $(STATICCHECK) $(PKGS)
 	@out=$$(gofmt -l $$(git ls-files '*.go') 2>/dev/null); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+## fuzz: each fuzzer of client input for FUZZTIME (default 30s); `make test` runs their seeds
+FUZZTIME ?= 30s
+fuzz: pg-up
+	$(GO) test -run '^$$' -fuzz '^FuzzParseClientMessages$$' -fuzztime $(FUZZTIME) ./handlers/realtime
+	$(GO) test -run '^$$' -fuzz '^FuzzTrackerGet$$' -fuzztime $(FUZZTIME) ./handlers/realtime
+	$(GO) test -run '^$$' -fuzz '^FuzzParsePayload$$' -fuzztime $(FUZZTIME) ./store
 
 ## bench-report: the reporting views at 10M deliveries / 2M notifications (timings and EXPLAIN plans in bench-report.md;
 ## about 10 min), then recording on vs off (delivered notifications/s over WebSocket)

@@ -512,3 +512,33 @@ func TestTrackerIDSlots(t *testing.T) {
 		}
 	}
 }
+
+// Session ids come from clients (resume, long-poll, acks). Whatever the
+// string, Get must not panic and finds a session only by its exact id.
+func FuzzTrackerGet(f *testing.F) {
+	h := NewHub(testConfig(), Hooks{})
+	tr := NewTracker()
+	var live []*Session
+	for i := range 200 {
+		s := newSession(h, fmt.Sprintf("u%d", i), WebSocket)
+		if _, err := tr.add(s, "", 0, nil); err != nil {
+			f.Fatal(err)
+		}
+		live = append(live, s)
+	}
+	for _, s := range live[:5] {
+		f.Add(s.ID)
+	}
+	f.Add("")
+	f.Add("AAAAAAAAAAAAAAAAAAAA")
+	f.Add("____________________")
+	f.Fuzz(func(t *testing.T, id string) {
+		s, ok := tr.Get(id)
+		if ok != (s != nil) || ok && s.ID != id {
+			t.Fatalf("Get(%q) = %v, %v", id, s, ok)
+		}
+		if _, valid := idSlotOf(id); !valid && ok {
+			t.Fatalf("Get(%q) found a session for an id that names no slot", id)
+		}
+	})
+}
