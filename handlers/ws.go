@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"net"
 	"net/http"
@@ -17,12 +18,13 @@ import (
 )
 
 // upgrader keeps idle connections small: a small read buffer (wsReadBuffer,
-// handed to it by wsResponse), a pooled write buffer (held only while a
-// message is written) and no compression (../shared/LIBRARIES.md). The
-// Origins middleware has already judged Origin.
+// handed to it by wsResponse), no write buffer of its own (data frames are
+// written by wsConn.write; gorilla writes only control frames, which need
+// none) and no compression (../shared/LIBRARIES.md). The Origins
+// middleware has already judged Origin.
 var upgrader = websocket.Upgrader{
 	WriteBufferSize:   1024,
-	WriteBufferPool:   &sync.Pool{},
+	WriteBufferPool:   &sync.Pool{}, // so no buffer per connection; never drawn from
 	CheckOrigin:       func(*http.Request) bool { return true },
 	EnableCompression: false,
 }
@@ -76,8 +78,11 @@ type wsConn struct {
 	conn *websocket.Conn
 	br   *bufio.Reader      // gorilla's read buffer (wsResponse)
 	raw  syscall.RawConn    // the socket, for park's wait; nil when it has none
-	peek func(uintptr) bool // park's readiness check
-	w    frameWriter
+	peek func(uintptr) bool // park's readiness check (c.readable)
+	// looked is set once readable has looked at the socket in this park;
+	// only the goroutine in park uses it.
+	looked bool
+	w      frameWriter
 	// release tells Hub.Shutdown that this connection has said its bye.
 	release func()
 	ping    *time.Timer
@@ -114,7 +119,7 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 		backstop: a.Hub.Config().PingTimeout + 5*time.Second}
 	if sc, ok := conn.NetConn().(syscall.Conn); ok && c.br != nil {
 		if raw, err := sc.SyscallConn(); err == nil {
-			c.raw, c.peek = raw, peekReadable
+			c.raw, c.peek = raw, c.readable
 		}
 	}
 	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish,
@@ -132,10 +137,17 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 	a.replay(s, cr.cursor)
 }
 
-// peekReadable is a RawConn.Read callback: true once the socket has a byte
+// readable is park's RawConn.Read callback: true once the socket has a byte
 // to read, has reached end of file or has failed; false (wait) while it has
-// nothing. It consumes nothing.
-func peekReadable(fd uintptr) bool {
+// nothing. It consumes nothing. The first call looks (data may have come
+// since the last read); a later one comes only after the poller reported the
+// socket readable or closed, so it goes on without another system call
+// (readLoop's read then meets the data, the end or the error).
+func (c *wsConn) readable(fd uintptr) bool {
+	if c.looked {
+		return true
+	}
+	c.looked = true
 	var b [1]byte
 	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 	return !errors.Is(err, syscall.EAGAIN)
@@ -146,6 +158,7 @@ func peekReadable(fd uintptr) bool {
 // an idle connection's only goroutine. Without a RawConn it reads in place.
 func (c *wsConn) park() {
 	if c.raw != nil {
+		c.looked = false
 		if err := c.raw.Read(c.peek); err != nil {
 			c.api.Hub.End(c.s, realtime.ReasonClientClose)
 			return
@@ -265,18 +278,52 @@ func (c *wsConn) pingTick() {
 	c.ping.Reset(hub.Config().PingInterval)
 }
 
-// write sends frames, one text message each; false when the connection failed.
+// write sends frames, one text message each, all in one write to the
+// socket (gorilla would make a write per message); false when the
+// connection failed. Frames from the server are unmasked and never
+// compressed, so each is a short header and the JSON. Every Write to the
+// socket is whole (the socket's own lock), so these never interleave with
+// the control frames gorilla writes (ping, pong, close).
 func (c *wsConn) write(frames []realtime.Frame) bool {
 	if len(frames) == 0 {
 		return true
 	}
-	c.w.armDeadline(c.conn.SetWriteDeadline)
-	for i, f := range frames {
-		if err := c.conn.WriteMessage(websocket.TextMessage, f.JSON); err != nil {
-			c.api.Hub.Written(c.s, frames[:i])
-			return false
-		}
+	bp := wsBuffers.Get().(*[]byte)
+	b := (*bp)[:0]
+	for _, f := range frames {
+		b = appendTextFrame(b, f.JSON)
+	}
+	conn := c.conn.NetConn()
+	c.w.armDeadline(conn.SetWriteDeadline)
+	_, err := conn.Write(b)
+	if cap(b) <= 64<<10 { // a rare large batch is not kept
+		*bp = b
+		wsBuffers.Put(bp)
+	}
+	if err != nil {
+		return false // how much reached the client is unknown: nothing is recorded
 	}
 	c.api.Hub.Written(c.s, frames)
 	return true
+}
+
+// wsBuffers hold the frames of one write while it is assembled; an idle
+// connection holds none.
+var wsBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 2048); return &b }}
+
+// appendTextFrame appends payload as one final, unmasked text frame
+// (RFC 6455, section 5.2).
+func appendTextFrame(b, payload []byte) []byte {
+	b = append(b, 0x81) // FIN, opcode text
+	switch n := len(payload); {
+	case n < 126:
+		b = append(b, byte(n))
+	case n <= 0xFFFF:
+		b = append(b, 126)
+		b = binary.BigEndian.AppendUint16(b, uint16(n))
+	default:
+		b = append(b, 127)
+		b = binary.BigEndian.AppendUint64(b, uint64(n))
+	}
+	return append(b, payload...)
 }
