@@ -40,9 +40,13 @@ var closeCodes = map[realtime.Reason]int{
 	realtime.ReasonClientClose:  websocket.CloseNormalClosure,
 }
 
-// wsReadBuffer is the size of a connection's read buffer: enough for a
-// client message of the usual size and for any control frame.
-const wsReadBuffer = 512
+// wsReadBuffer is the size of a connection's read buffer: enough for the
+// usual client message (a ping is 21 bytes on the wire, an ack of a few ids
+// some 100) and for any control frame (at most 139 bytes, which gorilla
+// reads whole from the buffer), and more than the 256 bytes below which
+// gorilla would put a 4 KiB buffer of its own in its place. Longer messages
+// are read through it in pieces.
+const wsReadBuffer = 320
 
 // wsResponse gives gorilla's Upgrade a read buffer of our own (gorilla reads
 // through the hijacked bufio.Reader when Upgrader.ReadBufferSize is 0), so
