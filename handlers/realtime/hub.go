@@ -52,6 +52,8 @@ type Hub struct {
 	deliveries atomic.Uint64
 	sweepLast  atomic.Int64 // nanoseconds the last sweep tick took
 	sweepMax   atomic.Int64 // and the longest one
+	sweepMu    sync.Mutex   // one Sweep at a time; guards sweepBuf
+	sweepBuf   []*Session   // Sweep's list of due sessions, kept between ticks
 	closing    atomic.Bool
 	writers    sync.WaitGroup
 	holdMu     sync.Mutex // orders Hold against Shutdown's wait
@@ -205,10 +207,18 @@ func (h *Hub) Unpin(s *Session) {
 // removes them from presence in one batch (Tracker.removeAll), which locks
 // each shard once.
 func (h *Hub) Sweep(now time.Time) int {
-	due := h.wheel.expire(now.UnixNano(), nil)
+	h.sweepMu.Lock()
+	defer h.sweepMu.Unlock()
+	due := h.wheel.expire(now.UnixNano(), h.sweepBuf[:0])
 	if len(due) == 0 {
 		return 0
 	}
+	defer func() {
+		clear(due) // keep no ended session alive
+		if cap(due) <= 1<<16 {
+			h.sweepBuf = due[:0]
+		}
+	}()
 	// Each worker takes a share of the due sessions: closing one costs a
 	// cache miss on its done channel, which the cores take in parallel.
 	workers := workersFor(len(due))

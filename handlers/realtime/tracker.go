@@ -253,22 +253,32 @@ func (t *Tracker) removeAll(ss []*Session) {
 		return
 	}
 	workers := workersFor(len(ss))
-	var byShard [trackerShards][]*Session
+	// Group by shard in one array: count, then place (no append growth).
+	var start [trackerShards + 1]int
+	for _, s := range ss {
+		start[s.idSlot%trackerShards+1]++
+	}
+	for i := range trackerShards {
+		start[i+1] += start[i]
+	}
+	grouped := make([]*Session, len(ss))
+	next := start
 	for _, s := range ss {
 		i := s.idSlot % trackerShards
-		byShard[i] = append(byShard[i], s)
+		grouped[next[i]] = s
+		next[i]++
 	}
 	run(workers, func(w int) {
 		var n removed
 		var touched uintptr
 		for i := w; i < trackerShards; i += workers {
-			if len(byShard[i]) == 0 {
+			group := grouped[start[i]:start[i+1]]
+			if len(group) == 0 {
 				continue
 			}
 			us, is := &t.users[i], &t.ids[i]
 			us.mu.Lock()
 			is.mu.Lock()
-			group := byShard[i]
 			for j, s := range group {
 				if j+touchAhead < len(group) {
 					touched += is.touch(group[j+touchAhead])
