@@ -110,6 +110,8 @@ func mainErr() error {
 		pprof    = flag.Bool("pprof", false, "capture server heap and CPU profiles during the runs (needs -out)")
 		commit   = flag.String("commit", "", "commit measured (default: git rev-parse of the working directory)")
 		cpuProf  = flag.String("cpuprofile", "", "write the load tool's own CPU profile to this file")
+		echo     = flag.Bool("echo-floor", false, "instead of scenarios, measure a bare gorilla echo server: -ws connections (default 19000) pinging every -ping, CPU over -idle (default 40s)")
+		echoAt   = flag.String("echo-serve", "", "run the bare echo server on this address (started by -echo-floor)")
 
 		c Scenario
 	)
@@ -134,6 +136,9 @@ func mainErr() error {
 	flag.Parse()
 
 	raiseFileLimit()
+	if *echoAt != "" {
+		return echoServe(*echoAt)
+	}
 	if *cpuProf != "" {
 		f, err := os.Create(*cpuProf)
 		if err != nil {
@@ -148,6 +153,10 @@ func mainErr() error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+
+	if *echo {
+		return runEchoFloor(ctx, c, loopbackSources(*sources), *outDir)
+	}
 
 	var scenarios []Scenario
 	all := presets()

@@ -2,12 +2,12 @@
 # The default performance suite (`make bench`): the Go benchmarks of every
 # package, then the notifybench scenarios against a freshly built notifyd
 # (one server process per scenario, its own schema, NOTIFY_DEV=0).
-# Fits 2 cores and 24 GiB and takes about 5 minutes.
+# Fits 2 cores and 24 GiB and takes about 6 minutes.
 #
 #   OUT=/tmp/notifyd-bench BENCH_SCENARIOS=default BENCH_PPROF=1 cmd/notifybench/suite.sh
 #
 # Results: $OUT/results.md (the table for the README), $OUT/results.json,
-# $OUT/gobench.txt, server logs, and with BENCH_PPROF=1 CPU and heap profiles
+# $OUT/gobench.txt, $OUT/echo-floor.md (the bare echo server's row), server logs, and with BENCH_PPROF=1 CPU and heap profiles
 # in $OUT/pprof (read them with `go tool pprof $OUT/bin/notifyd FILE`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,3 +42,10 @@ echo "== notifybench scenarios: $SCENARIOS" >&2
 "$OUT/bin/notifybench" -spawn "$OUT/bin/notifyd" -scenarios "$SCENARIOS" -out "$OUT" \
   -commit "$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')" \
   "${pprof[@]}"
+
+# The floor that ws-idle compares with: a bare gorilla echo server with as
+# many connections pinging as often (about a minute; BENCH_ECHO=0 skips it).
+if [ "${BENCH_ECHO:-1}" = 1 ]; then
+  echo "== echo floor" >&2
+  "$OUT/bin/notifybench" -echo-floor -ws 19000 -ping 20s -idle 40s -out "$OUT"
+fi
