@@ -125,7 +125,7 @@ func echoFloor(ctx context.Context, n int, every, window time.Duration, sources 
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(start.Add(offset).Sub(time.Now())):
+			case <-time.After(time.Until(start.Add(offset))):
 			}
 			t := time.NewTicker(every)
 			defer t.Stop()
