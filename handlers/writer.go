@@ -105,6 +105,13 @@ func (w *frameWriter) flushClaimed() {
 			w.hub.End(s, realtime.ReasonClientClose)
 		}
 	}
+	w.unclaim()
+}
+
+// unclaim gives up a claim without writing what is queued: a flush goroutine
+// is started if anything is, or if the session has ended.
+func (w *frameWriter) unclaim() {
+	s := w.s
 	w.busy.Store(false)
 	if len(s.Wake()) > 0 || chanClosed(s.Done()) {
 		w.kick()

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/gorilla/websocket"
 
@@ -83,16 +84,13 @@ type wsConn struct {
 	br   *bufio.Reader      // gorilla's read buffer (wsResponse)
 	raw  syscall.RawConn    // the socket, for park's wait; nil when it has none
 	peek func(uintptr) bool // park's readiness check (c.readable)
-	// looked is set once readable has looked at the socket in this park;
+	// tookPing is set by readable when it took a lone ping off the socket;
 	// only the goroutine in park uses it.
-	looked bool
-	w      frameWriter
+	tookPing bool
+	w        frameWriter
 	// release tells Hub.Shutdown that this connection has said its bye.
 	release func()
 	ping    *time.Timer
-	// backstop is the read deadline after each message: the sweeper evicts
-	// on time, the deadline only backs it up.
-	backstop time.Duration
 }
 
 // serveWS is GET /v1/ws: auth and limits are checked before the upgrade so a
@@ -119,8 +117,7 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 		a.Hub.End(s, realtime.ReasonError)
 		return
 	}
-	c := &wsConn{api: a, s: s, conn: conn, br: wr.br, release: a.Hub.Hold(),
-		backstop: a.Hub.Config().PingTimeout + 5*time.Second}
+	c := &wsConn{api: a, s: s, conn: conn, br: wr.br, release: a.Hub.Hold()}
 	if sc, ok := conn.NetConn().(syscall.Conn); ok && c.br != nil {
 		if raw, err := sc.SyscallConn(); err == nil {
 			c.raw, c.peek = raw, c.readable
@@ -132,7 +129,6 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 	s.SetNotify(c.w.kick)
 	c.w.kick() // hello was queued before the upgrade
 	conn.SetReadLimit(a.Limits.MaxMessageBytes)
-	_ = conn.SetReadDeadline(time.Now().Add(c.backstop))
 	conn.SetPongHandler(func(string) error {
 		c.heard()
 		return nil
@@ -141,41 +137,138 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 	a.replay(s, cr.cursor)
 }
 
-// readable is park's RawConn.Read callback: true once the socket has a byte
-// to read, has reached end of file or has failed; false (wait) while it has
-// nothing. It consumes nothing. The first call looks (data may have come
-// since the last read); a later one comes only after the poller reported the
-// socket readable or closed, so it goes on without another system call
-// (readLoop's read then meets the data, the end or the error).
+// wsPingFrame is how long a client's ping message is on the wire: a masked
+// text frame (2 header bytes, a 4-byte mask) of pingMessage's 15 bytes.
+const wsPingFrame = 2 + 4 + 15
+
+// readable is park's RawConn.Read callback: false (wait) while the socket
+// has nothing to read; true once it has data, has reached end of file or has
+// failed. When all it holds is one ping message, it takes that ping off the
+// socket (tookPing); anything else stays for readLoop.
 func (c *wsConn) readable(fd uintptr) bool {
-	if c.looked {
-		return true
+	var b [wsPingFrame + 1]byte
+	n, errno := recvNow(fd, b[:], syscall.MSG_PEEK)
+	if errno == syscall.EAGAIN {
+		return false
 	}
-	c.looked = true
-	var b [1]byte
-	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-	return !errors.Is(err, syscall.EAGAIN)
+	if errno == 0 && n == wsPingFrame && isPingFrame(b[:n]) {
+		n, errno = recvNow(fd, b[:wsPingFrame], 0)
+		c.tookPing = errno == 0 && n == wsPingFrame
+	}
+	return true
+}
+
+// recvNow and sendNow are recv and send that never block (MSG_DONTWAIT),
+// made as raw system calls: on a path this short, the scheduler's work
+// around a blocking call (handing the processor off, waking the system
+// monitor, which then polls every 20 µs for a while) would cost more than the
+// call. The sockets are non-blocking; a would-block comes back as EAGAIN.
+func recvNow(fd uintptr, b []byte, flags int) (int, syscall.Errno) {
+	n, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+		uintptr(flags|syscall.MSG_DONTWAIT), 0, 0)
+	return int(n), errno
+}
+
+func sendNow(fd uintptr, b []byte) (int, syscall.Errno) {
+	n, _, errno := syscall.RawSyscall6(syscall.SYS_SENDTO, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+		syscall.MSG_DONTWAIT|syscall.MSG_NOSIGNAL, 0, 0)
+	return int(n), errno
+}
+
+// isPingFrame reports whether b is one final, masked text frame that holds
+// exactly pingMessage (RFC 6455, section 5.2).
+func isPingFrame(b []byte) bool {
+	if b[0] != 0x81 || b[1] != 0x80|byte(len(pingMessage)) {
+		return false
+	}
+	mask := b[2:6]
+	for i, want := range pingMessage {
+		if b[6+i]^mask[i%4] != want {
+			return false
+		}
+	}
+	return true
 }
 
 // park waits, on a shallow stack, until the client sends something (or the
-// read deadline passes), then reads and handles what came (readLoop). It is
-// an idle connection's only goroutine. Without a RawConn it reads in place.
+// read deadline passes). A lone ping it answers itself and waits again: the
+// usual traffic of an idle connection then costs no other goroutine and no
+// deeper stack. Anything else it reads and handles through readLoop. It is an
+// idle connection's only goroutine. Without a RawConn it reads in place.
 func (c *wsConn) park() {
-	if c.raw != nil {
-		c.looked = false
+	for c.raw != nil {
+		c.tookPing = false
 		if err := c.raw.Read(c.peek); err != nil {
 			c.api.Hub.End(c.s, realtime.ReasonClientClose)
 			return
 		}
+		if !c.tookPing {
+			break
+		}
+		c.answerPing()
 	}
 	c.readLoop()
 }
 
+// answerPing answers the ping park took off the socket, on park's shallow
+// stack: it writes the pong itself, as one raw send, when no other writer
+// runs, and otherwise queues it for that writer.
+func (c *wsConn) answerPing() {
+	c.heard()
+	if !c.w.claim() {
+		c.s.Send(realtime.PongFrame(time.Now()))
+		return
+	}
+	var b [64]byte
+	frame := append(b[:0], 0x81, 0) // FIN, text; the length follows
+	frame = realtime.AppendPong(frame, time.Now())
+	frame[1] = byte(len(frame) - 2) // under 126
+	c.w.armDeadline(c.conn.NetConn().SetWriteDeadline)
+	ok := c.sendAll(frame)
+	c.w.unclaim()
+	if !ok {
+		c.api.Hub.End(c.s, realtime.ReasonClientClose)
+	}
+}
+
+// sendAll writes b to the socket in raw sends, waiting for room (until the
+// write deadline) when the socket is full, and holds the socket's write lock
+// throughout, so no other frame gets between its parts.
+func (c *wsConn) sendAll(b []byte) bool {
+	failed := false
+	err := c.raw.Write(func(fd uintptr) bool {
+		for len(b) > 0 {
+			n, errno := sendNow(fd, b)
+			if errno == syscall.EAGAIN {
+				return false
+			}
+			if errno != 0 {
+				failed = true
+				return true
+			}
+			b = b[n:]
+		}
+		return true
+	})
+	return err == nil && !failed
+}
+
+// pong answers a ping. The pong is written from here when no flush runs
+// (see claim).
+func (c *wsConn) pong() {
+	claimed := c.w.claim()
+	c.s.Send(realtime.PongFrame(time.Now()))
+	if claimed {
+		c.w.flushClaimed()
+	}
+}
+
 // heard is a sign of life from the client: a message or a pong. It moves the
-// session's deadline, the read deadline and the keep-alive ping.
+// session's deadline and the keep-alive ping. The connection has no read
+// deadline: the sweeper evicts a silent session, and its end closes the
+// socket, which wakes park.
 func (c *wsConn) heard() {
 	c.api.Hub.Touch(c.s)
-	_ = c.conn.SetReadDeadline(time.Now().Add(c.backstop))
 	c.ping.Reset(c.pingAfter())
 }
 
@@ -218,13 +311,7 @@ func (c *wsConn) readOne() bool {
 		return true
 	}
 	if bytes.Equal(bytes.TrimSpace(data), pingMessage) {
-		// The message an idle client sends; the pong is written from here
-		// when no flush runs (see claim).
-		claimed := c.w.claim()
-		s.Send(realtime.PongFrame(time.Now()))
-		if claimed {
-			c.w.flushClaimed()
-		}
+		c.pong()
 		return true
 	}
 	msgs, err := realtime.ParseClientMessages(data)

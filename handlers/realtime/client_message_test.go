@@ -3,6 +3,7 @@ package realtime
 import (
 	"errors"
 	"testing"
+	"time"
 )
 
 func TestParseClientMessages(t *testing.T) {
@@ -73,4 +74,21 @@ func FuzzParseClientMessages(f *testing.F) {
 			}
 		}
 	})
+}
+
+// AppendPong writes the time exactly as TimeFormat does, in UTC.
+func TestAppendPongTime(t *testing.T) {
+	times := []time.Time{
+		time.Date(2026, 11, 27, 2, 11, 44, 123456789, time.UTC),
+		time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC),
+		time.Date(9999, 12, 31, 23, 59, 59, 999999999, time.UTC),
+		time.Date(2024, 2, 29, 9, 5, 7, 1_000_000, time.FixedZone("x", -7*3600)),
+		time.Now(),
+	}
+	for _, tm := range times {
+		want := `{"type":"pong","server_time":"` + tm.UTC().Format(TimeFormat) + `"}`
+		if got := string(AppendPong(nil, tm)); got != want {
+			t.Errorf("AppendPong(%v) = %s, want %s", tm, got, want)
+		}
+	}
 }

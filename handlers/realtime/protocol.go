@@ -182,11 +182,50 @@ func SyncedFrame(cursor, unread int64, truncated bool) Frame {
 // gives: the time has nothing to escape) rather than through reflection,
 // which costs CPU and deepens the stack of the connection's reader.
 func PongFrame(now time.Time) Frame {
-	b := make([]byte, 0, 64)
+	return Frame{Type: TypePong, JSON: AppendPong(make([]byte, 0, 64), now)}
+}
+
+// AppendPong appends the pong message (PongFrame's JSON) to b. It needs
+// little stack: a WebSocket answers pings on a goroutine whose stack must stay
+// at its first 2 KiB, and time.Time.AppendFormat alone grows it past that.
+func AppendPong(b []byte, now time.Time) []byte {
 	b = append(b, `{"type":"pong","server_time":"`...)
-	b = now.UTC().AppendFormat(b, TimeFormat)
-	b = append(b, `"}`...)
-	return Frame{Type: TypePong, JSON: b}
+	b = appendUTC(b, now)
+	return append(b, `"}`...)
+}
+
+// appendUTC appends t in UTC as TimeFormat does (2006-01-02T15:04:05.000Z),
+// for years 0 to 9999.
+func appendUTC(b []byte, t time.Time) []byte {
+	t = t.UTC()
+	year, month, day := t.Date()
+	hour, minute, sec := t.Clock()
+	b = appendDigits(b, year, 4)
+	b = append(b, '-')
+	b = appendDigits(b, int(month), 2)
+	b = append(b, '-')
+	b = appendDigits(b, day, 2)
+	b = append(b, 'T')
+	b = appendDigits(b, hour, 2)
+	b = append(b, ':')
+	b = appendDigits(b, minute, 2)
+	b = append(b, ':')
+	b = appendDigits(b, sec, 2)
+	b = append(b, '.')
+	b = appendDigits(b, t.Nanosecond()/1e6, 3)
+	return append(b, 'Z')
+}
+
+// appendDigits appends v (not negative) in exactly width decimal digits.
+func appendDigits(b []byte, v, width int) []byte {
+	for i := width - 1; i >= 0; i-- {
+		d := v
+		for range i {
+			d /= 10
+		}
+		b = append(b, byte('0'+d%10))
+	}
+	return b
 }
 
 // ReadFrame tells a session that ids were marked read and the user's unread count.
