@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -187,11 +186,7 @@ func runEchoFloor(ctx context.Context, c Scenario, sources []net.IP, outDir stri
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		return err
 	}
-	js, err := json.MarshalIndent(ef, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(outDir, "echo-floor.json"), js, 0o644); err != nil {
+	if err := writeJSON(filepath.Join(outDir, "echo-floor.json"), ef); err != nil {
 		return err
 	}
 	return os.WriteFile(filepath.Join(outDir, "echo-floor.md"), []byte(row), 0o644)

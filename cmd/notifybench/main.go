@@ -227,17 +227,22 @@ func mainErr() error {
 	return nil
 }
 
+// writeJSON writes v as indented JSON to path.
+func writeJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
 // save writes results.json and results.md (after every scenario, so an
 // interrupted suite keeps what it measured).
 func save(dir string, rep *Report) error {
 	if dir == "" {
 		return nil
 	}
-	b, err := json.MarshalIndent(rep, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(dir, "results.json"), b, 0o644); err != nil {
+	if err := writeJSON(filepath.Join(dir, "results.json"), rep); err != nil {
 		return err
 	}
 	f, err := os.Create(filepath.Join(dir, "results.md"))
