@@ -340,3 +340,43 @@ func TestIdleWebSocketStackStaysSmall(t *testing.T) {
 		t.Fatalf("%d sessions after the pings, want %d", stats.Sessions, n)
 	}
 }
+
+// Pings answered on the idle goroutine and notifications written by the
+// session's writer share one socket: with both at once, every pong and every
+// notification arrives whole, and the notifications in seq order.
+func TestPingsDuringDeliveries(t *testing.T) {
+	ts := startServer(t)
+	c := ts.liveWS(t, "busy")
+	const n = 150
+	pinged := make(chan error, 1)
+	go func() {
+		for range n {
+			if err := c.conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"ping"}`)); err != nil {
+				pinged <- err
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		pinged <- nil
+	}()
+	for i := range n {
+		ts.publish(t, "busy", "t", map[string]int{"i": i})
+	}
+	if err := <-pinged; err != nil {
+		t.Fatal(err)
+	}
+	pongs, seq := 0, int64(0)
+	for pongs < n || seq < n {
+		switch m := c.next(t, 10*time.Second); m.Type {
+		case "pong":
+			pongs++
+		case "notification":
+			if m.Seq != seq+1 {
+				t.Fatalf("notification seq %d after %d", m.Seq, seq)
+			}
+			seq = m.Seq
+		default:
+			t.Fatalf("unexpected %s", m.Type)
+		}
+	}
+}
