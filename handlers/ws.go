@@ -70,13 +70,15 @@ func (w *wsResponse) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 }
 
 // wsConn carries one session over a WebSocket. An idle connection costs one
-// goroutine with a 2 KiB stack, waiting for the socket to become readable
-// (park), and nothing else: the handler returns once it runs, so net/http
-// keeps nothing pinned per connection; reading and handling a message grows
-// the stack past 2 KiB, and a stack never shrinks back while its goroutine
-// is parked this deep, so after each burst of messages a new goroutine
-// parks and the grown one ends; the writer runs only while the session has
-// something to write (frameWriter); the keep-alive ping is a timer.
+// goroutine on a 2 KiB stack and nothing else: the handler returns once it
+// runs, so net/http keeps nothing pinned; the writer runs only while the
+// session has something to write (frameWriter); the keep-alive ping is a
+// timer. The goroutine (park) waits for the socket to become readable and
+// answers a lone ping itself. Anything else is read through gorilla
+// (readLoop), which grows a stack past 2 KiB, and a stack never shrinks back
+// while its goroutine waits this deep: so that goroutine ends once nothing is
+// buffered, and a new one parks. (A control frame alone, such as a browser's
+// pong, leaves readLoop waiting inside gorilla for the next message.)
 type wsConn struct {
 	api  *API
 	s    *realtime.Session
@@ -369,9 +371,9 @@ func (c *wsConn) pingTick() {
 	c.ping.Reset(hub.Config().PingInterval)
 }
 
-// write sends frames, one text message each, all in one write to the
-// socket (gorilla would make a write per message); false when the
-// connection failed. Frames from the server are unmasked and never
+// write sends frames, one text message each, in as few writes to the socket
+// as wsWriteChunk allows (gorilla would make a write per message); false when
+// the connection failed. Frames from the server are unmasked and never
 // compressed, so each is a short header and the JSON. Every Write to the
 // socket is whole (the socket's own lock), so these never interleave with
 // the control frames gorilla writes (ping, pong, close).
@@ -379,15 +381,21 @@ func (c *wsConn) write(frames []realtime.Frame) bool {
 	if len(frames) == 0 {
 		return true
 	}
-	bp := wsBuffers.Get().(*[]byte)
-	b := (*bp)[:0]
-	for _, f := range frames {
-		b = appendTextFrame(b, f.JSON)
-	}
 	conn := c.conn.NetConn()
 	c.w.armDeadline(conn.SetWriteDeadline)
-	_, err := conn.Write(b)
-	if cap(b) <= 64<<10 { // a rare large batch is not kept
+	bp := wsBuffers.Get().(*[]byte)
+	b := (*bp)[:0]
+	var err error
+	for i, f := range frames {
+		b = appendTextFrame(b, f.JSON)
+		if len(b) >= wsWriteChunk || i == len(frames)-1 {
+			if _, err = conn.Write(b); err != nil {
+				break
+			}
+			b = b[:0]
+		}
+	}
+	if cap(b) <= 2*wsWriteChunk { // one huge frame's buffer is not kept
 		*bp = b
 		wsBuffers.Put(bp)
 	}
@@ -397,6 +405,10 @@ func (c *wsConn) write(frames []realtime.Frame) bool {
 	c.api.Hub.Written(c.s, frames)
 	return true
 }
+
+// wsWriteChunk bounds what one write assembles, so a long backlog (up to the
+// session's queue limit) is not copied into one buffer whole.
+const wsWriteChunk = 64 << 10
 
 // wsBuffers hold the frames of one write while it is assembled; an idle
 // connection holds none.

@@ -380,3 +380,25 @@ func TestPingsDuringDeliveries(t *testing.T) {
 		}
 	}
 }
+
+// A replay larger than one write's chunk (64 KiB) reaches the client whole
+// and in order.
+func TestLargeReplayOverWebSocket(t *testing.T) {
+	ts := startServer(t)
+	const n = 500
+	var items []map[string]any
+	for range n {
+		items = append(items, map[string]any{"user_id": "big", "topic": "bulk", "data": map[string]string{"pad": strings.Repeat("p", 300)}})
+	}
+	if st := ts.do(t, "POST", "/v1/notifications", testAPIKey, map[string]any{"notifications": items}, nil); st != http.StatusCreated {
+		t.Fatalf("publish: %d", st)
+	}
+	c := ts.dialWS(t, "big", nil)
+	c.expect(t, "hello")
+	for i := range n {
+		if m := c.expect(t, "notification"); m.Seq != int64(i+1) || !m.Replayed {
+			t.Fatalf("replayed %+v, want seq %d", m, i+1)
+		}
+	}
+	c.expect(t, "synced")
+}
