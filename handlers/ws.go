@@ -77,8 +77,8 @@ func (w *wsResponse) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // answers a lone ping itself. Anything else is read through gorilla
 // (readLoop), which grows a stack past 2 KiB, and a stack never shrinks back
 // while its goroutine waits this deep: so that goroutine ends once nothing is
-// buffered, and a new one parks. (A control frame alone, such as a browser's
-// pong, leaves readLoop waiting inside gorilla for the next message.)
+// buffered, and a new one parks. (A control frame other than a lone empty
+// pong leaves readLoop waiting inside gorilla for the next message.)
 type wsConn struct {
 	api  *API
 	s    *realtime.Session
@@ -86,10 +86,10 @@ type wsConn struct {
 	br   *bufio.Reader      // gorilla's read buffer (wsResponse)
 	raw  syscall.RawConn    // the socket, for park's wait; nil when it has none
 	peek func(uintptr) bool // park's readiness check (c.readable)
-	// tookPing is set by readable when it took a lone ping off the socket;
-	// only the goroutine in park uses it.
-	tookPing bool
-	w        frameWriter
+	// took is what readable took off the socket for park to act on (a lone
+	// ping or pong); only the goroutine in park uses it.
+	took byte
+	w    frameWriter
 	// release tells Hub.Shutdown that this connection has said its bye.
 	release func()
 	ping    *time.Timer
@@ -141,21 +141,45 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 
 // wsPingFrame is how long a client's ping message is on the wire: a masked
 // text frame (2 header bytes, a 4-byte mask) of pingMessage's 15 bytes.
-const wsPingFrame = 2 + 4 + 15
+// wsPongFrame is the client's answer to our empty ping frame: a masked,
+// empty pong control frame.
+const (
+	wsPingFrame = 2 + 4 + 15
+	wsPongFrame = 2 + 4
+)
+
+// What readable took off the socket (wsConn.took).
+const (
+	tookNothing byte = iota
+	tookPing
+	tookPong
+)
 
 // readable is park's RawConn.Read callback: false (wait) while the socket
 // has nothing to read; true once it has data, has reached end of file or has
-// failed. When all it holds is one ping message, it takes that ping off the
-// socket (tookPing); anything else stays for readLoop.
+// failed. When all it holds is one ping message, or one empty pong frame (a
+// frozen browser tab answering our ping frame), it takes that off the socket
+// (took); anything else stays for readLoop.
 func (c *wsConn) readable(fd uintptr) bool {
 	var b [wsPingFrame + 1]byte
 	n, errno := recvNow(fd, b[:], syscall.MSG_PEEK)
 	if errno == syscall.EAGAIN {
 		return false
 	}
-	if errno == 0 && n == wsPingFrame && isPingFrame(b[:n]) {
-		n, errno = recvNow(fd, b[:wsPingFrame], 0)
-		c.tookPing = errno == 0 && n == wsPingFrame
+	if errno != 0 {
+		return true
+	}
+	what := tookNothing
+	switch {
+	case n == wsPingFrame && isPingFrame(b[:n]):
+		what = tookPing
+	case n == wsPongFrame && b[0] == 0x8a && b[1] == 0x80: // FIN, pong; masked, empty
+		what = tookPong
+	default:
+		return true
+	}
+	if m, errno := recvNow(fd, b[:n], 0); errno == 0 && m == n {
+		c.took = what
 	}
 	return true
 }
@@ -192,22 +216,28 @@ func isPingFrame(b []byte) bool {
 	return true
 }
 
-// park waits, on a shallow stack, until the client sends something (or the
-// read deadline passes). A lone ping it answers itself and waits again: the
-// usual traffic of an idle connection then costs no other goroutine and no
-// deeper stack. Anything else it reads and handles through readLoop. It is an
-// idle connection's only goroutine. Without a RawConn it reads in place.
+// park waits, on a shallow stack, until the client sends something or the
+// socket closes. A lone ping it answers itself, a lone pong it counts as a
+// sign of life, and it waits again: the usual traffic of an idle connection
+// then costs no other goroutine and no deeper stack. Anything else it reads
+// and handles through readLoop. It is an idle connection's only goroutine.
+// Without a RawConn it reads in place.
 func (c *wsConn) park() {
 	for c.raw != nil {
-		c.tookPing = false
+		c.took = tookNothing
 		if err := c.raw.Read(c.peek); err != nil {
 			c.api.Hub.End(c.s, realtime.ReasonClientClose)
 			return
 		}
-		if !c.tookPing {
-			break
+		switch c.took {
+		case tookPing:
+			c.answerPing()
+		case tookPong:
+			c.heard()
+		default:
+			c.readLoop()
+			return
 		}
-		c.answerPing()
 	}
 	c.readLoop()
 }
