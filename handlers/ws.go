@@ -373,14 +373,17 @@ func (c *wsConn) finish() {
 }
 
 // pingAfter is how long the connection may stay silent before it gets a
-// keep-alive ping frame: one and a half ping intervals. Every sign of life
-// from the client pushes the ping back (heard), so a client that pings on
-// time never gets one and its timer never fires: its own ping and our pong
-// already keep the connection busy through proxies, and the session alive.
-// A client that falls silent (a frozen tab) is pinged well inside the ping
-// timeout, and its pong keeps it present.
+// keep-alive ping frame: one and a half ping intervals, or halfway from the
+// interval to the ping timeout when that comes sooner (a short timeout), so
+// that the pong can still arrive in time. Every sign of life from the client
+// pushes the ping back (heard), so a client that pings on time never gets
+// one and its timer never fires: its own ping and our pong already keep the
+// connection busy through proxies, and the session alive. A client that
+// falls silent (a frozen tab) is pinged inside the ping timeout, and its
+// pong keeps it present.
 func (c *wsConn) pingAfter() time.Duration {
-	return c.api.Hub.Config().PingInterval * 3 / 2
+	cfg := c.api.Hub.Config()
+	return min(cfg.PingInterval*3/2, (cfg.PingInterval+cfg.PingTimeout)/2)
 }
 
 // pingTick sends the keep-alive ping frame after pingAfter of silence, and

@@ -402,3 +402,29 @@ func TestLargeReplayOverWebSocket(t *testing.T) {
 	}
 	c.expect(t, "synced")
 }
+
+// With a ping timeout shorter than one and a half intervals, the server's
+// ping frame comes early enough for a silent client's pong to keep it.
+func TestPingFramesBeforeShortTimeout(t *testing.T) {
+	// A ping at 1.5 intervals (1.5 s) would come after the timeout (1.2 s).
+	ts := startServer(t, func(c *Config) { c.PingInterval = time.Second; c.PingTimeout = 1200 * time.Millisecond })
+	conn, _, err := websocket.DefaultDialer.Dial(ts.wsURL(url.Values{"token": {ts.token(t, "frozen")}}), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ended := make(chan error, 1)
+	go func() {
+		for {
+			if _, _, err := conn.ReadMessage(); err != nil { // answers ping frames with pongs
+				ended <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-ended:
+		t.Fatalf("the silent client was dropped: %v", err)
+	case <-time.After(3 * time.Second): // two and a half ping timeouts
+	}
+}
