@@ -73,8 +73,7 @@ func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
 	c := &sseConn{api: a, s: s, conn: conn, release: a.Hub.Hold(), lastID: cr.cursor,
 		every: min(sseKeepAlive, a.Hub.Config().PingInterval)}
 	c.lastWrite.Store(time.Now().UnixNano())
-	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish,
-		cut: func() { _ = conn.SetWriteDeadline(time.Now().Add(byeWait)) }}
+	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish, deadline: conn.SetWriteDeadline}
 	c.ka = time.AfterFunc(c.every, c.keepAlive)
 	s.SetNotify(c.w.kick)
 	c.w.kick() // hello was queued at registration
@@ -111,7 +110,7 @@ func (c *sseConn) write(frames []realtime.Frame) bool {
 }
 
 func (c *sseConn) send(b []byte) bool {
-	c.w.armDeadline(c.conn.SetWriteDeadline)
+	c.w.armDeadline()
 	if _, err := c.conn.Write(b); err != nil {
 		return false
 	}

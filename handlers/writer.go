@@ -29,11 +29,12 @@ type frameWriter struct {
 	// finish runs once, when the session has ended: it writes what is left
 	// and bye, and closes the connection.
 	finish func()
-	// cut, when the session ends while a write is under way, shortens that
-	// write's deadline: a client that stopped reading must not hold the
-	// writer (and the bye after it) for a whole write timeout. It must not
-	// block.
-	cut func()
+	// deadline sets the connection's write deadline (its
+	// SetWriteDeadline): writeWait for each write (armDeadline), cut to
+	// byeWait when the session ends while a write is under way, so that a
+	// client that stopped reading does not hold the writer (and the bye
+	// after it) for a whole write timeout.
+	deadline func(time.Time) error
 	// busy is true while a goroutine writes (at most one does: it is the
 	// connection's only writer of data).
 	busy atomic.Bool
@@ -46,8 +47,8 @@ func (w *frameWriter) kick() {
 		go w.flush()
 		return
 	}
-	if w.cut != nil && chanClosed(w.s.Done()) {
-		w.cut()
+	if chanClosed(w.s.Done()) {
+		_ = w.deadline(time.Now().Add(byeWait))
 	}
 }
 
@@ -118,13 +119,13 @@ func (w *frameWriter) unclaim() {
 	}
 }
 
-// armDeadline gives the write about to start its deadline through set:
-// writeWait, or byeWait once the session has ended. It looks at the end after
-// setting, so an end whose cut came just before still gets the short one.
-func (w *frameWriter) armDeadline(set func(time.Time) error) {
-	_ = set(time.Now().Add(writeWait))
+// armDeadline gives the write about to start its deadline: writeWait, or
+// byeWait once the session has ended. It looks at the end after setting, so
+// an end whose cut (kick) came just before still gets the short one.
+func (w *frameWriter) armDeadline() {
+	_ = w.deadline(time.Now().Add(writeWait))
 	if chanClosed(w.s.Done()) {
-		_ = set(time.Now().Add(byeWait))
+		_ = w.deadline(time.Now().Add(byeWait))
 	}
 }
 

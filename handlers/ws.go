@@ -125,8 +125,7 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 			c.raw, c.peek = raw, c.readable
 		}
 	}
-	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish,
-		cut: func() { _ = conn.NetConn().SetWriteDeadline(time.Now().Add(byeWait)) }}
+	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish, deadline: conn.NetConn().SetWriteDeadline}
 	c.ping = time.AfterFunc(c.pingAfter(), c.pingTick)
 	s.SetNotify(c.w.kick)
 	c.w.kick() // hello was queued before the upgrade
@@ -255,7 +254,7 @@ func (c *wsConn) answerPing() {
 	frame := append(b[:0], 0x81, 0) // FIN, text; the length follows
 	frame = realtime.AppendPong(frame, time.Now())
 	frame[1] = byte(len(frame) - 2) // under 126
-	c.w.armDeadline(c.conn.NetConn().SetWriteDeadline)
+	c.w.armDeadline()
 	ok := c.sendAll(frame)
 	c.w.unclaim()
 	if !ok {
@@ -415,7 +414,7 @@ func (c *wsConn) write(frames []realtime.Frame) bool {
 		return true
 	}
 	conn := c.conn.NetConn()
-	c.w.armDeadline(conn.SetWriteDeadline)
+	c.w.armDeadline()
 	bp := wsBuffers.Get().(*[]byte)
 	b := (*bp)[:0]
 	var err error
