@@ -27,6 +27,21 @@ func hijack(w http.ResponseWriter) (net.Conn, error) {
 	return conn, nil
 }
 
+// onClose calls gone once the client has closed conn (or it failed). The
+// client sends nothing after its request, so any read that returns ends the
+// wait; it keeps one small goroutine per connection.
+func onClose(conn net.Conn, gone func()) {
+	go func() {
+		var b [1]byte
+		for {
+			if _, err := conn.Read(b[:]); err != nil {
+				gone()
+				return
+			}
+		}
+	}()
+}
+
 // responseHead is a 200 response header with what the middleware set (CORS,
 // Vary), then set, and Connection: close.
 func responseHead(h http.Header, set map[string]string) []byte {

@@ -184,15 +184,7 @@ func (p *pollTransport) park(w http.ResponseWriter, st *pollState, me *pollWaite
 	}
 	release := a.Hub.Hold() // Shutdown waits for this answer (the session's bye)
 	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		var b [1]byte
-		for {
-			if _, err := conn.Read(b[:]); err != nil {
-				cancel()
-				return
-			}
-		}
-	}()
+	onClose(conn, cancel)
 	go func() {
 		defer release()
 		defer conn.Close()

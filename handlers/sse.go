@@ -77,20 +77,8 @@ func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
 	c.ka = time.AfterFunc(c.every, c.keepAlive)
 	s.SetNotify(c.w.kick)
 	c.w.kick() // hello was queued at registration
-	go c.readLoop()
+	onClose(conn, func() { a.Hub.End(s, realtime.ReasonClientClose) })
 	a.replay(s, cr.cursor)
-}
-
-// readLoop waits for the client to go away (it sends nothing after its
-// request) and then ends the session.
-func (c *sseConn) readLoop() {
-	var b [1]byte
-	for {
-		if _, err := c.conn.Read(b[:]); err != nil {
-			c.api.Hub.End(c.s, realtime.ReasonClientClose)
-			return
-		}
-	}
 }
 
 // write sends frames as events, all in one write; false when the connection failed.

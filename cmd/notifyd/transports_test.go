@@ -1063,7 +1063,9 @@ func sseGoroutines() int {
 	_ = pprof.Lookup("goroutine").WriteTo(&buf, 2)
 	n := 0
 	for _, g := range strings.Split(buf.String(), "\n\n") {
-		if strings.Contains(g, "handlers.(*sseConn)") {
+		// The stream's writer and keep-alive, and the goroutine that waits
+		// for the client to leave (the only hijacked connection here).
+		if strings.Contains(g, "handlers.(*sseConn)") || strings.Contains(g, "handlers.onClose") {
 			n++
 		}
 	}
