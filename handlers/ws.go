@@ -230,6 +230,7 @@ func (c *wsConn) park() {
 		}
 		switch c.took {
 		case tookPing:
+			c.heard()
 			c.answerPing()
 		case tookPong:
 			c.heard()
@@ -241,13 +242,18 @@ func (c *wsConn) park() {
 	c.readLoop()
 }
 
-// answerPing answers the ping park took off the socket, on park's shallow
-// stack: it writes the pong itself, as one raw send, when no other writer
-// runs, and otherwise queues it for that writer.
+// answerPing answers a ping, from park (on its shallow stack) or readLoop:
+// it writes the pong itself, as one raw send, when no other writer runs, and
+// otherwise (or without a RawConn) queues it for that writer.
 func (c *wsConn) answerPing() {
-	c.heard()
-	if !c.w.claim() {
+	if c.raw == nil || !c.w.claim() {
 		c.s.Send(realtime.PongFrame(time.Now()))
+		return
+	}
+	if len(c.s.Wake()) > 0 {
+		// Frames queued before this ping go out first, then the pong.
+		c.s.Send(realtime.PongFrame(time.Now()))
+		c.w.flushClaimed()
 		return
 	}
 	var b [64]byte
@@ -282,16 +288,6 @@ func (c *wsConn) sendAll(b []byte) bool {
 		return true
 	})
 	return err == nil && !failed
-}
-
-// pong answers a ping. The pong is written from here when no flush runs
-// (see claim).
-func (c *wsConn) pong() {
-	claimed := c.w.claim()
-	c.s.Send(realtime.PongFrame(time.Now()))
-	if claimed {
-		c.w.flushClaimed()
-	}
 }
 
 // heard is a sign of life from the client: a message or a pong. It moves the
@@ -342,7 +338,7 @@ func (c *wsConn) readOne() bool {
 		return true
 	}
 	if bytes.Equal(bytes.TrimSpace(data), pingMessage) {
-		c.pong()
+		c.answerPing()
 		return true
 	}
 	msgs, err := realtime.ParseClientMessages(data)
