@@ -14,6 +14,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgerrcode"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
@@ -72,31 +73,54 @@ func validate(n *NewNotification) error {
 }
 
 // publishSQL stores a batch in one statement (so one transaction and one NOTIFY). Rows whose
-// (user_id, idempotency_key) exists already are not inserted (the BEFORE trigger would burn a
-// seq) but returned from the existing row with dup = true. Rows are inserted in ord order, which
-// the caller makes user_id order, so concurrent batches take the user_seqs row locks in one
-// global order and cannot deadlock.
+// (user_id, idempotency_key) exists already are not inserted but returned from the existing row
+// with dup = true.
+//
+// Seqs are assigned here, set-based, not by the per-row trigger (which steps aside once
+// seqsAssignedSQL ran in the transaction, see migrations/004): one upsert adds each user's row
+// count to the user's counter and returns the new last_seq, and a row's seq is last_seq - count
+// + its rank among the user's rows (input order). The upsert locks the counter rows in user_id
+// order, held until commit, so concurrent batches cannot deadlock, a user's notifications commit
+// in seq order, and a rollback gives the seqs back.
 const publishSQL = `
 WITH input AS (
 	SELECT t.id::uuid AS id, t.user_id, t.topic, t.data::jsonb AS data, t.ikey, t.expires_at, t.ord
 	FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
 		WITH ORDINALITY AS t(id, user_id, topic, data, ikey, expires_at, ord)
 ), dup AS (
+	-- A lookup per keyed row (LATERAL ... LIMIT 1 is never turned into a hash join, which a
+	-- plan cached while notifications was small would keep, scanning the whole table).
 	SELECT i.id AS req_id, n.id, n.seq, n.created_at
 	FROM input i
-	JOIN notifications n ON n.user_id = i.user_id AND n.idempotency_key = i.ikey
+	CROSS JOIN LATERAL (
+		SELECT n.id, n.seq, n.created_at FROM notifications n
+		WHERE n.user_id = i.user_id AND n.idempotency_key = i.ikey
+		LIMIT 1
+	) n
 	WHERE i.ikey IS NOT NULL
-), ins AS (
-	INSERT INTO notifications (id, user_id, topic, data, idempotency_key, expires_at)
-	SELECT i.id, i.user_id, i.topic, i.data, i.ikey, i.expires_at
+), fresh AS (
+	SELECT i.*, row_number() OVER w AS rank, count(*) OVER w AS n
 	FROM input i
 	WHERE NOT EXISTS (SELECT 1 FROM dup d WHERE d.req_id = i.id)
-	ORDER BY i.ord
+	WINDOW w AS (PARTITION BY i.user_id ORDER BY i.ord ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+), counters AS (
+	INSERT INTO user_seqs AS s (user_id, last_seq)
+	SELECT f.user_id, f.n FROM fresh f WHERE f.rank = 1 ORDER BY f.user_id
+	ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
+	RETURNING s.user_id, s.last_seq
+), ins AS (
+	INSERT INTO notifications (id, user_id, seq, topic, data, idempotency_key, expires_at)
+	SELECT f.id, f.user_id, c.last_seq - f.n + f.rank, f.topic, f.data, f.ikey, f.expires_at
+	FROM fresh f JOIN counters c ON c.user_id = f.user_id
 	RETURNING id, seq, created_at
 )
 SELECT req_id::text, id::text, seq, created_at, true FROM dup
 UNION ALL
 SELECT id::text, id::text, seq, created_at, false FROM ins`
+
+// seqsAssignedSQL tells the per-row seq trigger that publishSQL assigns the seqs of this
+// transaction's inserts (migrations/004).
+const seqsAssignedSQL = `SELECT set_config('notifyd.seqs_assigned', 'on', true)`
 
 // Publish stores all of ns in one transaction (all or nothing) and returns their results in
 // input order. Rows are inserted sorted by user id (deadlock-free against concurrent batches)
@@ -223,20 +247,21 @@ func (s *Store) publishRows(ctx context.Context, ns []NewNotification, sent []in
 
 func (s *Store) publishOnce(ctx context.Context, byID map[string]Published, args ...any) error {
 	s.stats.publishStatements.Add(1)
-	rows, err := s.pool.Query(ctx, publishSQL, args...)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var reqID string
-		var p Published
-		if err := rows.Scan(&reqID, &p.ID, &p.Seq, &p.CreatedAt, &p.Duplicate); err != nil {
-			return err
+	// One round trip, one implicit transaction: the setting, then the statement.
+	b := &pgx.Batch{}
+	b.Queue(seqsAssignedSQL)
+	b.Queue(publishSQL, args...).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var reqID string
+			var p Published
+			if err := rows.Scan(&reqID, &p.ID, &p.Seq, &p.CreatedAt, &p.Duplicate); err != nil {
+				return err
+			}
+			byID[reqID] = p
 		}
-		byID[reqID] = p
-	}
-	return rows.Err()
+		return rows.Err()
+	})
+	return s.pool.SendBatch(ctx, b).Close()
 }
 
 // rejected reports an error caused by the data itself (class 22 data exceptions such as a

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/notifyd/notifyd/store"
 	"github.com/notifyd/notifyd/store/storetest"
 )
@@ -55,6 +56,12 @@ func TestSeqDenseAndCommitOrdered(t *testing.T) {
 	ctx := testCtx(t)
 	const goroutines, each = 8, 40
 	users := []string{"alice", "bob"}
+	// An application's own INSERTs take the per-row trigger's path, on connections of its own.
+	app, err := pgxpool.NewWithConfig(ctx, s.Pool().Config().Copy())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
 	var wg sync.WaitGroup
 	for g := range goroutines {
 		wg.Add(1)
@@ -63,13 +70,20 @@ func TestSeqDenseAndCommitOrdered(t *testing.T) {
 			for i := range each {
 				u := users[(g+i)%2]
 				var err error
-				switch i % 3 {
+				switch i % 4 {
 				case 0:
 					_, err = s.PublishOne(ctx, note(u))
 				case 1:
 					_, err = s.Publish(ctx, []store.NewNotification{note(u)})
+				case 2:
+					_, err = app.Exec(ctx, `INSERT INTO notifications (user_id, topic) VALUES ($1, 't'), ('bob', 't')`, u)
 				default:
-					_, err = s.Publish(ctx, []store.NewNotification{note("alice"), note("bob")})
+					// A user's rows get seqs in input order, whatever lies between them.
+					var ps []store.Published
+					ps, err = s.Publish(ctx, []store.NewNotification{note("alice"), note("bob"), note("alice"), note("alice")})
+					if err == nil && (ps[2].Seq != ps[0].Seq+1 || ps[3].Seq != ps[0].Seq+2) {
+						t.Errorf("alice's seqs in one batch: %d, %d, %d", ps[0].Seq, ps[2].Seq, ps[3].Seq)
+					}
 				}
 				if err != nil {
 					t.Error(err)
