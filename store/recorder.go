@@ -146,6 +146,7 @@ type Recorder struct {
 	flushMu   sync.Mutex       // one flush at a time (Run, or Close after Run)
 	carry     []Ack            // under flushMu: acks of the last flush that matched nothing yet
 	cursors   map[string]int64 // under flushMu: last cursor receipt applied per session
+	delivered map[string]int64 // under flushMu: highest seq recorded per session
 	dropped   atomic.Uint64
 	unmatched atomic.Uint64
 	recorded  atomic.Uint64
@@ -169,10 +170,11 @@ func NewRecorder(s *Store, log *slog.Logger, opt RecorderOptions) *Recorder {
 	}
 	return &Recorder{
 		s: s, log: log, opt: opt,
-		wake:    make(chan struct{}, 1),
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
-		cursors: map[string]int64{},
+		wake:      make(chan struct{}, 1),
+		stop:      make(chan struct{}),
+		done:      make(chan struct{}),
+		cursors:   map[string]int64{},
+		delivered: map[string]int64{},
 	}
 }
 
@@ -324,7 +326,7 @@ func (r *Recorder) flushAll(ctx context.Context) {
 func (r *Recorder) flush(ctx context.Context, q recQueue) {
 	carried := r.carry
 	r.carry = nil
-	b := &recorderBatch{cursors: r.cursors}
+	b := &recorderBatch{cursors: r.cursors, delivered: r.delivered}
 	n, invalid := b.build(q, carried)
 	if invalid > 0 {
 		r.drop(invalid, "invalid records")
@@ -376,10 +378,18 @@ func (r *Recorder) finish(b *recorderBatch, matched map[ackKey]bool, n, carried 
 		r.log.Debug("store recorder: acks matched no recorded delivery", "acks", unmatched)
 	}
 	for sid, seq := range b.cursorAcked {
-		if len(r.cursors) >= maxCursorSessions {
+		if len(r.cursors) >= maxRememberedSessions {
 			clear(r.cursors) // only makes the next cursor receipt of each session scan further back
 		}
 		r.cursors[sid] = seq
+	}
+	for i, sid := range b.delSids {
+		if seq := b.delSeqs[i]; seq > r.delivered[sid] {
+			if len(r.delivered) >= maxRememberedSessions {
+				clear(r.delivered) // only lets a repeat of an older delivery through (see build)
+			}
+			r.delivered[sid] = seq
+		}
 	}
 }
 
@@ -393,11 +403,12 @@ func isMissingPartition(err error) bool {
 		strings.Contains(pgErr.Message, "no partition")
 }
 
-// maxCursorSessions bounds the Recorder's memory of the last cursor receipt per session.
-const maxCursorSessions = 100_000
+// maxRememberedSessions bounds the Recorder's memory per session: the last cursor receipt, and
+// the highest seq recorded.
+const maxRememberedSessions = 100_000
 
-// ackWindow bounds how far back a receipt looks for its delivery (and a delivery for an earlier
-// record of itself), so that both read only the latest daily partitions of deliveries.
+// ackWindow bounds how far back a receipt looks for its delivery, so that it reads only the
+// latest daily partitions of deliveries.
 const ackWindow = 24 * time.Hour
 
 type ackKey struct{ nid, sid string }
@@ -405,7 +416,8 @@ type ackKey struct{ nid, sid string }
 // recorderBatch is one chunk turned into column arrays. Acks whose delivery is in the same
 // chunk are folded into it (no UPDATE); so are cursor receipts.
 type recorderBatch struct {
-	cursors map[string]int64 // last cursor receipt applied per session (read only here)
+	cursors   map[string]int64 // last cursor receipt applied per session (read only here)
+	delivered map[string]int64 // highest seq recorded per session (read only here)
 
 	startIDs, startSids, startUsers, startDevices, startTransports, startAddrs, startAgents []string
 	startAt                                                                                 []time.Time
@@ -464,7 +476,9 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 		b.startAt = append(b.startAt, s.ConnectedAt)
 	}
 
-	// Deliveries, the first of a (notification, session) only.
+	// Deliveries, the first of a (notification, session) only. A session is sent its seqs in
+	// increasing order, each once, so a delivery at or below the highest seq recorded for its
+	// session before is a repeat; so is a second one in this chunk.
 	first := make(map[ackKey]int, len(q.deliv))
 	for _, d := range q.deliv {
 		if !validUUID(d.NotificationID) {
@@ -474,6 +488,9 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 		n++
 		k := ackKey{d.NotificationID, d.SessionID}
 		if _, dup := first[k]; dup {
+			continue
+		}
+		if d.Seq > 0 && d.Seq <= b.delivered[d.SessionID] {
 			continue
 		}
 		first[k] = len(b.delNids)
@@ -579,6 +596,12 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 	// reach the disk (a Postgres crash may lose the last fraction of a second of them; the
 	// database stays consistent).
 	pb.Queue(`SELECT set_config('synchronous_commit', 'off', true)`)
+	// Every statement below joins a few hundred rows of arrays to a table that only grows
+	// (deliveries, session_history): planned once as a generic plan while the tables were small,
+	// the join stays a hash join over a scan of the whole table (today's deliveries on every
+	// flush) for as long as the connection keeps the plan. Planned for the arrays at hand
+	// (custom plans, a fraction of a millisecond per flush), each is an index lookup per row.
+	pb.Queue(`SELECT set_config('plan_cache_mode', 'force_custom_plan', true)`)
 	if len(b.startIDs) > 0 {
 		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
 			SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at
@@ -588,18 +611,19 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 			b.startIDs, b.startSids, b.startUsers, b.startDevices, b.startTransports, b.startAddrs, b.startAgents, b.startAt)
 	}
 	if len(b.delNids) > 0 {
-		// deliveries' key includes delivered_at (the partition key): the first delivery of a
-		// notification to a session is kept by looking for an earlier one.
+		// One row per notification and session: build drops repeats (by the session's highest
+		// seq recorded, in memory), and a flush retried after an unclear failure repeats its
+		// rows exactly, delivered_at included, so the key catches those. (Looking in the table
+		// for an earlier row cost an index probe per row and partition, or, planned as a hash
+		// join, a scan of the day's deliveries on every flush.)
 		pb.Queue(`INSERT INTO deliveries (notification_id, user_id, seq, session_id, device, transport, replayed,
 				published_at, delivered_at, acked_at)
 			SELECT t.nid::uuid, t.uid, t.seq, t.sid, t.dev, t.tr, t.rep, t.pub, t.at, t.ack
 			FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::boolean[],
 				$8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) AS t(nid, uid, seq, sid, dev, tr, rep, pub, at, ack)
-			WHERE NOT EXISTS (SELECT 1 FROM deliveries d
-				WHERE d.notification_id = t.nid::uuid AND d.session_id = t.sid AND d.delivered_at >= $11)
 			ON CONFLICT DO NOTHING`,
 			b.delNids, b.delUsers, b.delSeqs, b.delSids, b.delDevices, b.delTransports, b.delReplayed,
-			b.delPublished, b.delAt, b.delAcked, since)
+			b.delPublished, b.delAt, b.delAcked)
 	}
 	if len(b.acks) > 0 {
 		nids := make([]string, len(b.acks))
