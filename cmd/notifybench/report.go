@@ -79,6 +79,15 @@ func checks(r *Result) []Check {
 			readBack = fmt.Sprintf(", %.0f%% read back from Postgres", 100*p.ReadBack)
 		}
 		add(what, target, fmt.Sprintf("%s (%s committed/s, server CPU %.0f%%%s)", num(p.DeliveredPerSec), num(p.PublishedPerSec), p.ServerCPU, readBack), pass)
+		if c := p.CPU; c != nil {
+			grouped := ""
+			if p.CallsPerTx > 0 {
+				grouped = fmt.Sprintf("; %.1f requests per transaction", p.CallsPerTx)
+			}
+			add("CPU while publishing, per committed notification", "reported",
+				fmt.Sprintf("machine %.0f µs (%.0f%% of a core): server %.0f µs, Postgres %.0f µs, tool %.0f µs%s",
+					c.MachineUS, c.Machine, c.ServerUS, c.PostgresUS, c.BenchUS, grouped), true)
+		}
 		target, pass = "reported", true
 		if tg.MaxP99Ms > 0 {
 			target = fmt.Sprintf("p99 <= %g ms", tg.MaxP99Ms)

@@ -178,6 +178,13 @@ type PublishResult struct {
 	// rows the server read back from Postgres instead of taking them from its
 	// own publishes (notifyd_dispatched_total); -1 when not known.
 	ReadBack float64 `json:"read_back_fraction"`
+	// CPU is what the machine, server, Postgres and tool used while publishing,
+	// per committed notification too.
+	CPU *phaseCPU `json:"cpu,omitempty"`
+	// CallsPerTx is how many single publishes shared a transaction (the
+	// server's notifyd_publish_single_total over notifyd_publish_groups_total);
+	// 0 when not known.
+	CallsPerTx float64 `json:"calls_per_tx,omitempty"`
 }
 
 // ReconnectResult is the mass reconnect.
@@ -355,7 +362,9 @@ func run(ctx context.Context, cfg runConfig, t *target, sc Scenario, res *Result
 		if err != nil {
 			return err
 		}
-		pr.ReadBack = readBack(before, t.runtimeMetrics(ctx))
+		after := t.runtimeMetrics(ctx)
+		pr.ReadBack = readBack(before, after)
+		pr.CallsPerTx = callsPerTx(before, after)
 		res.Publish = pr
 		log.Info("published", "delivered_per_sec", int(pr.DeliveredPerSec), "lost", pr.Lost, "p99_ms", pr.Latency.P99)
 	}
@@ -482,6 +491,7 @@ func publishPhase(ctx context.Context, t *target, b *bench, sc Scenario, users [
 		}()
 	}
 	c0, _ := readProc(t.PID)
+	phase := startPhaseCPU(t.PID)
 	start := time.Now()
 	took, err := p.run(ctx, sc.Publish, sc.Publishers, sc.Batch, sc.PublishFor)
 	if err != nil {
@@ -492,6 +502,7 @@ func publishPhase(ctx context.Context, t *target, b *bench, sc Scenario, users [
 	for i := range p.committed {
 		committed += p.committed[i].Load()
 	}
+	phase.finish(committed)
 	// Drain: wait until everything committed arrived, or nothing moved for 5s.
 	last, lastMove := b.received.Load(), time.Now()
 	for b.received.Load()-recv0 < committed && time.Since(lastMove) < 5*time.Second {
@@ -503,7 +514,7 @@ func publishPhase(ctx context.Context, t *target, b *bench, sc Scenario, users [
 	wg.Wait()
 	pr := &PublishResult{Mode: sc.Publish, Publishers: sc.Publishers, Batch: sc.Batch, Seconds: took.Seconds(),
 		Committed: committed, PublishedPerSec: float64(committed) / took.Seconds(), Errors: p.errors.Load(),
-		Latency: b.lat.summary(), Request: p.reqLat.summary()}
+		Latency: b.lat.summary(), Request: p.reqLat.summary(), CPU: phase}
 	if t.PID > 0 {
 		pr.ServerCPU = cpuPercent(c0, c1)
 	}
@@ -668,6 +679,17 @@ func sortedKeys(m map[string]int) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// callsPerTx is how many single publishes shared a transaction between two
+// readings of the server's metrics, or 0 when none were grouped.
+func callsPerTx(before, after map[string]float64) float64 {
+	const calls, groups = "notifyd_publish_single_total", "notifyd_publish_groups_total"
+	c, g := after[calls]-before[calls], after[groups]-before[groups]
+	if c <= 0 || g <= 0 {
+		return 0
+	}
+	return c / g
 }
 
 // readBack is the share of dispatched notifications read back from Postgres

@@ -309,6 +309,85 @@ func machineCPU() (busy, total int64) {
 	return busy, total
 }
 
+// postgresTicks is the CPU (utime + stime, clock ticks) of every live process
+// named postgres: the server's backends, the WAL writer and the rest of the
+// cluster. A backend that exits between two readings takes its ticks along,
+// which the pools of a scenario's server (kept open) do not.
+func postgresTicks() int64 {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	var sum int64
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil || strings.TrimSpace(string(comm)) != "postgres" {
+			continue
+		}
+		if s, err := readProc(pid); err == nil {
+			sum += s.CPUTick
+		}
+	}
+	return sum
+}
+
+// phaseCPU is what the machine, the server, Postgres and the tool used over one
+// phase, in percent of one core, and per unit of work (a committed
+// notification) in microseconds of CPU: where a throughput ceiling comes from.
+type phaseCPU struct {
+	Machine  float64 `json:"machine_pct"`
+	Server   float64 `json:"server_pct"`
+	Postgres float64 `json:"postgres_pct"`
+	Bench    float64 `json:"bench_pct"`
+	// Per unit, in µs of CPU.
+	MachineUS  float64 `json:"machine_us_per_unit"`
+	ServerUS   float64 `json:"server_us_per_unit"`
+	PostgresUS float64 `json:"postgres_us_per_unit"`
+	BenchUS    float64 `json:"bench_us_per_unit"`
+
+	at               time.Time
+	busy, total, pg  int64
+	server, bench    procSample
+	serverPID, cores int
+}
+
+func startPhaseCPU(serverPID int) *phaseCPU {
+	c := &phaseCPU{at: time.Now(), serverPID: serverPID, cores: runtime.NumCPU()}
+	c.busy, c.total = machineCPU()
+	c.pg = postgresTicks()
+	if serverPID > 0 {
+		c.server, _ = readProc(serverPID)
+	}
+	c.bench, _ = readProc(os.Getpid())
+	return c
+}
+
+// finish takes the second reading; units is the work done meanwhile.
+func (c *phaseCPU) finish(units int64) {
+	secs := time.Since(c.at).Seconds()
+	busy, total := machineCPU()
+	if total > c.total {
+		c.Machine = float64(busy-c.busy) / float64(total-c.total) * 100 * float64(c.cores)
+	}
+	c.Postgres = float64(postgresTicks()-c.pg) / clockTick / secs * 100
+	if c.serverPID > 0 {
+		if s, err := readProc(c.serverPID); err == nil {
+			c.Server = cpuPercent(c.server, s)
+		}
+	}
+	if s, err := readProc(os.Getpid()); err == nil {
+		c.Bench = cpuPercent(c.bench, s)
+	}
+	if units > 0 {
+		per := func(pct float64) float64 { return pct / 100 * secs / float64(units) * 1e6 }
+		c.MachineUS, c.ServerUS, c.PostgresUS, c.BenchUS = per(c.Machine), per(c.Server), per(c.Postgres), per(c.Bench)
+	}
+}
+
 // cpuShare is what one scenario's processes and the whole machine used, in
 // percent of one core: the machine is shared (Postgres, other work), and a
 // busy neighbour shows here.
