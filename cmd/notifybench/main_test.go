@@ -170,3 +170,31 @@ func TestSessionChecks(t *testing.T) {
 		t.Fatal("a replay that skipped seq 1 was not flagged")
 	}
 }
+
+// TestFloors runs small storm and HTTP floors against the bare server
+// (a notifybench binary built for the test): each must have measured
+// connects or requests, without errors, and the CPU they cost.
+func TestFloors(t *testing.T) {
+	echoBinary = filepath.Join(t.TempDir(), "notifybench")
+	if out, err := exec.Command("go", "build", "-o", echoBinary, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build notifybench: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { echoBinary = "" })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	st, err := stormFloor(ctx, 300, 16, loopbackSources(3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Errors != 0 || st.PerSecond <= 0 || st.CPU.ServerUS <= 0 || st.CPU.BenchUS <= 0 {
+		t.Errorf("storm floor: %+v, cpu %+v", st, st.CPU)
+	}
+	hf, err := httpFloor(ctx, 4, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hf.Errors != 0 || hf.PerSecond <= 0 || hf.CPU.ServerUS <= 0 || hf.Latency.P50 <= 0 {
+		t.Errorf("http floor: %+v, cpu %+v", hf, hf.CPU)
+	}
+	t.Logf("%s%s", st.markdown(), hf.markdown())
+}

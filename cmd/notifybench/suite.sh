@@ -7,7 +7,7 @@
 #   OUT=/tmp/notifyd-bench BENCH_SCENARIOS=default BENCH_PPROF=1 cmd/notifybench/suite.sh
 #
 # Results: $OUT/results.md (the table for the README), $OUT/results.json,
-# $OUT/gobench.txt, $OUT/echo-floor.md (the bare echo server's row), server logs, and with BENCH_PPROF=1 CPU and heap profiles
+# $OUT/gobench.txt, $OUT/echo-floor.md (the bare server's floors), server logs, and with BENCH_PPROF=1 CPU and heap profiles
 # in $OUT/pprof (read them with `go tool pprof $OUT/bin/notifyd FILE`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,8 +45,9 @@ echo "== notifybench scenarios: $SCENARIOS" >&2
   -commit "$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')" \
   "${pprof[@]}"
 
-# The floor that ws-idle compares with: a bare gorilla echo server with as
-# many connections pinging as often (about a minute; BENCH_ECHO=0 skips it).
+# The floors that ws-idle, storm and publish-single compare with: a bare
+# gorilla and net/http server under the same load from the same clients
+# (about 80 s; BENCH_ECHO=0 skips it).
 if [ "${BENCH_ECHO:-1}" = 1 ]; then
   echo "== echo floor" >&2
   "$OUT/bin/notifybench" -echo-floor -ws 19000 -ping 20s -idle 40s -out "$OUT"
