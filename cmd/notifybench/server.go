@@ -240,7 +240,9 @@ type procSample struct {
 	At      time.Time
 	RSS     int64 // bytes
 	CPUTick int64 // utime + stime, in clock ticks
-	FDs     int
+	// ChildTick is cutime + cstime: the CPU of the children it waited for.
+	ChildTick int64
+	FDs       int
 }
 
 // clockTick is USER_HZ, 100 on every Linux this runs on.
@@ -264,6 +266,11 @@ func readProc(pid int) (procSample, error) {
 	ut, _ := strconv.ParseInt(f[11], 10, 64) // field 14 utime
 	st, _ := strconv.ParseInt(f[12], 10, 64) // field 15 stime
 	s.CPUTick = ut + st
+	if len(f) >= 15 {
+		cut, _ := strconv.ParseInt(f[13], 10, 64) // field 16 cutime
+		cst, _ := strconv.ParseInt(f[14], 10, 64) // field 17 cstime
+		s.ChildTick = cut + cst
+	}
 	status, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return s, err
@@ -309,10 +316,10 @@ func machineCPU() (busy, total int64) {
 	return busy, total
 }
 
-// postgresTicks is the CPU (utime + stime, clock ticks) of every live process
-// named postgres: the server's backends, the WAL writer and the rest of the
-// cluster. A backend that exits between two readings takes its ticks along,
-// which the pools of a scenario's server (kept open) do not.
+// postgresTicks is the CPU (clock ticks) of every live process named
+// postgres (the backends, the WAL writer and the rest of the cluster), with
+// the CPU of the children they reaped: a backend that exits (the tool's SQL
+// publishers close theirs as the phase ends) is counted in its postmaster's.
 func postgresTicks() int64 {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
@@ -329,7 +336,7 @@ func postgresTicks() int64 {
 			continue
 		}
 		if s, err := readProc(pid); err == nil {
-			sum += s.CPUTick
+			sum += s.CPUTick + s.ChildTick
 		}
 	}
 	return sum
