@@ -21,6 +21,16 @@ type Metrics struct {
 	latency   *prometheus.HistogramVec
 	ended     *prometheus.CounterVec
 	recent    latencyRing
+	// byTransport holds each transport's children of delivered and latency, looked up once:
+	// WithLabelValues hashes its labels and takes the vector's lock on every call, which cost
+	// about 3 µs per write under batched publishing.
+	byTransport map[realtime.Transport]transportMetrics
+}
+
+// transportMetrics are one transport's children of Metrics' vectors.
+type transportMetrics struct {
+	latency        prometheus.Observer
+	live, replayed prometheus.Counter
 }
 
 // NewMetrics registers notifyd's metrics, reading presence from hub.
@@ -39,6 +49,10 @@ func NewMetrics(hub *realtime.Hub) *Metrics {
 			Help: "Sessions ended, by reason."}, []string{"reason"}),
 	}
 	reg.MustRegister(m.published, m.delivered, m.latency, m.ended)
+	m.byTransport = make(map[realtime.Transport]transportMetrics, len(realtime.Transports))
+	for _, tr := range realtime.Transports {
+		m.byTransport[tr] = m.children(tr)
+	}
 	for _, tr := range realtime.Transports {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_sessions",
 			Help: "Live sessions by transport.", ConstLabels: prometheus.Labels{"transport": string(tr)}},
@@ -60,7 +74,10 @@ func (m *Metrics) Handler() http.Handler {
 func (m *Metrics) Written(s *realtime.Session, frames []realtime.Frame) {
 	now := time.Now()
 	var live, replayed int
-	var latency prometheus.Observer // looked up once per write, not per frame
+	tm, ok := m.byTransport[s.Transport]
+	if !ok {
+		tm = m.children(s.Transport)
+	}
 	for i := range frames {
 		f := &frames[i]
 		if f.Type != realtime.TypeNotification {
@@ -72,18 +89,22 @@ func (m *Metrics) Written(s *realtime.Session, frames []realtime.Frame) {
 		}
 		live++
 		d := now.Sub(f.CreatedAt)
-		if latency == nil {
-			latency = m.latency.WithLabelValues(string(s.Transport))
-		}
-		latency.Observe(d.Seconds())
+		tm.latency.Observe(d.Seconds())
 		m.recent.add(d)
 	}
 	if live > 0 {
-		m.delivered.WithLabelValues(string(s.Transport), "false").Add(float64(live))
+		tm.live.Add(float64(live))
 	}
 	if replayed > 0 {
-		m.delivered.WithLabelValues(string(s.Transport), "true").Add(float64(replayed))
+		tm.replayed.Add(float64(replayed))
 	}
+}
+
+// children looks up tr's children of the delivered and latency vectors.
+func (m *Metrics) children(tr realtime.Transport) transportMetrics {
+	return transportMetrics{latency: m.latency.WithLabelValues(string(tr)),
+		live:     m.delivered.WithLabelValues(string(tr), "false"),
+		replayed: m.delivered.WithLabelValues(string(tr), "true")}
 }
 
 // Ended counts a session's end.
