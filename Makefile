@@ -41,6 +41,7 @@ fuzz: pg-up
 	$(GO) test -run '^$$' -fuzz '^FuzzParseClientMessages$$' -fuzztime $(FUZZTIME) ./handlers/realtime
 	$(GO) test -run '^$$' -fuzz '^FuzzTrackerGet$$' -fuzztime $(FUZZTIME) ./handlers/realtime
 	$(GO) test -run '^$$' -fuzz '^FuzzParsePayload$$' -fuzztime $(FUZZTIME) ./store
+	$(GO) test -run '^$$' -fuzz '^FuzzNames$$' -fuzztime $(FUZZTIME) ./handlers
 
 ## bench-report: the reporting views at 10M deliveries / 2M notifications (timings and EXPLAIN plans in bench-report.md;
 ## about 10 min), then recording on vs off (delivered notifications/s over WebSocket)

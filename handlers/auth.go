@@ -6,18 +6,48 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strings"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
 )
 
-// userPattern is what a user id may be (PROTOCOL.md, Identities).
-var userPattern = regexp.MustCompile(`^[A-Za-z0-9._:@-]{1,128}$`)
+// userChars is what a user id may be made of: 1 to 128 of [A-Za-z0-9._:@-]
+// (PROTOCOL.md, Identities).
+var userChars = newCharset("._:@-")
 
 // ValidUser reports whether u is a well-formed user id.
-func ValidUser(u string) bool { return userPattern.MatchString(u) }
+func ValidUser(u string) bool { return userChars.valid(u) }
+
+// charset is a set of bytes that names (user ids, topics) may be made of.
+// Checking a name against it is a table lookup per byte: a regexp cost about
+// 2 µs per name, twice per published notification.
+type charset [256]bool
+
+// newCharset is the ASCII letters and digits plus punct.
+func newCharset(punct string) *charset {
+	var c charset
+	for b := range 256 {
+		c[b] = 'a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9'
+	}
+	for i := range len(punct) {
+		c[punct[i]] = true
+	}
+	return &c
+}
+
+// valid reports whether s is 1 to 128 bytes, all in c.
+func (c *charset) valid(s string) bool {
+	if len(s) == 0 || len(s) > 128 {
+		return false
+	}
+	for i := range len(s) {
+		if !c[s[i]] {
+			return false
+		}
+	}
+	return true
+}
 
 // Auth checks client tokens, the publisher API key and request origins.
 type Auth struct {

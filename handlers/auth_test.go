@@ -2,6 +2,8 @@ package handlers
 
 import (
 	"net/http/httptest"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 )
@@ -20,4 +22,23 @@ func BenchmarkAuthClient(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// FuzzNames checks the user id and topic checks against the patterns
+// PROTOCOL.md gives for them.
+func FuzzNames(f *testing.F) {
+	for _, s := range []string{"", "alice", "user-1@example.com", "a b", "order.shipped/eu:1",
+		strings.Repeat("x", 128), strings.Repeat("x", 129), "é", "a\x00", "tab\t", "a/b@c"} {
+		f.Add(s)
+	}
+	user := regexp.MustCompile(`^[A-Za-z0-9._:@-]{1,128}$`)
+	topic := regexp.MustCompile(`^[A-Za-z0-9._:/-]{1,128}$`)
+	f.Fuzz(func(t *testing.T, s string) {
+		if got, want := ValidUser(s), user.MatchString(s); got != want {
+			t.Errorf("ValidUser(%q) = %v, want %v", s, got, want)
+		}
+		if got, want := topicChars.valid(s), topic.MatchString(s); got != want {
+			t.Errorf("topic %q valid = %v, want %v", s, got, want)
+		}
+	})
 }

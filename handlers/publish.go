@@ -4,14 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
-	"regexp"
 	"strconv"
 	"time"
 
 	"github.com/notifyd/notifyd/store"
 )
 
-var topicPattern = regexp.MustCompile(`^[A-Za-z0-9._:/-]{1,128}$`)
+// topicChars is what a topic may be made of: 1 to 128 of [A-Za-z0-9._:/-].
+var topicChars = newCharset("._:/-")
 
 // publishRequest is the body of POST /v1/notifications: one notification
 // (user_id), one fanned out to many users (user_ids), or a batch
@@ -51,7 +51,7 @@ func (a *API) validateItem(it publishItem, where string) (store.NewNotification,
 	if !ValidUser(it.UserID) {
 		return store.NewNotification{}, bad("user_id must be 1-128 characters of [A-Za-z0-9._:@-]")
 	}
-	if !topicPattern.MatchString(it.Topic) {
+	if !topicChars.valid(it.Topic) {
 		return store.NewNotification{}, bad("topic must be 1-128 characters of [A-Za-z0-9._:/-]")
 	}
 	data := bytes.TrimSpace(it.Data)
