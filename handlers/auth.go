@@ -20,8 +20,8 @@ var userChars = newCharset("._:@-")
 func ValidUser(u string) bool { return userChars.valid(u) }
 
 // charset is a set of bytes that names (user ids, topics) may be made of.
-// Checking a name against it is a table lookup per byte: a regexp cost about
-// 2 µs per name, twice per published notification.
+// Checking a name against it is a table lookup per byte (a regexp took about
+// 0.2 µs for a 9-byte user id here, twice per published notification).
 type charset [256]bool
 
 // newCharset is the ASCII letters and digits plus punct.
