@@ -3,6 +3,7 @@ package handlers
 import (
 	"net/http/httptest"
 	"regexp"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +22,49 @@ func BenchmarkAuthClient(b *testing.B) {
 		if _, err := a.Client(r); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkAuthClientConnect: the same on a new goroutine per token, as a
+// connection's handler does, while 10,000 goroutines wait on small stacks as
+// idle connections' do. New goroutines then start with small stacks (the
+// runtime starts them at the average stack in use), so on-demand counts the
+// stack growth that parsing a token causes; grown-first grows the stack once
+// with growStack before, as serveWS and serveSSE do.
+func BenchmarkAuthClientConnect(b *testing.B) {
+	a := NewAuth("secret-for-the-benchmark", "", nil)
+	tok, err := a.NewToken("user-123", "phone", time.Hour)
+	if err != nil {
+		b.Fatal(err)
+	}
+	r := httptest.NewRequest("GET", "/v1/ws?token="+tok, nil)
+	idle := make(chan struct{})
+	defer close(idle)
+	for range 10_000 {
+		go func() { <-idle }()
+	}
+	runtime.GC()
+	runtime.GC() // the second GC's start size reflects the idle goroutines
+	for _, c := range []struct {
+		name string
+		grow bool
+	}{{"on-demand", false}, {"grown-first", true}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			errs := make(chan error)
+			for b.Loop() {
+				go func() {
+					if c.grow {
+						growStack()
+					}
+					_, err := a.Client(r)
+					errs <- err
+				}()
+				if err := <-errs; err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
 

@@ -43,6 +43,7 @@ type sseConn struct {
 // stream starts, so a refused client gets an HTTP status with a JSON body.
 // Last-Event-ID, which the browser sends on reconnect, is the cursor.
 func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
+	growStack()
 	cr, err := a.readConnect(r, r.Header.Get("Last-Event-ID"))
 	if err != nil {
 		writeError(w, err)

@@ -98,6 +98,7 @@ type wsConn struct {
 // serveWS is GET /v1/ws: auth and limits are checked before the upgrade so a
 // refused client gets an HTTP status with a JSON body.
 func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
+	growStack()
 	cr, err := a.readConnect(r, "")
 	if err != nil {
 		writeError(w, err)
