@@ -38,6 +38,10 @@ func checks(r *Result) []Check {
 			add("sessions connected", "all, replay exact", fmt.Sprintf("%s of %s in %.1fs (%s/s), %d bad replays",
 				num(float64(c.Sessions-c.Errors)), num(float64(c.Sessions)), c.Seconds, num(c.PerSecond), c.ReplayBad), pass)
 		}
+		if p := c.CPU; p != nil {
+			add("CPU while connecting, per session", "reported", fmt.Sprintf("machine %.0f µs (%.0f%% of a core): server %.0f µs, Postgres %.0f µs, tool %.0f µs",
+				p.MachineUS, p.Machine, p.ServerUS, p.PostgresUS, p.BenchUS), true)
+		}
 	}
 	if m := r.Memory; m != nil {
 		target, pass := "reported", true

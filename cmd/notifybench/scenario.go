@@ -133,6 +133,9 @@ type ConnectResult struct {
 	Samples   []string    `json:"error_samples,omitempty"`
 	ReplayBad int         `json:"replay_bad"`
 	Latency   Percentiles `json:"latency"`
+	// CPU is what the machine, server, Postgres and tool used while
+	// connecting, per connected session too.
+	CPU *phaseCPU `json:"cpu,omitempty"`
 }
 
 // MemoryResult is server RSS before and after the sessions connected.
@@ -293,7 +296,10 @@ func run(ctx context.Context, cfg runConfig, t *target, sc Scenario, res *Result
 
 	// Connect.
 	log.Info("connecting", "sessions", n, "rate", sc.ConnectRate)
+	phase := startPhaseCPU(t.PID)
 	cr := connectAll(ctx, sessions, sc.ConnectRate, sc.ConnectConcurrency, func(s *session) (int64, string) { return 0, "" })
+	phase.finish(int64(n - cr.Errors))
+	cr.CPU = phase
 	for _, s := range sessions {
 		s.mu.Lock()
 		if s.synced && (s.replayBad != "" || s.replayed != sc.Unread || s.cursor != int64(sc.Unread)) {
