@@ -1,6 +1,7 @@
 package handlers
 
 import (
+	"net/http"
 	"net/http/httptest"
 	"regexp"
 	"runtime"
@@ -9,14 +10,19 @@ import (
 	"time"
 )
 
-// BenchmarkAuthClient: authenticating one client token, as every connect does.
-func BenchmarkAuthClient(b *testing.B) {
+// tokenRequest is an Auth and a connect request carrying a token it signed.
+func tokenRequest(b *testing.B) (*Auth, *http.Request) {
 	a := NewAuth("secret-for-the-benchmark", "", nil)
 	tok, err := a.NewToken("user-123", "phone", time.Hour)
 	if err != nil {
 		b.Fatal(err)
 	}
-	r := httptest.NewRequest("GET", "/v1/ws?token="+tok, nil)
+	return a, httptest.NewRequest("GET", "/v1/ws?token="+tok, nil)
+}
+
+// BenchmarkAuthClient: authenticating one client token, as every connect does.
+func BenchmarkAuthClient(b *testing.B) {
+	a, r := tokenRequest(b)
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := a.Client(r); err != nil {
@@ -32,12 +38,7 @@ func BenchmarkAuthClient(b *testing.B) {
 // stack growth that parsing a token causes; grown-first grows the stack once
 // with growStack before, as serveWS and serveSSE do.
 func BenchmarkAuthClientConnect(b *testing.B) {
-	a := NewAuth("secret-for-the-benchmark", "", nil)
-	tok, err := a.NewToken("user-123", "phone", time.Hour)
-	if err != nil {
-		b.Fatal(err)
-	}
-	r := httptest.NewRequest("GET", "/v1/ws?token="+tok, nil)
+	a, r := tokenRequest(b)
 	idle := make(chan struct{})
 	defer close(idle)
 	for range 10_000 {
