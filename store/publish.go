@@ -256,14 +256,14 @@ func (s *Store) publishRows(ctx context.Context, ns []NewNotification, sent []in
 	return out, nil
 }
 
-// publishOnce runs publishSQL once for rows notifications (args are its parameters) and
-// puts the results in byID.
-func (s *Store) publishOnce(ctx context.Context, byID map[string]Published, rows int, args ...any) error {
+// publishOnce runs publishSQL once for n notifications (args are its parameters) and puts
+// the results in byID.
+func (s *Store) publishOnce(ctx context.Context, byID map[string]Published, n int, args ...any) error {
 	s.stats.publishStatements.Add(1)
 	// One round trip, one implicit transaction: the settings, then the statement.
 	b := &pgx.Batch{}
 	b.Queue(seqsAssignedSQL)
-	if rows >= customPlanRows {
+	if n >= customPlanRows {
 		b.Queue(customPlanSQL)
 	}
 	b.Queue(publishSQL, args...).Query(func(rows pgx.Rows) error {

@@ -490,7 +490,8 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 		if _, dup := first[k]; dup {
 			continue
 		}
-		if d.Seq > 0 && d.Seq <= b.delivered[d.SessionID] {
+		sid := clean(d.SessionID)
+		if d.Seq > 0 && d.Seq <= b.delivered[sid] {
 			continue
 		}
 		first[k] = len(b.delNids)
@@ -503,7 +504,7 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 		b.delNids = append(b.delNids, d.NotificationID)
 		b.delUsers = append(b.delUsers, clean(d.UserID))
 		b.delSeqs = append(b.delSeqs, d.Seq)
-		b.delSids = append(b.delSids, clean(d.SessionID))
+		b.delSids = append(b.delSids, sid)
 		b.delDevices = append(b.delDevices, clean(d.Device))
 		b.delTransports = append(b.delTransports, clean(d.Transport))
 		b.delReplayed = append(b.delReplayed, d.Replayed)
@@ -597,10 +598,12 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 	// database stays consistent).
 	pb.Queue(`SELECT set_config('synchronous_commit', 'off', true)`)
 	// Every statement below joins a few hundred rows of arrays to a table that only grows
-	// (deliveries, session_history): planned once as a generic plan while the tables were small,
-	// the join stays a hash join over a scan of the whole table (today's deliveries on every
-	// flush) for as long as the connection keeps the plan. Planned for the arrays at hand
-	// (custom plans, a fraction of a millisecond per flush), each is an index lookup per row.
+	// (deliveries, session_history). The generic plan Postgres caches after a few flushes is
+	// costed for the tables as they were then: made while they were small, its joins stay hash
+	// joins over a scan of the whole table (today's deliveries, on every flush) for as long as
+	// the connection keeps it. Planned for the arrays at hand and the tables as they are now
+	// (custom plans, a fraction of a millisecond per flush), a join becomes an index lookup
+	// per row once the table is large.
 	pb.Queue(`SELECT set_config('plan_cache_mode', 'force_custom_plan', true)`)
 	if len(b.startIDs) > 0 {
 		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
