@@ -196,8 +196,8 @@ func writeMarkdown(w io.Writer, rep *Report) {
 			if i == 0 {
 				name = "**" + r.Scenario.Name + "**: " + title
 				if c := r.CPU; c != nil {
-					name += fmt.Sprintf(" (CPU over the run, %% of one core: machine %.0f, server %.0f, tool %.0f; load at start %s)",
-						c.Machine, c.Server, c.Bench, c.LoadAvg)
+					name += fmt.Sprintf(" (CPU over the run, %% of one core: machine %.0f, server %.0f, Postgres %.0f, tool %.0f; load at start %s)",
+						c.Machine, c.Server, c.Postgres, c.Bench, c.LoadAvg)
 				}
 			}
 			mark := "yes"

@@ -120,7 +120,7 @@ type Result struct {
 	PingErrors    int64          `json:"ping_errors"`
 	Profiles      []string       `json:"profiles,omitempty"`
 	// CPU is what the machine, the server and the tool used over the run.
-	CPU    *cpuShare `json:"cpu,omitempty"`
+	CPU    *phaseCPU `json:"cpu,omitempty"`
 	Checks []Check   `json:"checks"`
 }
 
@@ -230,9 +230,10 @@ func runScenario(ctx context.Context, cfg runConfig, sc Scenario) *Result {
 		}
 		defer t.stop()
 	}
-	res.CPU = startCPUShare(t.PID)
+	res.CPU = startPhaseCPU(t.PID)
+	res.CPU.LoadAvg = loadAvg()
 	err := run(ctx, cfg, t, sc, res)
-	res.CPU.finish()
+	res.CPU.finish(0)
 	if err != nil {
 		res.Error = err.Error()
 	}

@@ -342,19 +342,23 @@ func postgresTicks() int64 {
 	return sum
 }
 
-// phaseCPU is what the machine, the server, Postgres and the tool used over one
-// phase, in percent of one core, and per unit of work (a committed
-// notification) in microseconds of CPU: where a throughput ceiling comes from.
+// phaseCPU is what the machine, the server, Postgres and the tool used over a
+// scenario or one of its phases, in percent of one core (the machine is
+// shared, and a busy neighbour shows here), and, for a phase, per unit of work
+// (a connect, a committed notification) in microseconds of CPU: where a
+// throughput ceiling comes from.
 type phaseCPU struct {
+	// LoadAvg is the load average when a scenario started.
+	LoadAvg  string  `json:"loadavg_at_start,omitempty"`
 	Machine  float64 `json:"machine_pct"`
 	Server   float64 `json:"server_pct"`
 	Postgres float64 `json:"postgres_pct"`
 	Bench    float64 `json:"bench_pct"`
-	// Per unit, in µs of CPU.
-	MachineUS  float64 `json:"machine_us_per_unit"`
-	ServerUS   float64 `json:"server_us_per_unit"`
-	PostgresUS float64 `json:"postgres_us_per_unit"`
-	BenchUS    float64 `json:"bench_us_per_unit"`
+	// Per unit, in µs of CPU (zero when no units were given).
+	MachineUS  float64 `json:"machine_us_per_unit,omitempty"`
+	ServerUS   float64 `json:"server_us_per_unit,omitempty"`
+	PostgresUS float64 `json:"postgres_us_per_unit,omitempty"`
+	BenchUS    float64 `json:"bench_us_per_unit,omitempty"`
 
 	at               time.Time
 	busy, total, pg  int64
@@ -373,7 +377,17 @@ func startPhaseCPU(serverPID int) *phaseCPU {
 	return c
 }
 
-// finish takes the second reading; units is the work done meanwhile.
+// loadAvg is the 1, 5 and 15 minute load averages.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	return strings.Join(strings.Fields(string(b))[:3], " ")
+}
+
+// finish takes the second reading; units is the work done meanwhile (0 for
+// none: no per-unit figures).
 func (c *phaseCPU) finish(units int64) {
 	secs := time.Since(c.at).Seconds()
 	busy, total := machineCPU()
@@ -392,49 +406,6 @@ func (c *phaseCPU) finish(units int64) {
 	if units > 0 {
 		per := func(pct float64) float64 { return pct / 100 * secs / float64(units) * 1e6 }
 		c.MachineUS, c.ServerUS, c.PostgresUS, c.BenchUS = per(c.Machine), per(c.Server), per(c.Postgres), per(c.Bench)
-	}
-}
-
-// cpuShare is what one scenario's processes and the whole machine used, in
-// percent of one core: the machine is shared (Postgres, other work), and a
-// busy neighbour shows here.
-type cpuShare struct {
-	LoadAvg string  `json:"loadavg_at_start"`
-	Machine float64 `json:"machine_pct"`
-	Server  float64 `json:"server_pct"`
-	Bench   float64 `json:"bench_pct"`
-
-	at               time.Time
-	busy, total      int64
-	server, bench    procSample
-	serverPID, cores int
-}
-
-func startCPUShare(serverPID int) *cpuShare {
-	c := &cpuShare{at: time.Now(), serverPID: serverPID, cores: runtime.NumCPU()}
-	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
-		c.LoadAvg = strings.Join(strings.Fields(string(b))[:3], " ")
-	}
-	c.busy, c.total = machineCPU()
-	if serverPID > 0 {
-		c.server, _ = readProc(serverPID)
-	}
-	c.bench, _ = readProc(os.Getpid())
-	return c
-}
-
-func (c *cpuShare) finish() {
-	busy, total := machineCPU()
-	if total > c.total {
-		c.Machine = float64(busy-c.busy) / float64(total-c.total) * 100 * float64(c.cores)
-	}
-	if c.serverPID > 0 {
-		if s, err := readProc(c.serverPID); err == nil {
-			c.Server = cpuPercent(c.server, s)
-		}
-	}
-	if s, err := readProc(os.Getpid()); err == nil {
-		c.Bench = cpuPercent(c.bench, s)
 	}
 }
 
