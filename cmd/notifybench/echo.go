@@ -209,8 +209,8 @@ type EchoFloor struct {
 	RSSPerConn   float64 `json:"rss_per_connection_bytes"`
 }
 
-// echoFloor starts the echo server, opens n connections over sources that
-// each ping every interval (spread evenly), lets one interval pass so that
+// echoFloor starts the echo server, opens n connections over sources (the
+// scenarios' dialer) that each ping every interval (spread evenly), lets one interval pass so that
 // every connection pings at its pace, then measures the server's CPU over
 // window and its RSS per connection.
 func echoFloor(ctx context.Context, n int, every, window time.Duration, sources []net.IP) (*EchoFloor, error) {
@@ -227,8 +227,9 @@ func echoFloor(ctx context.Context, n int, every, window time.Duration, sources 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	url := "ws://" + addr + "/"
+	clients := newBench(ctx, &target{URL: "http://" + addr}, sources, every, every)
+	defer clients.close()
 	var pongs atomic.Int64
-	sem := make(chan struct{}, 64)
 	conns := make([]*websocket.Conn, 0, n)
 	defer func() {
 		for _, c := range conns {
@@ -237,12 +238,7 @@ func echoFloor(ctx context.Context, n int, every, window time.Duration, sources 
 	}()
 	start := time.Now()
 	for i := range n {
-		src := &net.Dialer{LocalAddr: &net.TCPAddr{IP: sources[i%len(sources)]}}
-		d := websocket.Dialer{NetDialContext: src.DialContext, HandshakeTimeout: 10 * time.Second}
-		var c *websocket.Conn
-		sem <- struct{}{}
-		c, _, err = d.DialContext(ctx, url, nil)
-		<-sem
+		c, _, err := clients.ws.DialContext(ctx, url, nil)
 		if err != nil {
 			return nil, fmt.Errorf("connection %d: %w", i, err)
 		}
