@@ -257,10 +257,8 @@ func (c *wsConn) answerPing() {
 		c.w.flushClaimed()
 		return
 	}
-	var b [64]byte
-	frame := append(b[:0], 0x81, 0) // FIN, text; the length follows
-	frame = realtime.AppendPong(frame, time.Now())
-	frame[1] = byte(len(frame) - 2) // under 126
+	var pong, b [64]byte
+	frame := appendTextFrame(b[:0], realtime.AppendPong(pong[:0], time.Now()))
 	c.w.armDeadline()
 	ok := c.sendAll(frame)
 	c.w.unclaim()

@@ -218,12 +218,13 @@ func appendUTC(b []byte, t time.Time) []byte {
 
 // appendDigits appends v (not negative) in exactly width decimal digits.
 func appendDigits(b []byte, v, width int) []byte {
-	for i := width - 1; i >= 0; i-- {
-		d := v
-		for range i {
-			d /= 10
-		}
-		b = append(b, byte('0'+d%10))
+	n := len(b)
+	for range width {
+		b = append(b, '0')
+	}
+	for i := len(b) - 1; i >= n; i-- {
+		b[i] = byte('0' + v%10)
+		v /= 10
 	}
 	return b
 }
