@@ -600,11 +600,10 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 	// Every statement below joins a few hundred rows of arrays to a table that only grows
 	// (deliveries, session_history). The generic plan Postgres caches after a few flushes is
 	// costed for the tables as they were then: made while they were small, its joins stay hash
-	// joins over a scan of the whole table (today's deliveries, on every flush) for as long as
-	// the connection keeps it. Planned for the arrays at hand and the tables as they are now
-	// (custom plans, a fraction of a millisecond per flush), a join becomes an index lookup
-	// per row once the table is large.
-	pb.Queue(`SELECT set_config('plan_cache_mode', 'force_custom_plan', true)`)
+	// joins over a scan of the whole table (today's deliveries, on every flush, as auto_explain
+	// showed) for as long as the connection keeps it. Custom plans (a fraction of a
+	// millisecond per flush) are costed for the arrays at hand and the tables as they are now.
+	pb.Queue(customPlanSQL)
 	if len(b.startIDs) > 0 {
 		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
 			SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at
