@@ -39,42 +39,24 @@ func TestRecorderAckBeforeDelivery(t *testing.T) {
 	}
 }
 
-// A long-poll cursor acknowledges everything the session was sent up to it, in the same chunk
-// as the deliveries or later.
-func TestRecorderCursorReceipt(t *testing.T) {
+// An ack names the notification it acknowledges: one without a notification id is an invalid
+// record, dropped and counted, and marks nothing acked.
+func TestRecorderAckWithoutID(t *testing.T) {
 	s := storetest.New(t)
-	ps := publishN(t, s, "u", 6)
-	publishN(t, s, "v", 6)
+	ps := publishN(t, s, "u", 2)
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: time.Hour})
-	for _, p := range ps[:4] {
-		r.Delivered(store.Delivery{NotificationID: p.ID, UserID: "u", Seq: p.Seq, SessionID: "lp", Transport: "longpoll"})
-		r.Delivered(store.Delivery{NotificationID: p.ID, UserID: "u", Seq: p.Seq, SessionID: "other", Transport: "websocket"})
-	}
-	r.Acked(store.Ack{SessionID: "lp", UserID: "u", UpToSeq: 2}) // same chunk: folded in
-	closeAndReopen := func() *store.Recorder {
-		t.Helper()
-		if err := r.Close(testCtx(t)); err != nil {
-			t.Fatal(err)
-		}
-		return store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: time.Hour})
-	}
-	r = closeAndReopen()
-	if n := count(t, s, "SELECT count(*) FROM deliveries WHERE acked_at IS NOT NULL"); n != 2 {
-		t.Fatalf("%d acked after cursor 2, want 2", n)
-	}
-	// A later chunk: the receipt goes through the notifications' seqs to earlier rows.
-	for _, p := range ps[4:] {
+	for _, p := range ps {
 		r.Delivered(store.Delivery{NotificationID: p.ID, UserID: "u", Seq: p.Seq, SessionID: "lp", Transport: "longpoll"})
 	}
-	r = closeAndReopen()
-	r.Acked(store.Ack{SessionID: "lp", UserID: "u", UpToSeq: 5})
-	r.Acked(store.Ack{SessionID: "lp", UserID: "u", UpToSeq: 5}) // a repeat changes nothing
+	r.Acked(store.Ack{SessionID: "lp"})
 	if err := r.Close(testCtx(t)); err != nil {
 		t.Fatal(err)
 	}
-	got := count(t, s, "SELECT coalesce(sum(seq), 0) FROM deliveries WHERE acked_at IS NOT NULL AND session_id = 'lp'")
-	if got != 1+2+3+4+5 || count(t, s, "SELECT count(*) FROM deliveries WHERE acked_at IS NOT NULL AND session_id <> 'lp'") != 0 {
-		t.Fatalf("acked seqs sum %d, want 15 and none of other sessions", got)
+	if n := count(t, s, "SELECT count(*) FROM deliveries WHERE acked_at IS NOT NULL"); n != 0 {
+		t.Fatalf("%d deliveries acked by an ack without an id, want 0", n)
+	}
+	if r.Dropped() != 1 || r.Recorded() != 2 || r.Unmatched() != 0 {
+		t.Fatalf("dropped %d recorded %d unmatched %d, want 1 2 0", r.Dropped(), r.Recorded(), r.Unmatched())
 	}
 }
 

@@ -43,15 +43,11 @@ type Delivery struct {
 	At             time.Time // zero means when recorded
 }
 
-// Ack records a delivery receipt from the client: for one notification sent to a session
-// (NotificationID), or, when NotificationID is empty, for everything the session was sent up to
-// seq UpToSeq of user UserID (a long-poll cursor). Receipts for deliveries older than a day are
-// not applied.
+// Ack records a delivery receipt from the client for one notification sent to a session.
+// Receipts for deliveries older than a day are not applied.
 type Ack struct {
 	NotificationID string // uuid
 	SessionID      string
-	UserID         string    // with UpToSeq
-	UpToSeq        int64     // with an empty NotificationID
 	At             time.Time // zero means when recorded
 }
 
@@ -145,7 +141,6 @@ type Recorder struct {
 
 	flushMu   sync.Mutex       // one flush at a time (Run, or Close after Run)
 	carry     []Ack            // under flushMu: acks of the last flush that matched nothing yet
-	cursors   map[string]int64 // under flushMu: last cursor receipt applied per session
 	delivered map[string]int64 // under flushMu: highest seq recorded per session
 	dropped   atomic.Uint64
 	unmatched atomic.Uint64
@@ -173,7 +168,6 @@ func NewRecorder(s *Store, log *slog.Logger, opt RecorderOptions) *Recorder {
 		wake:      make(chan struct{}, 1),
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
-		cursors:   map[string]int64{},
 		delivered: map[string]int64{},
 	}
 }
@@ -326,7 +320,7 @@ func (r *Recorder) flushAll(ctx context.Context) {
 func (r *Recorder) flush(ctx context.Context, q recQueue) {
 	carried := r.carry
 	r.carry = nil
-	b := &recorderBatch{cursors: r.cursors, delivered: r.delivered}
+	b := &recorderBatch{delivered: r.delivered}
 	n, invalid := b.build(q, carried)
 	if invalid > 0 {
 		r.drop(invalid, "invalid records")
@@ -377,12 +371,6 @@ func (r *Recorder) finish(b *recorderBatch, matched map[ackKey]bool, n, carried 
 		r.unmatched.Add(uint64(unmatched))
 		r.log.Debug("store recorder: acks matched no recorded delivery", "acks", unmatched)
 	}
-	for sid, seq := range b.cursorAcked {
-		if len(r.cursors) >= maxRememberedSessions {
-			clear(r.cursors) // only makes the next cursor receipt of each session scan further back
-		}
-		r.cursors[sid] = seq
-	}
 	for i, sid := range b.delSids {
 		if seq := b.delSeqs[i]; seq > r.delivered[sid] {
 			if len(r.delivered) >= maxRememberedSessions {
@@ -403,8 +391,7 @@ func isMissingPartition(err error) bool {
 		strings.Contains(pgErr.Message, "no partition")
 }
 
-// maxRememberedSessions bounds the Recorder's memory per session: the last cursor receipt, and
-// the highest seq recorded.
+// maxRememberedSessions bounds the Recorder's memory per session: the highest seq recorded.
 const maxRememberedSessions = 100_000
 
 // ackWindow bounds how far back a receipt looks for its delivery, so that it reads only the
@@ -414,9 +401,8 @@ const ackWindow = 24 * time.Hour
 type ackKey struct{ nid, sid string }
 
 // recorderBatch is one chunk turned into column arrays. Acks whose delivery is in the same
-// chunk are folded into it (no UPDATE); so are cursor receipts.
+// chunk are folded into it (no UPDATE).
 type recorderBatch struct {
-	cursors   map[string]int64 // last cursor receipt applied per session (read only here)
 	delivered map[string]int64 // highest seq recorded per session (read only here)
 
 	startIDs, startSids, startUsers, startDevices, startTransports, startAddrs, startAgents []string
@@ -430,11 +416,6 @@ type recorderBatch struct {
 
 	acks          []Ack // acks by id to apply by UPDATE
 	ackWasCarried []bool
-
-	curSids, curUsers []string
-	curLo, curHi      []int64
-	curAt             []time.Time
-	cursorAcked       map[string]int64
 
 	endIDs, endReasons []string
 	endSeen            []*time.Time
@@ -458,7 +439,7 @@ func (b *recorderBatch) dayRange() (time.Time, time.Time) {
 }
 
 // build fills b from q and the carried acks; it returns the number of valid records of q and
-// of invalid ones (bad uuids, incomplete cursor receipts) left out.
+// of invalid ones (bad uuids) left out.
 func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 	for _, s := range q.starts {
 		if !validUUID(s.RowID) {
@@ -521,24 +502,20 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 	all := append(carried[:len(carried):len(carried)], q.acks...)
 	for i, a := range all {
 		isNew := i >= len(carried)
-		switch {
-		case a.NotificationID == "" && a.UpToSeq > 0 && a.SessionID != "" && a.UserID != "":
-			b.cursorAck(a, first, ackInto)
-			n++
-		case !validUUID(a.NotificationID):
+		if !validUUID(a.NotificationID) {
 			invalid++
-		default:
-			if isNew {
-				n++
-			}
-			if j, ok := first[ackKey{a.NotificationID, a.SessionID}]; ok {
-				ackInto(j, a.At) // folded into its delivery: matched
-				continue
-			}
-			b.seeTime(a.At)
-			b.acks = append(b.acks, a)
-			b.ackWasCarried = append(b.ackWasCarried, !isNew)
+			continue
 		}
+		if isNew {
+			n++
+		}
+		if j, ok := first[ackKey{a.NotificationID, a.SessionID}]; ok {
+			ackInto(j, a.At) // folded into its delivery: matched
+			continue
+		}
+		b.seeTime(a.At)
+		b.acks = append(b.acks, a)
+		b.ackWasCarried = append(b.ackWasCarried, !isNew)
 	}
 
 	for _, e := range q.ends {
@@ -559,36 +536,8 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 	return n, invalid
 }
 
-// cursorAck folds a cursor receipt into the chunk's deliveries of its session and queues the
-// UPDATE for the earlier ones: seqs above the session's previous cursor receipt (0 when this
-// Recorder has none) up to a.UpToSeq.
-func (b *recorderBatch) cursorAck(a Ack, first map[ackKey]int, ackInto func(int, time.Time)) {
-	lo, ok := b.cursorAcked[a.SessionID]
-	if !ok {
-		lo = b.cursors[a.SessionID]
-	}
-	if a.UpToSeq <= lo {
-		return
-	}
-	for i, sid := range b.delSids {
-		if sid == a.SessionID && b.delSeqs[i] > lo && b.delSeqs[i] <= a.UpToSeq {
-			ackInto(i, a.At)
-		}
-	}
-	b.seeTime(a.At)
-	b.curSids = append(b.curSids, clean(a.SessionID))
-	b.curUsers = append(b.curUsers, clean(a.UserID))
-	b.curLo = append(b.curLo, lo)
-	b.curHi = append(b.curHi, a.UpToSeq)
-	b.curAt = append(b.curAt, a.At)
-	if b.cursorAcked == nil {
-		b.cursorAcked = map[string]int64{}
-	}
-	b.cursorAcked[a.SessionID] = a.UpToSeq
-}
-
 // batch is the chunk as one pgx.Batch (one round trip, one implicit transaction): session
-// starts, deliveries, acks, cursor receipts, session ends. The ack UPDATE reports what it
+// starts, deliveries, acks, session ends. The ack UPDATE reports what it
 // matched into matched.
 func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 	pb := &pgx.Batch{}
@@ -654,13 +603,6 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 			}
 			return rows.Err()
 		})
-	}
-	if len(b.curSids) > 0 {
-		pb.Queue(`UPDATE deliveries d SET acked_at = c.at
-			FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[]) AS c(sid, uid, lo, hi, at)
-			JOIN notifications n ON n.user_id = c.uid AND n.seq > c.lo AND n.seq <= c.hi
-			WHERE d.notification_id = n.id AND d.session_id = c.sid AND d.acked_at IS NULL AND d.delivered_at >= $6`,
-			b.curSids, b.curUsers, b.curLo, b.curHi, b.curAt, since)
 	}
 	if len(b.endIDs) > 0 {
 		pb.Queue(`UPDATE session_history s SET last_seen_at = coalesce(e.seen, s.last_seen_at), ended_at = e.ended,
