@@ -71,7 +71,7 @@ type API struct {
 }
 
 // New returns the router with every endpoint of PROTOCOL.md.
-func New(opt Options) (http.Handler, *API) {
+func New(opt Options) http.Handler {
 	if opt.Log == nil {
 		opt.Log = slog.Default()
 	}
@@ -114,7 +114,7 @@ func New(opt Options) (http.Handler, *API) {
 	if opt.Static != nil {
 		r.Handle("/*", http.FileServerFS(opt.Static))
 	}
-	return r, a
+	return r
 }
 
 func (a *API) readyz(w http.ResponseWriter, r *http.Request) {

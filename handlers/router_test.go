@@ -23,7 +23,7 @@ func TestRequestLogsCarryNoToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, _ := New(Options{Hub: hub, Auth: auth, Log: log})
+	h := New(Options{Hub: hub, Auth: auth, Log: log})
 	for _, path := range []string{"/v1/ws?token=" + tok, "/healthz?token=" + tok} {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
@@ -49,7 +49,7 @@ func TestSSEWithoutHijackIs505(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, _ := New(Options{Hub: hub, Auth: auth, Log: slog.New(slog.DiscardHandler)})
+	h := New(Options{Hub: hub, Auth: auth, Log: slog.New(slog.DiscardHandler)})
 	rec := httptest.NewRecorder() // implements no Hijack, as an HTTP/2 response does not
 	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/v1/sse?token="+tok, nil))
 	if rec.Code != http.StatusHTTPVersionNotSupported || !strings.Contains(rec.Body.String(), `"http1_required"`) {

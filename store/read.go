@@ -205,12 +205,3 @@ func (s *Store) Inbox(ctx context.Context, user string, unreadOnly bool, limit i
 	}
 	return ns, unread, nil
 }
-
-// Unread returns the user's count of unread, unexpired notifications.
-func (s *Store) Unread(ctx context.Context, user string) (int64, error) {
-	var n int64
-	if err := s.pool.QueryRow(ctx, unreadCountSQL, user).Scan(&n); err != nil {
-		return 0, fmt.Errorf("store: unread count of %q: %w", user, err)
-	}
-	return n, nil
-}

@@ -158,7 +158,7 @@ func TestMarkRead(t *testing.T) {
 	if err != nil || len(changed) != 0 || unread != 2 {
 		t.Fatalf("none: changed %v unread %d err %v", changed, unread, err)
 	}
-	if n, err := s.Unread(ctx, "v"); err != nil || n != 1 {
+	if _, n, err := s.MarkRead(ctx, "v", nil, 0); err != nil || n != 1 {
 		t.Fatalf("foreign user unread = %d, %v", n, err)
 	}
 	ns, _, err := s.Inbox(ctx, "u", false, 10, 0)

@@ -84,7 +84,6 @@ type Main struct {
 	store      *store.Store
 	recorder   *store.Recorder
 	hub        *realtime.Hub
-	api        *handlers.API
 	srv        *http.Server
 	debugSrv   *http.Server
 	ln         net.Listener
@@ -176,14 +175,13 @@ func (m *Main) Start(ctx context.Context) error {
 	if static == nil {
 		static = staticFS()
 	}
-	handler, api := handlers.New(handlers.Options{
+	handler := handlers.New(handlers.Options{
 		Hub: m.hub, Store: st, Recorder: receiptRecorder(m.recorder, cfg.RecordOff), Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
 		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
 		Negotiate: handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
 	})
-	m.api = api
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		cancel()
