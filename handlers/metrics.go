@@ -11,9 +11,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
 )
 
-// Metrics is notifyd's Prometheus registry and the few figures /v1/stats adds.
+// Metrics is notifyd's Prometheus registry and the few figures /v1/stats adds. Every metric is
+// registered in this file: NewMetrics registers the hub's and the delivery ones, RegisterStore
+// and RegisterDispatch those of the store, the recorder and the dispatcher.
 type Metrics struct {
 	Registry  *prometheus.Registry
 	published prometheus.Counter
@@ -63,6 +66,66 @@ func NewMetrics(hub *realtime.Hub) *Metrics {
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_evictions_total",
 		Help: "Sessions evicted by the heartbeat sweeper."}, func() float64 { return float64(hub.Stats().Evictions) }))
 	return m
+}
+
+// StoreStats is what RegisterStore reads of the store: its publish and replay counters.
+type StoreStats interface {
+	Stats() store.Stats
+}
+
+// RecorderStats is what RegisterStore reads of the delivery recorder.
+type RecorderStats interface {
+	Dropped() uint64
+	Recorded() uint64
+	Unmatched() uint64
+}
+
+// DispatchStats is what RegisterDispatch reads of the dispatcher.
+type DispatchStats interface {
+	Stats() realtime.DispatchStats
+}
+
+// RegisterStore exposes the store's publish and replay counters and the recorder's.
+func (m *Metrics) RegisterStore(st StoreStats, rec RecorderStats) {
+	m.Registry.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_publish_statements_total",
+			Help: "Publish statements run (one transaction each, retries included)."},
+			func() float64 { return float64(st.Stats().PublishStatements) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_publish_single_total",
+			Help: "Single-notification publish requests queued for group commit."},
+			func() float64 { return float64(st.Stats().PublishOneCalls) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_publish_groups_total",
+			Help: "Group-commit transactions of single-notification publishes (single_total / groups_total is the mean group size)."},
+			func() float64 { return float64(st.Stats().PublishOneGroups) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_replay_statements_total",
+			Help: "Statements that served connect replays (concurrent connects share one)."},
+			func() float64 { return float64(st.Stats().ReplayStatements) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_receipts_dropped_total",
+			Help: "Delivery records and receipts dropped because the recorder's buffer was full or Postgres failed."},
+			func() float64 { return float64(rec.Dropped()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_receipts_recorded_total",
+			Help: "Delivery records and receipts written to Postgres."},
+			func() float64 { return float64(rec.Recorded()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_receipts_unmatched_total",
+			Help: "Acks that matched no recorded delivery of their session (never sent there, or its record was dropped)."},
+			func() float64 { return float64(rec.Unmatched()) }),
+	)
+}
+
+// RegisterDispatch exposes where dispatched notifications were read from.
+func (m *Metrics) RegisterDispatch(d DispatchStats) {
+	for _, src := range []string{"memory", "db"} {
+		m.Registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_dispatched_total",
+			Help:        "Live notifications dispatched, by where their rows were read: this node's own publishes in memory, or Postgres.",
+			ConstLabels: prometheus.Labels{"source": src}},
+			func() float64 {
+				st := d.Stats()
+				if src == "memory" {
+					return float64(st.FromMemory)
+				}
+				return float64(st.FromDB)
+			}))
+	}
 }
 
 // Handler serves /metrics.

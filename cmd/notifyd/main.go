@@ -141,10 +141,10 @@ func (m *Main) Start(ctx context.Context) error {
 		},
 	})
 	metrics = handlers.NewMetrics(m.hub)
-	registerStoreMetrics(metrics, st, m.recorder)
+	metrics.RegisterStore(st, m.recorder)
 
 	dispatcher := realtime.NewDispatcher(m.hub, storeSource{st}, log, cfg.ReplayLimit)
-	registerDispatchMetrics(metrics, dispatcher)
+	metrics.RegisterDispatch(dispatcher)
 	// Rows published through the API are delivered from memory when their
 	// commit signal comes, without reading them back.
 	st.SetPublishHook(publishHook(dispatcher))
@@ -223,6 +223,30 @@ func (m *Main) startDebug(addr string) {
 			m.Log.Error("debug listener", "err", err)
 		}
 	}()
+}
+
+// receiptRecorder is what the handlers record acks with: none when recording is off.
+func receiptRecorder(rec *store.Recorder, off bool) handlers.Recorder {
+	if off {
+		return nil
+	}
+	return rec
+}
+
+// startRetention makes sure today's delivery partitions exist, then runs a retention pass now
+// and every Config.RetentionEvery until the server closes.
+func (m *Main) startRetention(ctx, bg context.Context) {
+	cfg := m.Config
+	now := time.Now()
+	if _, err := m.store.EnsureDeliveryPartitions(ctx, now.AddDate(0, 0, -1), now.AddDate(0, 0, store.DefaultPartitionsAhead)); err != nil {
+		m.Log.Warn("could not make the delivery partitions ahead; the recorder makes them on demand", "err", err)
+	}
+	every := cfg.RetentionEvery
+	if every <= 0 {
+		every = time.Hour
+	}
+	opt := store.RetentionOptions{ReadAge: cfg.RetentionRead, DeliveryAge: cfg.RetentionDelivery}
+	m.goBackground(func() { m.store.RunRetention(bg, every, opt, m.Log) })
 }
 
 // Addr is the address the server listens on.

@@ -14,7 +14,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/notifyd/notifyd/handlers"
 	"github.com/notifyd/notifyd/store"
 )
 
@@ -183,28 +182,4 @@ func jsonValue(v any) any {
 		}
 	}
 	return v
-}
-
-// receiptRecorder is what the handlers record acks with: none when recording is off.
-func receiptRecorder(rec *store.Recorder, off bool) handlers.Recorder {
-	if off {
-		return nil
-	}
-	return rec
-}
-
-// startRetention makes sure today's delivery partitions exist, then runs a retention pass now
-// and every Config.RetentionEvery until the server closes.
-func (m *Main) startRetention(ctx, bg context.Context) {
-	cfg := m.Config
-	now := time.Now()
-	if _, err := m.store.EnsureDeliveryPartitions(ctx, now.AddDate(0, 0, -1), now.AddDate(0, 0, store.DefaultPartitionsAhead)); err != nil {
-		m.Log.Warn("could not make the delivery partitions ahead; the recorder makes them on demand", "err", err)
-	}
-	every := cfg.RetentionEvery
-	if every <= 0 {
-		every = time.Hour
-	}
-	opt := store.RetentionOptions{ReadAge: cfg.RetentionRead, DeliveryAge: cfg.RetentionDelivery}
-	m.goBackground(func() { m.store.RunRetention(bg, every, opt, m.Log) })
 }

@@ -1,0 +1,43 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/notifyd/notifyd/handlers"
+)
+
+// printDevBanner tells a developer how to try the server.
+func (m *Main) printDevBanner(w io.Writer) {
+	auth := handlers.NewAuth(m.Config.JWTSecret, m.Config.APIKey, nil)
+	tok, err := auth.NewToken("dev", "cli", 24*time.Hour)
+	if err != nil {
+		return
+	}
+	base := "http://" + m.Addr()
+	if host, port := splitHostPort(m.Addr()); host == "::" || host == "0.0.0.0" || host == "" {
+		base = "http://localhost:" + port
+	}
+	fmt.Fprintf(w, `
+notifyd is running in dev mode on %[1]s
+  demo page:   %[1]s/
+  dashboard:   %[1]s/dashboard.html
+  client token (user "dev", 24h): %[2]s
+  API key:     %[3]s
+  connect:     websocat '%[4]s/v1/ws?token=%[2]s'
+  publish:     curl -s -H 'Authorization: Bearer %[3]s' -H 'Content-Type: application/json' \
+                 -d '{"user_id":"dev","topic":"hello","data":{"text":"hi"}}' %[1]s/v1/notifications
+
+`, base, tok, m.Config.APIKey, "ws"+base[4:])
+}
+
+func splitHostPort(addr string) (host, port string) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", addr
+	}
+	return host, port
+}
+
