@@ -1,14 +1,14 @@
 package main
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/notifyd/notifyd/store"
 )
 
 // Config is the server's configuration, read from the environment
@@ -38,6 +38,34 @@ type Config struct {
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
 	TrustedProxies []netip.Prefix
 }
+
+// defaults holds the value of every setting the environment leaves unset; it is the one place
+// they are defined. Where a package falls back to its own default for a zero option, the value
+// here is that package's constant (store's replay limit and retention ages), or the package's
+// constant is the sum of these (realtime.DefaultQueueLimit is QueueLimit + ReplayLimit, the
+// frames a session may hold); TestConfigDefaultsAgree checks both.
+var defaults = Config{
+	DatabaseURL:        "postgres://localhost:5432/notifyd",
+	Addr:               ":8080",
+	PingInterval:       20 * time.Second,
+	PingTimeout:        60 * time.Second,
+	ReplayLimit:        store.DefaultReplayLimit,
+	MaxMessageBytes:    64 << 10,
+	MaxDataBytes:       64 << 10,
+	MaxSessionsPerUser: 20,
+	MaxBatch:           1000,
+	QueueLimit:         256,
+	ShutdownTimeout:    10 * time.Second,
+	RetentionRead:      store.DefaultRetentionRead,
+	RetentionDelivery:  store.DefaultRetentionDeliveries,
+	RetentionEvery:     time.Hour,
+	LogLevel:           "info",
+}
+
+// maxSessionFrames bounds QueueLimit + ReplayLimit, the frames one session may have queued
+// (a replay and the live notifications behind it): past a million, a few slow sessions could
+// hold gigabytes.
+const maxSessionFrames = 1 << 20
 
 // LoadConfig reads the configuration from getenv and reports every missing or
 // malformed setting at once.
@@ -73,25 +101,26 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		}
 		return n
 	}
+	d := defaults
 	c := Config{
-		DatabaseURL:        str("DATABASE_URL", "postgres://localhost:5432/notifyd"),
-		Addr:               str("NOTIFY_ADDR", ":8080"),
-		DebugAddr:          str("NOTIFY_DEBUG_ADDR", ""),
+		DatabaseURL:        str("DATABASE_URL", d.DatabaseURL),
+		Addr:               str("NOTIFY_ADDR", d.Addr),
+		DebugAddr:          str("NOTIFY_DEBUG_ADDR", d.DebugAddr),
 		JWTSecret:          getenv("NOTIFY_JWT_SECRET"),
 		APIKey:             getenv("NOTIFY_API_KEY"),
-		PingInterval:       dur("NOTIFY_PING_INTERVAL", 20*time.Second),
-		PingTimeout:        dur("NOTIFY_PING_TIMEOUT", 60*time.Second),
-		ReplayLimit:        num("NOTIFY_REPLAY_LIMIT", 1000),
-		MaxMessageBytes:    int64(num("NOTIFY_MAX_MESSAGE_BYTES", 64<<10)),
-		MaxDataBytes:       num("NOTIFY_MAX_DATA_BYTES", 64<<10),
-		MaxSessionsPerUser: num("NOTIFY_MAX_SESSIONS_PER_USER", 20),
-		MaxBatch:           num("NOTIFY_MAX_BATCH", 1000),
-		QueueLimit:         num("NOTIFY_QUEUE_LIMIT", 256),
-		ShutdownTimeout:    dur("NOTIFY_SHUTDOWN_TIMEOUT", 10*time.Second),
-		RetentionRead:      dur("NOTIFY_RETENTION_READ", 30*24*time.Hour),
-		RetentionDelivery:  dur("NOTIFY_RETENTION_DELIVERIES", 30*24*time.Hour),
-		RetentionEvery:     dur("NOTIFY_RETENTION_EVERY", time.Hour),
-		LogLevel:           str("NOTIFY_LOG_LEVEL", "info"),
+		PingInterval:       dur("NOTIFY_PING_INTERVAL", d.PingInterval),
+		PingTimeout:        dur("NOTIFY_PING_TIMEOUT", d.PingTimeout),
+		ReplayLimit:        num("NOTIFY_REPLAY_LIMIT", d.ReplayLimit),
+		MaxMessageBytes:    int64(num("NOTIFY_MAX_MESSAGE_BYTES", int(d.MaxMessageBytes))),
+		MaxDataBytes:       num("NOTIFY_MAX_DATA_BYTES", d.MaxDataBytes),
+		MaxSessionsPerUser: num("NOTIFY_MAX_SESSIONS_PER_USER", d.MaxSessionsPerUser),
+		MaxBatch:           num("NOTIFY_MAX_BATCH", d.MaxBatch),
+		QueueLimit:         num("NOTIFY_QUEUE_LIMIT", d.QueueLimit),
+		ShutdownTimeout:    dur("NOTIFY_SHUTDOWN_TIMEOUT", d.ShutdownTimeout),
+		RetentionRead:      dur("NOTIFY_RETENTION_READ", d.RetentionRead),
+		RetentionDelivery:  dur("NOTIFY_RETENTION_DELIVERIES", d.RetentionDelivery),
+		RetentionEvery:     dur("NOTIFY_RETENTION_EVERY", d.RetentionEvery),
+		LogLevel:           str("NOTIFY_LOG_LEVEL", d.LogLevel),
 	}
 	if v := getenv("NOTIFY_DEV"); v != "" {
 		dev, err := strconv.ParseBool(v)
@@ -124,21 +153,14 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 			c.TrustedProxies = append(c.TrustedProxies, prefix.Masked())
 		}
 	}
-	if c.PingTimeout <= c.PingInterval {
-		errs = append(errs, fmt.Errorf("NOTIFY_PING_TIMEOUT (%s) must be longer than NOTIFY_PING_INTERVAL (%s)", c.PingTimeout, c.PingInterval))
-	}
+	errs = append(errs, c.checkRelations()...)
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
 		errs = append(errs, fmt.Errorf("NOTIFY_LOG_LEVEL=%q: want debug, info, warn or error", c.LogLevel))
 	}
 	if c.Dev {
-		if c.JWTSecret == "" {
-			c.JWTSecret = randomHex(32)
-		}
-		if c.APIKey == "" {
-			c.APIKey = "dev-" + randomHex(16)
-		}
+		c.fillDevSecrets()
 	}
 	if c.JWTSecret == "" {
 		errs = append(errs, errors.New("NOTIFY_JWT_SECRET is required (or NOTIFY_DEV=1 for a development server)"))
@@ -153,8 +175,15 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	return c, errors.Join(errs...)
 }
 
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
+// checkRelations reports the settings that are each valid but do not fit together.
+func (c Config) checkRelations() []error {
+	var errs []error
+	if c.PingTimeout <= c.PingInterval {
+		errs = append(errs, fmt.Errorf("NOTIFY_PING_TIMEOUT (%s) must be longer than NOTIFY_PING_INTERVAL (%s)", c.PingTimeout, c.PingInterval))
+	}
+	if int64(c.QueueLimit)+int64(c.ReplayLimit) > maxSessionFrames {
+		errs = append(errs, fmt.Errorf("NOTIFY_QUEUE_LIMIT (%d) + NOTIFY_REPLAY_LIMIT (%d) must be at most %d: together they bound the frames one session holds",
+			c.QueueLimit, c.ReplayLimit, maxSessionFrames))
+	}
+	return errs
 }

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
@@ -41,3 +43,19 @@ func splitHostPort(addr string) (host, port string) {
 	return host, port
 }
 
+// fillDevSecrets gives a development server (NOTIFY_DEV=1) a random token secret and API key
+// where none is set; printDevBanner shows them.
+func (c *Config) fillDevSecrets() {
+	if c.JWTSecret == "" {
+		c.JWTSecret = randomHex(32)
+	}
+	if c.APIKey == "" {
+		c.APIKey = "dev-" + randomHex(16)
+	}
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

@@ -243,7 +243,7 @@ func (m *Main) startRetention(ctx, bg context.Context) {
 	}
 	every := cfg.RetentionEvery
 	if every <= 0 {
-		every = time.Hour
+		every = defaults.RetentionEvery
 	}
 	opt := store.RetentionOptions{ReadAge: cfg.RetentionRead, DeliveryAge: cfg.RetentionDelivery}
 	m.goBackground(func() { m.store.RunRetention(bg, every, opt, m.Log) })

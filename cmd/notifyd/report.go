@@ -54,7 +54,7 @@ func runReport(ctx context.Context, args []string, getenv func(string) string, w
 		url = getenv("DATABASE_URL")
 	}
 	if url == "" {
-		url = "postgres://localhost:5432/notifyd"
+		url = defaults.DatabaseURL
 	}
 	st, err := store.Open(ctx, url, store.Options{MaxConns: 2})
 	if err != nil {

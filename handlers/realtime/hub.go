@@ -28,6 +28,10 @@ type Config struct {
 	ByeRetry time.Duration
 }
 
+// DefaultQueueLimit is the QueueLimit of a zero Config: the server's default live queue (256)
+// on top of its default replay (1,000), as cmd/notifyd's config sets them.
+const DefaultQueueLimit = 256 + 1000
+
 // Hooks let the owner of the hub observe sessions without the hub knowing who
 // records them. Each may be nil and must not block.
 type Hooks struct {
@@ -79,7 +83,7 @@ func NewHub(cfg Config, hooks Hooks) *Hub {
 		cfg.SweepEvery = 250 * time.Millisecond
 	}
 	if cfg.QueueLimit <= 0 {
-		cfg.QueueLimit = 2048
+		cfg.QueueLimit = DefaultQueueLimit
 	}
 	if cfg.ByeRetry <= 0 {
 		cfg.ByeRetry = time.Second

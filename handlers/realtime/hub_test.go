@@ -273,7 +273,7 @@ func TestWrittenCountsDeliveries(t *testing.T) {
 func TestNewHubDefaults(t *testing.T) {
 	h := NewHub(Config{PingTimeout: time.Minute}, Hooks{})
 	cfg := h.Config()
-	if cfg.SweepEvery != 250*time.Millisecond || cfg.QueueLimit != 2048 || cfg.ByeRetry != time.Second {
+	if cfg.SweepEvery != 250*time.Millisecond || cfg.QueueLimit != 1256 || cfg.ByeRetry != time.Second {
 		t.Fatalf("defaults = %+v", cfg)
 	}
 	if h.Tracker() == nil {
