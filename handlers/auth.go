@@ -20,8 +20,9 @@ var userChars = newCharset("._:@-")
 func ValidUser(u string) bool { return userChars.valid(u) }
 
 // charset is a set of bytes that names (user ids, topics) may be made of.
-// Checking a name against it is a table lookup per byte (a regexp took about
-// 0.2 µs for a 9-byte user id here, twice per published notification).
+// Checking a name against it is a table lookup per byte, cheaper than a regexp
+// match for a check made twice per published notification; FuzzNames holds it
+// to PROTOCOL.md's patterns.
 type charset [256]bool
 
 // newCharset is the ASCII letters and digits plus punct.

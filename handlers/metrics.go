@@ -25,8 +25,8 @@ type Metrics struct {
 	ended     *prometheus.CounterVec
 	recent    latencyRing
 	// byTransport holds each transport's children of delivered and latency, looked up once:
-	// WithLabelValues hashes its labels and takes the vector's lock on every call, which cost
-	// about 3 µs per write under batched publishing.
+	// WithLabelValues hashes its labels and takes the vector's lock on every call, and Written
+	// runs for every write to a client.
 	byTransport map[realtime.Transport]transportMetrics
 }
 

@@ -11,8 +11,8 @@
 -- There is no DEFAULT partition (DETACH CONCURRENTLY refuses to work with one): partitions are
 -- made ahead by deliveries_ensure_partitions (at start and on every retention pass, a week
 -- ahead), and the Recorder makes a missing one itself if a row ever falls outside them.
--- The primary key has to include the partition key; the Recorder keeps the first delivery of a
--- notification to a session only (it checks before inserting), as the old key did.
+-- The primary key has to include the partition key, so it cannot keep a notification to one row
+-- per session; the Recorder does, dropping repeats before it inserts (store/recorder.go).
 ALTER TABLE deliveries RENAME TO deliveries_001;
 ALTER TABLE deliveries_001 RENAME CONSTRAINT deliveries_pkey TO deliveries_001_pkey;
 ALTER INDEX deliveries_delivered_at RENAME TO deliveries_001_delivered_at;

@@ -2,7 +2,7 @@
 -- user's counter by the user's row count, then seq = new last_seq - count + rank. The per-row
 -- trigger stays for every other INSERT (an application's own), and steps aside only in a
 -- transaction that set notifyd.seqs_assigned = 'on' (store.publishSQL does, with SET LOCAL
--- semantics). Why: the trigger runs a PL/pgSQL upsert for every row, which was about half of a
+-- semantics). Why: the trigger runs a PL/pgSQL upsert for every row, about half the cost of a
 -- 1,000-row insert; the batch upsert does the same locking (each user's counter row is locked
 -- until commit, in user order) in one statement.
 -- NB: tern evaluates migrations as Go text/templates, so no double curly braces in this file.

@@ -125,9 +125,8 @@ const seqsAssignedSQL = `SELECT set_config('notifyd.seqs_assigned', 'on', true)`
 // customPlanRows is the batch size from which publishSQL is planned for its arrays (a custom
 // plan, about 0.5 ms to make) instead of taking the plan Postgres caches after a few
 // executions. That generic plan estimates the batch's rows at a handful and joins them to
-// their counters by a nested loop: a million string comparisons for 1,000 rows
-// (BenchmarkPublishBatch1000 took 100 to 160 ms instead of 45), a few thousand, cheaper than
-// planning, for the groups of single publishes.
+// their counters by a nested loop: a million string comparisons for 1,000 rows, but only a few
+// thousand, cheaper than planning, for the groups of single publishes.
 const customPlanRows = 128
 
 // customPlanSQL makes the transaction's statements be planned for their parameters.

@@ -17,7 +17,7 @@ func TestRecorderAckBeforeDelivery(t *testing.T) {
 	ps := publishN(t, s, "u", 4)
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: time.Hour, MaxBatch: 2})
 	pub := time.Now().Add(-time.Second).Truncate(time.Microsecond)
-	// Chunks of two records: [ack0, deliv0] [ack1, ack3] [deliv1, deliv2] [ack2 by a cursor-less id ack]
+	// Chunks of two records: [ack0, deliv0] [ack1, ack3] [deliv1, deliv2] [ack2]
 	r.Acked(store.Ack{NotificationID: ps[0].ID, SessionID: "s"})
 	r.Delivered(store.Delivery{NotificationID: ps[0].ID, UserID: "u", Seq: 1, SessionID: "s", Device: "phone", Transport: "sse", PublishedAt: pub})
 	r.Acked(store.Ack{NotificationID: ps[1].ID, SessionID: "s"})

@@ -549,9 +549,9 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 	// Every statement below joins a few hundred rows of arrays to a table that only grows
 	// (deliveries, session_history). The generic plan Postgres caches after a few flushes is
 	// costed for the tables as they were then: made while they were small, its joins stay hash
-	// joins over a scan of the whole table (today's deliveries, on every flush, as auto_explain
-	// showed) for as long as the connection keeps it. Custom plans (a fraction of a
-	// millisecond per flush) are costed for the arrays at hand and the tables as they are now.
+	// joins over a scan of the whole table (today's deliveries, on every flush; auto_explain
+	// shows it) for as long as the connection keeps it. Custom plans (a fraction of a
+	// millisecond per flush) are costed for the arrays at hand and the tables as they are.
 	pb.Queue(customPlanSQL)
 	if len(b.startIDs) > 0 {
 		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
@@ -565,8 +565,8 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 		// One row per notification and session: build drops repeats (by the session's highest
 		// seq recorded, in memory), and a flush retried after an unclear failure repeats its
 		// rows exactly, delivered_at included, so the key catches those. (Looking in the table
-		// for an earlier row cost an index probe per row and partition, or, planned as a hash
-		// join, a scan of the day's deliveries on every flush.)
+		// for an earlier row would cost an index probe per row and partition, or, planned as a
+		// hash join, a scan of the day's deliveries on every flush.)
 		pb.Queue(`INSERT INTO deliveries (notification_id, user_id, seq, session_id, device, transport, replayed,
 				published_at, delivered_at, acked_at)
 			SELECT t.nid::uuid, t.uid, t.seq, t.sid, t.dev, t.tr, t.rep, t.pub, t.at, t.ack
