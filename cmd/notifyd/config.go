@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/notifyd/notifyd/handlers/ratelimit"
 )
 
 // Config is the server's configuration, read from the environment
@@ -37,6 +39,14 @@ type Config struct {
 	LogLevel           string
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
 	TrustedProxies []netip.Prefix
+
+	// Connection and rate limits (limits.go). Zero values limit nothing.
+	ReadTimeout        time.Duration   // NOTIFY_READ_TIMEOUT: an ordinary request's headers and body
+	MaxConns           int             // NOTIFY_MAX_CONNS: connections open at once
+	MaxConnsPerIP      int             // NOTIFY_MAX_CONNS_PER_IP: connections open at once from one address
+	ConnectRatePerUser ratelimit.Limit // NOTIFY_CONNECT_RATE_PER_USER: new sessions of one user
+	ConnectRatePerIP   ratelimit.Limit // NOTIFY_CONNECT_RATE_PER_IP: new sessions from one address
+	devAddrFrom        string          // the NOTIFY_ADDR dev mode moved to loopback, for the log
 }
 
 // LoadConfig reads the configuration from getenv and reports every missing or
@@ -150,6 +160,7 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	} else if len(c.APIKey) < 16 {
 		errs = append(errs, errors.New("NOTIFY_API_KEY must be at least 16 characters"))
 	}
+	errs = append(errs, loadLimits(getenv, &c)...)
 	return c, errors.Join(errs...)
 }
 
