@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strings"
 	"time"
@@ -150,7 +151,12 @@ func (a *Auth) PublisherOrUser(r *http.Request, user string) error {
 	return nil
 }
 
-// originAllowed says whether a browser Origin may use the server.
+// originAllowed says whether a browser Origin may use the server. With no
+// allow-list only the server's own pages may: Origin must name the Host the
+// request was sent to, and that Host must be an IP address or localhost. A
+// host name is not enough: a DNS-rebinding page at http://evil.example:8080,
+// its name pointed at this server, sends Origin and Host of evil.example:8080
+// alike; an address or localhost is a name no such page can have.
 func (a *Auth) originAllowed(r *http.Request, origin string) bool {
 	if a.origins["*"] || a.origins[strings.ToLower(origin)] {
 		return true
@@ -159,7 +165,15 @@ func (a *Auth) originAllowed(r *http.Request, origin string) bool {
 		return false
 	}
 	u, err := url.Parse(origin)
-	return err == nil && strings.EqualFold(u.Host, r.Host)
+	if err != nil || !strings.EqualFold(u.Host, r.Host) {
+		return false
+	}
+	host := strings.ToLower(u.Hostname())
+	if host == "localhost" {
+		return true
+	}
+	_, err = netip.ParseAddr(host)
+	return err == nil
 }
 
 // Origins is middleware that refuses requests from origins outside the

@@ -55,9 +55,13 @@ func (a *API) readConnect(r *http.Request, cursor string) (connectRequest, error
 	return connectRequest{id: id, cursor: c, resume: resume}, nil
 }
 
-// openSession registers a new session for cr on transport tr. Its hello is
-// queued; the replay is not (call replay once the transport can carry frames).
+// openSession registers a new session for cr on transport tr, within the
+// connect rate limits. Its hello is queued; the replay is not (call replay
+// once the transport can carry frames).
 func (a *API) openSession(r *http.Request, cr connectRequest, tr realtime.Transport) (*realtime.Session, error) {
+	if err := a.ConnectLimits.allow(r, cr.id.User); err != nil {
+		return nil, err
+	}
 	s := a.Hub.NewSession(realtime.SessionInfo{
 		User: cr.id.User, Device: cr.id.Device, Transport: tr,
 		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()),

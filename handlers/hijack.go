@@ -27,18 +27,20 @@ func hijack(w http.ResponseWriter) (net.Conn, error) {
 	return conn, nil
 }
 
-// onClose calls gone once the client has closed conn (or it failed). The
-// client sends nothing after its request, so any read that returns ends the
-// wait; it keeps one small goroutine per connection.
+// onClose calls gone once the client has closed conn, it failed, or the
+// client sent anything. The protocol has the client send nothing after its
+// request, so the first read that returns ends the wait: on bytes received
+// the connection is closed as well (a client writing into its stream gets
+// cut off after one read, not served a system call per byte). It keeps one
+// small goroutine per connection.
 func onClose(conn net.Conn, gone func()) {
 	go func() {
-		var b [1]byte
-		for {
-			if _, err := conn.Read(b[:]); err != nil {
-				gone()
-				return
-			}
+		var b [64]byte
+		n, _ := conn.Read(b[:])
+		if n > 0 {
+			_ = conn.Close()
 		}
+		gone()
 	}()
 }
 

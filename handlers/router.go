@@ -59,6 +59,8 @@ type Options struct {
 	Static fs.FS
 	// Dev turns on GET /v1/dev/token, which mints tokens for anyone: never in production.
 	Dev bool
+	// ConnectLimits rate-limit new sessions per user and address; nil limits none.
+	ConnectLimits *ConnectLimits
 	// Negotiate serves GET/POST /v1/negotiate (learned transport order); nil leaves them out.
 	Negotiate *Negotiator
 }

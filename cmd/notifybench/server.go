@@ -75,7 +75,9 @@ func spawnServer(ctx context.Context, bin, baseDB, logPath string, set serverSet
 		"NOTIFY_DEV=0", "NOTIFY_ADDR="+addr, "NOTIFY_DEBUG_ADDR="+debug,
 		"NOTIFY_API_KEY="+t.APIKey, "NOTIFY_JWT_SECRET="+t.JWTSecret, "DATABASE_URL="+dbURL,
 		"NOTIFY_LOG_LEVEL=warn",
-		"NOTIFY_PING_INTERVAL="+set.PingInterval.String(), "NOTIFY_PING_TIMEOUT="+set.PingTimeout.String())
+		"NOTIFY_PING_INTERVAL="+set.PingInterval.String(), "NOTIFY_PING_TIMEOUT="+set.PingTimeout.String(),
+		// Every client dials from loopback: the per-address and connect limits are for the open internet.
+		"NOTIFY_MAX_CONNS=0", "NOTIFY_MAX_CONNS_PER_IP=0", "NOTIFY_CONNECT_RATE_PER_USER=off", "NOTIFY_CONNECT_RATE_PER_IP=off")
 	if set.MaxSessionsPerUser > 0 {
 		env = append(env, "NOTIFY_MAX_SESSIONS_PER_USER="+strconv.Itoa(set.MaxSessionsPerUser))
 	}

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/notifyd/notifyd/handlers/ratelimit"
 	"github.com/notifyd/notifyd/store"
 )
 
@@ -37,6 +38,14 @@ type Config struct {
 	LogLevel           string
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
 	TrustedProxies []netip.Prefix
+
+	// Connection and rate limits (limits.go). Zero values limit nothing.
+	ReadTimeout        time.Duration   // NOTIFY_READ_TIMEOUT: an ordinary request's headers and body
+	MaxConns           int             // NOTIFY_MAX_CONNS: connections open at once
+	MaxConnsPerIP      int             // NOTIFY_MAX_CONNS_PER_IP: connections open at once from one address
+	ConnectRatePerUser ratelimit.Limit // NOTIFY_CONNECT_RATE_PER_USER: new sessions of one user
+	ConnectRatePerIP   ratelimit.Limit // NOTIFY_CONNECT_RATE_PER_IP: new sessions from one address
+	devAddrFrom        string          // the NOTIFY_ADDR dev mode moved to loopback, for the log
 }
 
 // defaults holds the value of every setting the environment leaves unset; it is the one place
@@ -60,6 +69,11 @@ var defaults = Config{
 	RetentionDelivery:  store.DefaultRetentionDeliveries,
 	RetentionEvery:     time.Hour,
 	LogLevel:           "info",
+	ReadTimeout:        30 * time.Second,
+	MaxConns:           defaultMaxConns(),
+	MaxConnsPerIP:      500,
+	ConnectRatePerUser: mustLimit("30/1m,30"),
+	ConnectRatePerIP:   mustLimit("10/1s,300"),
 }
 
 // maxSessionFrames bounds QueueLimit + ReplayLimit, the frames one session may have queued
@@ -172,6 +186,7 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	} else if len(c.APIKey) < 16 {
 		errs = append(errs, errors.New("NOTIFY_API_KEY must be at least 16 characters"))
 	}
+	errs = append(errs, loadLimits(getenv, &c)...)
 	return c, errors.Join(errs...)
 }
 

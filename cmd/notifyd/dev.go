@@ -23,7 +23,8 @@ func (m *Main) printDevBanner(w io.Writer) {
 		base = "http://localhost:" + port
 	}
 	fmt.Fprintf(w, `
-notifyd is running in dev mode on %[1]s
+notifyd is running in DEV MODE on %[1]s (loopback only)
+  WARNING: anyone who reaches it gets a token for any user and the API key.
   demo page:   %[1]s/
   dashboard:   %[1]s/dashboard.html
   client token (user "dev", 24h): %[2]s

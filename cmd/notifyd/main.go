@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/notifyd/notifyd/handlers"
+	"github.com/notifyd/notifyd/handlers/connlimit"
 	"github.com/notifyd/notifyd/handlers/realtime"
 	"github.com/notifyd/notifyd/store"
 )
@@ -87,6 +88,7 @@ type Main struct {
 	srv        *http.Server
 	debugSrv   *http.Server
 	ln         net.Listener
+	conns      *connlimit.Listener // ln, with the connection caps
 	cancel     context.CancelFunc
 	background sync.WaitGroup
 }
@@ -175,12 +177,14 @@ func (m *Main) Start(ctx context.Context) error {
 	if static == nil {
 		static = staticFS()
 	}
+	connectLimits := handlers.NewConnectLimits(cfg.ConnectRatePerUser, cfg.ConnectRatePerIP, cfg.TrustedProxies)
 	handler := handlers.New(handlers.Options{
 		Hub: m.hub, Store: st, Recorder: receiptRecorder(m.recorder, cfg.RecordOff), Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
 		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
-		Negotiate: handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
+		Negotiate:     handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
+		ConnectLimits: connectLimits,
 	})
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -188,16 +192,40 @@ func (m *Main) Start(ctx context.Context) error {
 		st.Close()
 		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
 	}
-	m.ln = ln
-	// No WriteTimeout: it would cut streams. Per-request deadlines are set by
-	// the handlers that need them.
-	m.srv = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second,
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
-	go func() { _ = m.srv.Serve(ln) }()
+	if cfg.Dev && !isLoopback(ln.Addr()) {
+		ln.Close()
+		cancel()
+		st.Close()
+		return fmt.Errorf("dev mode serves on loopback only, not %s (it mints tokens for any user)", ln.Addr())
+	}
+	conns := connlimit.Wrap(ln, connlimit.Options{Max: cfg.MaxConns, PerAddr: cfg.MaxConnsPerIP,
+		Exempt: exemptProxies(cfg.TrustedProxies), Log: log})
+	registerLimitMetrics(metrics, conns, connectLimits)
+	m.ln, m.conns = conns, conns
+	// ReadTimeout bounds an ordinary request's headers and body (a client
+	// that declares a body and never sends it is cut off). Streams take the
+	// connection over and clear its deadlines (hijack; gorilla's Upgrade). No
+	// WriteTimeout: it would cut streams; their writes carry deadlines of
+	// their own.
+	headerTimeout := 10 * time.Second
+	if cfg.ReadTimeout > 0 {
+		headerTimeout = min(headerTimeout, cfg.ReadTimeout)
+	}
+	m.srv = &http.Server{Handler: handler, ReadHeaderTimeout: headerTimeout, ReadTimeout: cfg.ReadTimeout,
+		IdleTimeout: 120 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	go func() { _ = m.srv.Serve(conns) }()
 	if cfg.DebugAddr != "" {
 		m.startDebug(cfg.DebugAddr)
 	}
-	log.Info("notifyd listening", "addr", ln.Addr().String(), "dev", cfg.Dev)
+	log.Info("notifyd listening", "addr", ln.Addr().String(), "dev", cfg.Dev,
+		"max_conns", cfg.MaxConns, "max_conns_per_ip", cfg.MaxConnsPerIP, "read_timeout", cfg.ReadTimeout)
+	if cfg.Dev {
+		log.Warn("DEV MODE: anyone who can reach this server gets tokens for any user (/v1/dev/token) and the API key; it listens on loopback only",
+			"addr", ln.Addr().String(), "moved_from", cfg.devAddrFrom)
+	}
+	if len(cfg.AllowedOrigins) == 0 {
+		log.Warn("NOTIFY_ALLOWED_ORIGINS is empty: browsers are accepted only from pages served by this server under an IP address or localhost; list your pages' origins")
+	}
 	return nil
 }
 
