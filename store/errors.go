@@ -117,11 +117,13 @@ func rejectedData(err error) (string, bool) {
 	return msg, true
 }
 
-// dbError gives a failed statement its code: EINVALID with Postgres's
-// description when the data was refused, else EUNAVAILABLE with the cause
-// kept for logs (the context's end included: the statement did not commit in
-// time). what names the operation, for logs.
-func dbError(what string, err error) error {
+// DBError gives the error of a failed statement its code: err as it is when it
+// has one; EINVALID with Postgres's description when the data was refused;
+// else EUNAVAILABLE (the database failed, or did not answer before the
+// context ended), the cause kept for logs. what names the operation, for logs.
+// Code that runs SQL on the store's pool outside this package passes its
+// errors through DBError.
+func DBError(what string, err error) error {
 	if err == nil {
 		return nil
 	}

@@ -249,7 +249,7 @@ func (s *Store) publishRows(ctx context.Context, ns []NewNotification, sent []in
 		}
 		what := fmt.Sprintf("store: publish %d notification(s)", len(ns))
 		if _, bad := rejectedData(err); bad || attempt >= maxPublishAttempts || !retryable(err) || ctx.Err() != nil {
-			return nil, dbError(what, err)
+			return nil, DBError(what, err)
 		}
 		// Short jittered pause: the conflicting transaction is committing now.
 		t := time.NewTimer(time.Duration(attempt) * time.Duration(1+rand.IntN(5)) * time.Millisecond)

@@ -37,7 +37,7 @@ const versionTable = "schema_version"
 const writeTimeout = 30 * time.Second
 
 // ErrClosed is returned by PublishOne after Close. Its code is ESHUTTINGDOWN.
-var ErrClosed = &Error{Code: ESHUTTINGDOWN, Message: "the server is shutting down; retry later"}
+var ErrClosed = &Error{Code: ESHUTTINGDOWN, Message: "the server is restarting; retry later"}
 
 // ErrInvalid matches (errors.Is) every EINVALID error, such as a notification that cannot be
 // stored: empty user id or topic, data that is not valid JSON, or data Postgres rejects.
