@@ -3,8 +3,6 @@ package realtime
 import (
 	"testing"
 	"time"
-
-	"github.com/notifyd/notifyd/store"
 )
 
 // TestWireTime: the wire writes RFC 3339 UTC with milliseconds, the same
@@ -16,23 +14,5 @@ func TestWireTime(t *testing.T) {
 	}
 	if got, want := string(AppendPong(nil, at)), `{"type":"pong","server_time":"`+WireTime(at)+`"}`; got != want {
 		t.Fatalf("AppendPong = %s, want %s", got, want)
-	}
-}
-
-// TestExpectKeepsNoExpiringRows: rows that expire are left to the store's
-// filtering of expired rows: a signal for them is read back, not served from
-// memory.
-func TestExpectKeepsNoExpiringRows(t *testing.T) {
-	h, _, n := annOnline(t)
-	d := NewDispatcher(h, &countingSource{}, nil, 100)
-	expiring := n(2)
-	later := time.Now().Add(time.Hour)
-	expiring.ExpiresAt = &later
-	d.Expect([]string{"ann"})([]store.Notification{n(1), expiring})
-	if len(d.recent.m) != 1 {
-		t.Fatalf("kept %d rows, want 1 (not the expiring one)", len(d.recent.m))
-	}
-	if got := FromStore(n(1)); got.User != "ann" || got.Seq != 1 || got.ID != n(1).ID || string(got.Data) != "{}" {
-		t.Fatalf("FromStore = %+v", got)
 	}
 }
