@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
-	"github.com/notifyd/notifyd/store"
 )
 
 // connectRequest is what every transport reads from a connecting client.
@@ -97,12 +96,7 @@ func (a *API) replay(s *realtime.Session, cursor int64) {
 	}
 	backlog := make([]realtime.Frame, len(rows))
 	for i := range rows {
-		backlog[i] = realtime.NotificationFrame(FromStore(rows[i]), true)
+		backlog[i] = realtime.NotificationFrame(realtime.FromStore(rows[i]), true)
 	}
 	s.FinishReplay(backlog, unread, truncated)
-}
-
-// FromStore converts a stored notification to the hub's form.
-func FromStore(n store.Notification) realtime.Notification {
-	return realtime.Notification{ID: n.ID, User: n.UserID, Seq: n.Seq, Topic: n.Topic, Data: n.Data, CreatedAt: n.CreatedAt}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
 )
 
 // negotiateWindow is how long a reported outcome counts: older ones are forgotten.
@@ -101,7 +102,7 @@ func (a *API) reportNegotiate(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	if err := n.record(ctx, network, browser, outs, time.Now()); err != nil {
 		a.Log.Warn("negotiate: recording outcomes failed", "err", err)
-		writeError(w, errUnavailable)
+		writeError(w, store.DBError("negotiate: record outcomes", err))
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/notifyd/notifyd/handlers/realtime"
 	"github.com/notifyd/notifyd/store"
 )
 
@@ -42,7 +43,7 @@ type published struct {
 }
 
 func toPublished(p store.Published) published {
-	return published{ID: p.ID, UserID: p.UserID, Seq: p.Seq, CreatedAt: p.CreatedAt.UTC().Format(time.RFC3339Nano)}
+	return published{ID: p.ID, UserID: p.UserID, Seq: p.Seq, CreatedAt: realtime.WireTime(p.CreatedAt)}
 }
 
 // validate checks one notification and returns it in the store's form.
@@ -76,8 +77,9 @@ func (a *API) validateItem(it publishItem, where string) (store.NewNotification,
 }
 
 // publish is POST /v1/notifications. It answers 201 only once every row is
-// committed, 200 when the idempotency key had been seen, 503 with nothing
-// stored while Postgres is unreachable.
+// committed, 200 when the idempotency key had been seen, 400 when a row is
+// invalid (also when Postgres refuses its data), 503 with nothing stored while
+// Postgres is unreachable or the server is shutting down.
 func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 	if !a.Auth.Publisher(r) {
 		writeError(w, errUnauthorized)
@@ -177,10 +179,15 @@ func (a *API) publishOne(w http.ResponseWriter, r *http.Request, req publishRequ
 	writeJSON(w, status, toPublished(p))
 }
 
+// publishFailed answers a store error by its code (apiError).
 func (a *API) publishFailed(w http.ResponseWriter, r *http.Request, err error) {
 	if r.Context().Err() != nil {
 		return // the client left; whether the row committed it must learn by idempotency key
 	}
-	a.Log.Warn("publish failed", "err", err)
-	writeError(w, errUnavailable)
+	if store.ErrorCode(err) == store.EINVALID {
+		a.Log.Info("publish refused", "err", err)
+	} else {
+		a.Log.Warn("publish failed", "err", err)
+	}
+	writeError(w, err)
 }

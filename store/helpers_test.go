@@ -28,7 +28,7 @@ func testLog() *slog.Logger {
 type listening struct {
 	l          *store.Listener
 	mu         sync.Mutex
-	changes    []store.Change
+	changes    []store.SeqRange
 	reconnects int
 	notify     chan struct{} // pinged on every callback
 	done       chan struct{}
@@ -45,7 +45,7 @@ func startListener(t *testing.T, s *store.Store, tune func(*store.Listener)) *li
 	ready := make(chan struct{})
 	go func() {
 		defer close(lst.done)
-		err := lst.l.Run(ctx, func() { close(ready) }, func(cs []store.Change) {
+		err := lst.l.Run(ctx, func() { close(ready) }, func(cs []store.SeqRange) {
 			lst.mu.Lock()
 			lst.changes = append(lst.changes, cs...)
 			lst.mu.Unlock()

@@ -19,12 +19,6 @@ const ListenerAppName = "notifyd-listener"
 // ChannelPrefix is the NOTIFY channel prefix; the channel is ChannelPrefix + the schema name.
 const ChannelPrefix = "notifyd:"
 
-// Change says that a user's notifications From..To (inclusive seqs) were committed.
-type Change struct {
-	UserID   string
-	From, To int64
-}
-
 // Listener receives the NOTIFYs sent by the notifications trigger, on a dedicated connection.
 type Listener struct {
 	s   *Store
@@ -49,12 +43,13 @@ func (s *Store) NewListener(log *slog.Logger) *Listener {
 }
 
 // Run listens until ctx ends, then returns nil. It calls onReady once, when the first LISTEN is
-// active; onChanges for every NOTIFY (parsed payload), in arrival order, from this goroutine;
+// active; onCommit for every NOTIFY (its payload parsed into the committed seq ranges), in
+// arrival order, from this goroutine;
 // and onReconnect after every later (re)connect, once LISTEN is active again, so the caller can
 // catch up from the tables (NOTIFYs sent while disconnected are lost). A dead connection is
 // detected by the error of the wait or, when nothing arrives for HealthInterval, by a ping.
 // Reconnects use exponential backoff without a time limit. Any callback may be nil.
-func (l *Listener) Run(ctx context.Context, onReady func(), onChanges func([]Change), onReconnect func()) error {
+func (l *Listener) Run(ctx context.Context, onReady func(), onCommit func([]SeqRange), onReconnect func()) error {
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxInterval = 5 * time.Second
@@ -74,7 +69,7 @@ func (l *Listener) Run(ctx context.Context, onReady func(), onChanges func([]Cha
 					onReconnect()
 				}
 			}
-			err = l.listen(ctx, conn, onChanges)
+			err = l.listen(ctx, conn, onCommit)
 			closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 			_ = conn.Close(closeCtx)
 			cancel()
@@ -116,7 +111,7 @@ func (l *Listener) connect(ctx context.Context) (*pgx.Conn, error) {
 }
 
 // listen delivers notifications until the connection fails or ctx ends.
-func (l *Listener) listen(ctx context.Context, conn *pgx.Conn, onChanges func([]Change)) error {
+func (l *Listener) listen(ctx context.Context, conn *pgx.Conn, onCommit func([]SeqRange)) error {
 	for {
 		wctx, cancel := context.WithTimeout(ctx, l.HealthInterval)
 		n, err := conn.WaitForNotification(wctx)
@@ -137,22 +132,22 @@ func (l *Listener) listen(ctx context.Context, conn *pgx.Conn, onChanges func([]
 		if err != nil {
 			return fmt.Errorf("store listener: wait: %w", err)
 		}
-		changes, perr := ParsePayload(n.Payload)
+		ranges, perr := ParsePayload(n.Payload)
 		if perr != nil {
 			l.log.Warn("store listener: bad payload lines skipped", "err", perr)
 		}
-		if len(changes) > 0 && onChanges != nil {
-			onChanges(changes)
+		if len(ranges) > 0 && onCommit != nil {
+			onCommit(ranges)
 		}
 	}
 }
 
 // ParsePayload parses a NOTIFY payload of the notifications trigger: lines
 // "user_id<TAB>from<TAB>to" separated by newlines (a user id may itself contain tabs; the two
-// numbers are taken from the end of the line). Empty lines are skipped. It returns every
-// well-formed change, and an error naming the malformed lines if there were any.
-func ParsePayload(p string) ([]Change, error) {
-	var changes []Change
+// numbers are taken from the end of the line), each the range of seqs one commit gave a user.
+// Empty lines are skipped. It returns every well-formed range, and an error naming the malformed lines if there were any.
+func ParsePayload(p string) ([]SeqRange, error) {
+	var ranges []SeqRange
 	var errs []error
 	for i, line := range strings.Split(p, "\n") {
 		if line == "" {
@@ -163,33 +158,33 @@ func ParsePayload(p string) ([]Change, error) {
 			errs = append(errs, fmt.Errorf("line %d: %w", i+1, err))
 			continue
 		}
-		changes = append(changes, c)
+		ranges = append(ranges, c)
 	}
 	if len(errs) > 0 {
-		return changes, fmt.Errorf("store: parse payload: %w", errors.Join(errs...))
+		return ranges, fmt.Errorf("store: parse payload: %w", errors.Join(errs...))
 	}
-	return changes, nil
+	return ranges, nil
 }
 
-func parseLine(line string) (Change, error) {
+func parseLine(line string) (SeqRange, error) {
 	t2 := strings.LastIndexByte(line, '\t')
 	if t2 < 0 {
-		return Change{}, errors.New("want user<TAB>from<TAB>to")
+		return SeqRange{}, errors.New("want user<TAB>from<TAB>to")
 	}
 	t1 := strings.LastIndexByte(line[:t2], '\t')
 	if t1 <= 0 {
-		return Change{}, errors.New("want user<TAB>from<TAB>to")
+		return SeqRange{}, errors.New("want user<TAB>from<TAB>to")
 	}
 	from, err := strconv.ParseInt(line[t1+1:t2], 10, 64)
 	if err != nil {
-		return Change{}, fmt.Errorf("from: %w", err)
+		return SeqRange{}, fmt.Errorf("from: %w", err)
 	}
 	to, err := strconv.ParseInt(line[t2+1:], 10, 64)
 	if err != nil {
-		return Change{}, fmt.Errorf("to: %w", err)
+		return SeqRange{}, fmt.Errorf("to: %w", err)
 	}
 	if from < 1 || to < from {
-		return Change{}, fmt.Errorf("bad range %d..%d", from, to)
+		return SeqRange{}, fmt.Errorf("bad range %d..%d", from, to)
 	}
-	return Change{UserID: line[:t1], From: from, To: to}, nil
+	return SeqRange{UserID: line[:t1], From: from, To: to}, nil
 }

@@ -42,7 +42,7 @@ func TestListenerSQLInsert(t *testing.T) {
 	lst.mu.Lock()
 	got := slices.Clone(lst.changes)
 	lst.mu.Unlock()
-	want := []store.Change{{UserID: "sql-user", From: 1, To: 1}, {UserID: "sql-user", From: 2, To: 3}, {UserID: "x", From: 1, To: 1}}
+	want := []store.SeqRange{{UserID: "sql-user", From: 1, To: 1}, {UserID: "sql-user", From: 2, To: 3}, {UserID: "x", From: 1, To: 1}}
 	// The second statement's lines are ordered by user: sql-user before x.
 	if !slices.Equal(got, want) {
 		t.Fatalf("changes = %+v, want %+v", got, want)
@@ -136,11 +136,11 @@ func TestListenerDetectsSilence(t *testing.T) {
 
 func TestParsePayload(t *testing.T) {
 	cs, err := store.ParsePayload("a\t1\t2\nb\tc\t3\t3\n\n")
-	if err != nil || !slices.Equal(cs, []store.Change{{UserID: "a", From: 1, To: 2}, {UserID: "b\tc", From: 3, To: 3}}) {
+	if err != nil || !slices.Equal(cs, []store.SeqRange{{UserID: "a", From: 1, To: 2}, {UserID: "b\tc", From: 3, To: 3}}) {
 		t.Fatalf("= %+v, %v", cs, err)
 	}
 	cs, err = store.ParsePayload("a\t1\t2\nbad\nb\t5\t4\nc\t1\tx\n\t1\t1\nd\t7\t7")
-	if err == nil || !slices.Equal(cs, []store.Change{{UserID: "a", From: 1, To: 2}, {UserID: "d", From: 7, To: 7}}) {
+	if err == nil || !slices.Equal(cs, []store.SeqRange{{UserID: "a", From: 1, To: 2}, {UserID: "d", From: 7, To: 7}}) {
 		t.Fatalf("= %+v, %v", cs, err)
 	}
 	if cs, err := store.ParsePayload(""); err != nil || cs != nil {

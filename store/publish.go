@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -60,16 +59,20 @@ type Published struct {
 	Duplicate bool
 }
 
-func validate(n *NewNotification) error {
+// validate returns what is wrong with n as an EINVALID error, prefix starting its message.
+func validate(n *NewNotification, prefix string) error {
+	var msg string
 	switch {
 	case n.UserID == "":
-		return fmt.Errorf("%w: empty user id", ErrInvalid)
+		msg = "empty user id"
 	case n.Topic == "":
-		return fmt.Errorf("%w: empty topic", ErrInvalid)
+		msg = "empty topic"
 	case len(n.Data) > 0 && !json.Valid(n.Data):
-		return fmt.Errorf("%w: data is not valid JSON", ErrInvalid)
+		msg = "data is not valid JSON"
+	default:
+		return nil
 	}
-	return nil
+	return Errorf(EINVALID, prefix+msg)
 }
 
 // publishSQL stores a batch in one statement (so one transaction and one NOTIFY). Rows whose
@@ -139,15 +142,16 @@ const customPlanSQL = `SELECT set_config('plan_cache_mode', 'force_custom_plan',
 // Idempotency: a row whose (UserID, IdempotencyKey) already exists, or repeats an earlier row
 // of the same batch, is not inserted and comes back with Duplicate set and the first result.
 // A concurrent insert of the same key (23505) or a deadlock retries the statement, bounded.
-// An invalid notification fails the whole call with ErrInvalid (before touching the database
-// when Go can tell, else when Postgres rejects the data); other errors mean the database failed.
+// Errors are *Error: an invalid notification fails the whole call with EINVALID (before
+// touching the database when Go can tell, else when Postgres rejects the data); EUNAVAILABLE
+// means the database failed.
 func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published, error) {
 	if len(ns) == 0 {
 		return nil, nil
 	}
 	for i := range ns {
-		if err := validate(&ns[i]); err != nil {
-			return nil, fmt.Errorf("store: publish: notification %d: %w", i, err)
+		if err := validate(&ns[i], fmt.Sprintf("notification %d: ", i)); err != nil {
+			return nil, err
 		}
 	}
 
@@ -199,18 +203,37 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 		expires = append(expires, n.ExpiresAt)
 	}
 
-	done := func([]NewNotification, []Published) {}
+	var done func([]Notification)
 	if h := s.hook.Load(); h != nil && *h != nil {
 		done = (*h)(users)
 	}
 	out, err := s.publishRows(ctx, ns, sent, alias, ids, users, topics, datas, keys, expires)
+	if done == nil {
+		return out, err
+	}
 	if err != nil {
-		done(nil, nil)
+		done(nil)
 		return nil, err
 	}
-	done(ns, out)
+	committed := make([]Notification, 0, len(sent))
+	for i := range ns {
+		p := out[i]
+		if p.Duplicate {
+			continue
+		}
+		data := ns[i].Data
+		if len(data) == 0 {
+			data = emptyData
+		}
+		committed = append(committed, Notification{ID: p.ID, UserID: p.UserID, Seq: p.Seq, Topic: ns[i].Topic,
+			Data: data, CreatedAt: p.CreatedAt, ExpiresAt: ns[i].ExpiresAt})
+	}
+	done(committed)
 	return out, nil
 }
+
+// emptyData is what a notification published without data holds.
+var emptyData = json.RawMessage("{}")
 
 // publishRows runs the publish statement for the rows Publish prepared, with
 // bounded retries, and returns the results in input order.
@@ -223,11 +246,9 @@ func (s *Store) publishRows(ctx context.Context, ns []NewNotification, sent []in
 		if err == nil {
 			break
 		}
-		if rejected(err) {
-			return nil, fmt.Errorf("store: publish %d notification(s): %w: %w", len(ns), ErrInvalid, err)
-		}
-		if attempt >= maxPublishAttempts || !retryable(err) || ctx.Err() != nil {
-			return nil, fmt.Errorf("store: publish %d notification(s): %w", len(ns), err)
+		what := fmt.Sprintf("store: publish %d notification(s)", len(ns))
+		if _, bad := rejectedData(err); bad || attempt >= maxPublishAttempts || !retryable(err) || ctx.Err() != nil {
+			return nil, DBError(what, err)
 		}
 		// Short jittered pause: the conflicting transaction is committing now.
 		t := time.NewTimer(time.Duration(attempt) * time.Duration(1+rand.IntN(5)) * time.Millisecond)
@@ -235,7 +256,7 @@ func (s *Store) publishRows(ctx context.Context, ns []NewNotification, sent []in
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return nil, fmt.Errorf("store: publish %d notification(s): %w", len(ns), ctx.Err())
+			return nil, ctxError(fmt.Sprintf("store: publish %d notification(s)", len(ns)), ctx)
 		}
 	}
 
@@ -243,7 +264,7 @@ func (s *Store) publishRows(ctx context.Context, ns []NewNotification, sent []in
 	for j, i := range sent {
 		p, ok := byID[ids[j]]
 		if !ok {
-			return nil, fmt.Errorf("store: publish: no result for notification %d", i)
+			return nil, &Error{Code: EINTERNAL, Message: "internal error", Err: fmt.Errorf("store: publish: no result for notification %d", i)}
 		}
 		p.UserID = ns[i].UserID
 		out[i] = p
@@ -279,17 +300,6 @@ func (s *Store) publishOnce(ctx context.Context, byID map[string]Published, n in
 	return s.pool.SendBatch(ctx, b).Close()
 }
 
-// rejected reports an error caused by the data itself (class 22 data exceptions such as a
-// NUL in text or \u0000 in jsonb, or 54000 such as an idempotency key too long to index):
-// retrying cannot help and the request is invalid, not the database unavailable.
-func rejected(err error) bool {
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) {
-		return false
-	}
-	return strings.HasPrefix(pgErr.Code, "22") || pgErr.Code == pgerrcode.ProgramLimitExceeded
-}
-
 func retryable(err error) bool {
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) {
@@ -321,8 +331,8 @@ type pubRes struct {
 // request never fails its neighbours. ctx bounds the caller's wait; if it ends after the
 // request was handed to a group, the notification may still be stored.
 func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, error) {
-	if err := validate(&n); err != nil {
-		return Published{}, fmt.Errorf("store: publish: %w", err)
+	if err := validate(&n, ""); err != nil {
+		return Published{}, err
 	}
 	r := &pubReq{ctx: ctx, n: n, res: make(chan pubRes, 1)}
 	s.closeMu.RLock()
@@ -335,14 +345,14 @@ func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, e
 		s.closeMu.RUnlock()
 	case <-ctx.Done():
 		s.closeMu.RUnlock()
-		return Published{}, fmt.Errorf("store: publish: %w", ctx.Err())
+		return Published{}, ctxError("store: publish", ctx)
 	}
 	s.stats.publishOneCalls.Add(1)
 	select {
 	case res := <-r.res:
 		return res.p, res.err
 	case <-ctx.Done():
-		return Published{}, fmt.Errorf("store: publish: %w", ctx.Err())
+		return Published{}, ctxError("store: publish", ctx)
 	}
 }
 
@@ -417,7 +427,7 @@ func (s *Store) storeGroup(group []*pubReq) {
 	live := group[:0]
 	for _, r := range group {
 		if err := r.ctx.Err(); err != nil {
-			r.res <- pubRes{err: fmt.Errorf("store: publish: %w", err)}
+			r.res <- pubRes{err: ctxError("store: publish", r.ctx)}
 			continue
 		}
 		live = append(live, r)

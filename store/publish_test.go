@@ -406,22 +406,24 @@ func TestPublishHook(t *testing.T) {
 	}
 	var mu sync.Mutex
 	var calls []call
-	s.SetPublishHook(func(users []string) func([]store.NewNotification, []store.Published) {
+	s.SetPublishHook(func(users []string) func([]store.Notification) {
 		mu.Lock()
 		i := len(calls)
 		calls = append(calls, call{users: slices.Clone(users)})
 		mu.Unlock()
-		return func(ns []store.NewNotification, res []store.Published) {
+		return func(ns []store.Notification) {
 			mu.Lock()
 			defer mu.Unlock()
 			if ns == nil {
 				calls[i].committed = -1
 				return
 			}
-			if len(ns) != len(res) {
-				t.Errorf("hook got %d rows and %d results", len(ns), len(res))
+			for _, n := range ns {
+				if n.ID == "" || n.Seq < 1 || n.Topic == "" || len(n.Data) == 0 || n.CreatedAt.IsZero() {
+					t.Errorf("hook got row %+v, want every field of the stored row", n)
+				}
 			}
-			calls[i].committed = len(res)
+			calls[i].committed = len(ns)
 		}
 	})
 	mustPublish(t, s, note("b"), note("a"), note("b"))

@@ -58,7 +58,8 @@ func (s *Store) listWithUnread(ctx context.Context, user, query string, args ...
 	return ns, unread, err
 }
 
-// SeqRange is a user's seqs From..To, inclusive.
+// SeqRange is a user's seqs From..To, inclusive: what a commit signal (Listener) reports and
+// what Fetch reads. It is the one range type of notifyd; the realtime dispatcher uses it too.
 type SeqRange struct {
 	UserID   string
 	From, To int64

@@ -36,12 +36,13 @@ const versionTable = "schema_version"
 // writeTimeout bounds writes that run detached from the caller's context.
 const writeTimeout = 30 * time.Second
 
-// ErrClosed is returned by PublishOne after Close.
-var ErrClosed = errors.New("store: closed")
+// ErrClosed is returned by PublishOne after Close. Its code is ESHUTTINGDOWN.
+var ErrClosed = &Error{Code: ESHUTTINGDOWN, Message: "the server is restarting; retry later"}
 
-// ErrInvalid is returned (wrapped) for a notification that cannot be stored: empty user id or
-// topic, or data that is not valid JSON. Nothing of the request is stored.
-var ErrInvalid = errors.New("invalid notification")
+// ErrInvalid matches (errors.Is) every EINVALID error, such as a notification that cannot be
+// stored: empty user id or topic, data that is not valid JSON, or data Postgres rejects.
+// Nothing of the request is stored.
+var ErrInvalid = &Error{Code: EINVALID, Message: "invalid notification"}
 
 // Options tunes a Store. Zero values select the defaults above.
 type Options struct {
@@ -81,12 +82,12 @@ type Store struct {
 
 // PublishHook is told, before a publish statement goes to Postgres, which
 // users it is for; the function it returns is called once the statement is
-// over, with the rows and their results when it committed, or with nothing
-// when it failed. Neither may block. notifyd's dispatcher uses it to deliver
-// the rows it publishes from memory: their commit signal often arrives before
-// the statement's answer, and it then waits for them rather than reading
-// them back.
-type PublishHook func(users []string) (done func(ns []NewNotification, res []Published))
+// over, with the rows it stored when it committed (repeats of an idempotency
+// key left out; not nil, possibly empty), or with nil when it failed. Neither
+// may block. notifyd's dispatcher (realtime.Dispatcher.Expect) is the hook: it
+// delivers the rows this process publishes from memory, since their commit
+// signal often arrives before the statement's answer.
+type PublishHook func(users []string) (done func(committed []Notification))
 
 // SetPublishHook installs h for the publish statements that start after it.
 func (s *Store) SetPublishHook(h PublishHook) { s.hook.Store(&h) }

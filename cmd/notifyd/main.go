@@ -145,17 +145,19 @@ func (m *Main) Start(ctx context.Context) error {
 	metrics = handlers.NewMetrics(m.hub)
 	metrics.RegisterStore(st, m.recorder)
 
-	dispatcher := realtime.NewDispatcher(m.hub, storeSource{st}, log, cfg.ReplayLimit)
+	// The publish path: a publish (handlers/publish.go) stores its rows
+	// (store/publish.go), telling the dispatcher before and after through the
+	// publish hook; the commit's NOTIFY reaches the listener
+	// (store/listener.go), whose ranges the dispatcher
+	// (handlers/realtime/dispatch.go) serves from those rows in memory, or
+	// reads back from the store, and hands to the hub.
+	dispatcher := realtime.NewDispatcher(m.hub, st, log, cfg.ReplayLimit)
 	metrics.RegisterDispatch(dispatcher)
-	// Rows published through the API are delivered from memory when their
-	// commit signal comes, without reading them back.
-	st.SetPublishHook(publishHook(dispatcher))
+	st.SetPublishHook(dispatcher.Expect)
 	ready := make(chan struct{})
 	listener := st.NewListener(log)
 	m.goBackground(func() {
-		_ = listener.Run(bg, func() { close(ready) },
-			func(cs []store.Change) { dispatcher.Changes(toRanges(cs)) },
-			dispatcher.CatchUp)
+		_ = listener.Run(bg, func() { close(ready) }, dispatcher.Changes, dispatcher.CatchUp)
 	})
 	select {
 	case <-ready:

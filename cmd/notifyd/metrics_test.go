@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 )
 
 // /metrics carries every family registered in handlers/metrics.go: the hub's, the deliveries',
@@ -15,16 +16,7 @@ func TestMetricsRegistered(t *testing.T) {
 	ts.publish(t, "metrics-user", "t", map[string]any{"n": 1})
 	c.expect(t, "notification")
 
-	resp, err := http.Get(ts.URL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("/metrics: status %d", resp.StatusCode)
-	}
-	lines := strings.Split(string(raw), "\n")
+	var lines []string
 	has := func(prefix string) bool {
 		for _, l := range lines {
 			if strings.HasPrefix(l, prefix) {
@@ -32,6 +24,25 @@ func TestMetricsRegistered(t *testing.T) {
 			}
 		}
 		return false
+	}
+	// The client can read the frame before the writer has counted it: scrape
+	// until the delivery is counted (bounded).
+	const delivered = `notifyd_deliveries_total{replayed="false",transport="websocket"} 1`
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		resp, err := http.Get(ts.URL + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("/metrics: status %d", resp.StatusCode)
+		}
+		lines = strings.Split(string(raw), "\n")
+		if has(delivered) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	for _, want := range []string{
 		"notifyd_published_total ",

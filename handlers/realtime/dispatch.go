@@ -5,34 +5,35 @@ import (
 	"log/slog"
 	"sync/atomic"
 	"time"
+
+	"github.com/notifyd/notifyd/store"
 )
 
-// Range is a run of seqs of one user, both ends included.
-type Range struct {
-	User     string
-	From, To int64
-}
-
-// Source reads committed notifications (the store, in production).
+// Source reads committed notifications: *store.Store.
 type Source interface {
 	// Fetch returns the notifications in the ranges, ordered by user then seq.
-	Fetch(ctx context.Context, ranges []Range) ([]Notification, error)
+	Fetch(ctx context.Context, ranges []store.SeqRange) ([]store.Notification, error)
 	// After returns, per user, up to limit unread notifications above the
 	// cursor, ordered by user then seq.
-	After(ctx context.Context, cursors map[string]int64, limit int) ([]Notification, error)
+	After(ctx context.Context, cursors map[string]int64, limit int) ([]store.Notification, error)
 }
 
-// Dispatcher turns commit signals (Postgres NOTIFY, parsed into ranges) into
-// live deliveries. It is the one publish path: a row inserted by the API or by
-// an application's own SQL reaches sessions the same way. One goroutine, so
+// Dispatcher turns commit signals (Postgres NOTIFY, parsed by store.Listener
+// into seq ranges and handed to Changes) into live deliveries (Hub.Deliver).
+// It is the one publish path: a row inserted by the API or by an
+// application's own SQL reaches sessions the same way. One goroutine, so
 // deliveries keep commit order; signals that pile up while a fetch runs are
 // merged into the next fetch.
+//
+// The rows a publish through this process's store commits are handed to it
+// by the store's publish hook (Expect, recent.go), so a signal for them is
+// served from memory rather than read back (Source.Fetch).
 type Dispatcher struct {
 	hub     *Hub
 	src     Source
 	log     *slog.Logger
 	limit   int
-	in      chan []Range
+	in      chan []store.SeqRange
 	catchUp chan struct{}
 	recent  recent
 
@@ -55,12 +56,12 @@ func (d *Dispatcher) Stats() DispatchStats {
 // NewDispatcher returns a dispatcher; limit bounds a catch-up per user and round.
 func NewDispatcher(hub *Hub, src Source, log *slog.Logger, limit int) *Dispatcher {
 	return &Dispatcher{hub: hub, src: src, log: log, limit: limit,
-		in: make(chan []Range, 4096), catchUp: make(chan struct{}, 1)}
+		in: make(chan []store.SeqRange, 4096), catchUp: make(chan struct{}, 1)}
 }
 
-// Changes hands over the ranges of one commit signal. It blocks only when
-// thousands of signals are already waiting.
-func (d *Dispatcher) Changes(rs []Range) { d.in <- rs }
+// Changes hands over the ranges of one commit signal (the Listener's
+// onCommit). It blocks only when thousands of signals are already waiting.
+func (d *Dispatcher) Changes(rs []store.SeqRange) { d.in <- rs }
 
 // CatchUp asks for every online user to be brought up to date from the
 // tables: after the listener reconnects, NOTIFYs sent meanwhile are gone.
@@ -94,17 +95,17 @@ func (d *Dispatcher) Run(ctx context.Context) {
 
 // merge folds rs and every signal already waiting into one range per online
 // user.
-func (d *Dispatcher) merge(rs []Range) []Range {
-	byUser := make(map[string]Range)
-	add := func(rs []Range) {
+func (d *Dispatcher) merge(rs []store.SeqRange) []store.SeqRange {
+	byUser := make(map[string]store.SeqRange)
+	add := func(rs []store.SeqRange) {
 		for _, r := range rs {
-			if !d.hub.tracker.Online(r.User) {
+			if !d.hub.tracker.Online(r.UserID) {
 				continue
 			}
-			if cur, ok := byUser[r.User]; ok {
+			if cur, ok := byUser[r.UserID]; ok {
 				r.From, r.To = min(r.From, cur.From), max(r.To, cur.To)
 			}
-			byUser[r.User] = r
+			byUser[r.UserID] = r
 		}
 	}
 	add(rs)
@@ -117,14 +118,16 @@ func (d *Dispatcher) merge(rs []Range) []Range {
 			more = false
 		}
 	}
-	out := make([]Range, 0, len(byUser))
+	out := make([]store.SeqRange, 0, len(byUser))
 	for _, r := range byUser {
 		out = append(out, r)
 	}
 	return out
 }
 
-func (d *Dispatcher) dispatch(ctx context.Context, rs []Range) {
+// dispatch delivers the rows of rs: from memory when this process published
+// them (recent), else read from the Source.
+func (d *Dispatcher) dispatch(ctx context.Context, rs []store.SeqRange) {
 	if len(rs) == 0 {
 		return
 	}
@@ -137,9 +140,10 @@ func (d *Dispatcher) dispatch(ctx context.Context, rs []Range) {
 	}
 	for attempt := 0; ; attempt++ {
 		fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		ns, err := d.src.Fetch(fctx, rs)
+		rows, err := d.src.Fetch(fctx, rs)
 		cancel()
 		if err == nil {
+			ns := fromStoreAll(rows)
 			d.fromDB.Add(uint64(len(ns)))
 			if len(found) > 0 {
 				ns = append(ns, found...)
@@ -167,13 +171,14 @@ func (d *Dispatcher) runCatchUp(ctx context.Context) {
 	cursors := d.hub.Cursors()
 	for len(cursors) > 0 && ctx.Err() == nil {
 		fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		ns, err := d.src.After(fctx, cursors, d.limit)
+		rows, err := d.src.After(fctx, cursors, d.limit)
 		cancel()
 		if err != nil {
 			d.log.Warn("dispatch: catch-up failed; retrying", "err", err)
 			sleep(ctx, time.Second)
 			continue
 		}
+		ns := fromStoreAll(rows)
 		d.hub.Deliver(ns)
 		next := make(map[string]int64)
 		count := make(map[string]int)

@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"time"
+
+	"github.com/notifyd/notifyd/store"
 )
 
 // Transport names the way a session is carried.
@@ -61,6 +63,22 @@ type Notification struct {
 	Topic     string
 	Data      json.RawMessage
 	CreatedAt time.Time
+}
+
+// FromStore converts a stored notification (replay, fetch, catch-up, a
+// publish's committed rows) to the hub's form. It is the one place a
+// store.Notification becomes a Notification.
+func FromStore(n store.Notification) Notification {
+	return Notification{ID: n.ID, User: n.UserID, Seq: n.Seq, Topic: n.Topic, Data: n.Data, CreatedAt: n.CreatedAt}
+}
+
+// fromStoreAll is FromStore of every row.
+func fromStoreAll(rows []store.Notification) []Notification {
+	out := make([]Notification, len(rows))
+	for i := range rows {
+		out[i] = FromStore(rows[i])
+	}
+	return out
 }
 
 // Frame is one encoded server-to-client message. Frames are immutable once
@@ -139,7 +157,9 @@ type errorMsg struct {
 // TimeFormat is how every timestamp on the wire is written (RFC 3339, UTC, ms).
 const TimeFormat = "2006-01-02T15:04:05.000Z07:00"
 
-func wireTime(t time.Time) string { return t.UTC().Format(TimeFormat) }
+// WireTime writes t as every timestamp on the wire is written: RFC 3339 in
+// UTC with milliseconds (TimeFormat). AppendPong writes the same bytes by hand.
+func WireTime(t time.Time) string { return t.UTC().Format(TimeFormat) }
 
 func mustJSON(v any) []byte {
 	b, err := json.Marshal(v)
@@ -155,7 +175,7 @@ func HelloFrame(s *Session, pingInterval, pingTimeout time.Duration, now time.Ti
 	return Frame{Type: TypeHello, JSON: mustJSON(helloMsg{
 		Type: TypeHello, Session: s.ID, User: s.User, Transport: s.Transport,
 		PingIntervalMs: pingInterval.Milliseconds(), PingTimeoutMs: pingTimeout.Milliseconds(),
-		ServerTime: wireTime(now),
+		ServerTime: WireTime(now),
 	})}
 }
 
@@ -168,7 +188,7 @@ func NotificationFrame(n Notification, replayed bool) Frame {
 	return Frame{Type: TypeNotification, Seq: n.Seq, ID: n.ID, CreatedAt: n.CreatedAt, Replayed: replayed,
 		JSON: mustJSON(notificationMsg{
 			Type: TypeNotification, ID: n.ID, Seq: n.Seq, Topic: n.Topic, Data: data,
-			CreatedAt: wireTime(n.CreatedAt), Replayed: replayed,
+			CreatedAt: WireTime(n.CreatedAt), Replayed: replayed,
 		})}
 }
 

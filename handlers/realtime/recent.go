@@ -7,6 +7,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/notifyd/notifyd/store"
 )
 
 // recent keeps the notifications this process has just published (through
@@ -48,11 +50,13 @@ const (
 )
 
 // Expect tells the dispatcher that this process is about to publish for
-// users. It must be followed by one call of the returned function, once the
-// publish is over, with the notifications it committed (none if it failed).
-// Users with no live session when the publish starts are ignored, and their
-// rows are not kept (presence is looked up once per user, here).
-func (d *Dispatcher) Expect(users []string) (committed func([]Notification)) {
+// users: it is the store's PublishHook (store.Store.SetPublishHook). It must
+// be followed by one call of the returned function, once the publish is over,
+// with the notifications it committed (none if it failed). Users with no live
+// session when the publish starts are ignored, and their rows are not kept
+// (presence is looked up once per user, here); nor are rows that expire, left
+// to the store's filtering of expired rows.
+func (d *Dispatcher) Expect(users []string) (committed func([]store.Notification)) {
 	var online []string
 	for _, u := range users {
 		if d.hub.tracker.Online(u) {
@@ -70,7 +74,16 @@ func (d *Dispatcher) Expect(users []string) (committed func([]Notification)) {
 		}
 		c.mu.Unlock()
 	}
-	return func(ns []Notification) {
+	return func(rows []store.Notification) {
+		var ns []Notification
+		if len(online) > 0 {
+			ns = make([]Notification, 0, len(rows))
+			for i := range rows {
+				if rows[i].ExpiresAt == nil {
+					ns = append(ns, FromStore(rows[i]))
+				}
+			}
+		}
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		c.rememberLocked(ns) // before the counts drop: it keeps the rows of expected users
@@ -113,11 +126,11 @@ func (c *recent) rememberLocked(ns []Notification) {
 
 // await returns a channel that is closed when rows arrive or a publish ends,
 // or nil when no user of rs is expected (waiting would be in vain).
-func (c *recent) await(rs []Range) <-chan struct{} {
+func (c *recent) await(rs []store.SeqRange) <-chan struct{} {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, r := range rs {
-		if c.expected[r.User] > 0 {
+		if c.expected[r.UserID] > 0 {
 			if c.changed == nil {
 				c.changed = make(chan struct{})
 			}
@@ -129,7 +142,7 @@ func (c *recent) await(rs []Range) <-chan struct{} {
 
 // takeOrWait is take, then, while ranges are missing whose users have a
 // publish in flight here, waiting (at most expectWait) for it to hand them over.
-func (c *recent) takeOrWait(ctx context.Context, rs []Range) (found []Notification, missing []Range) {
+func (c *recent) takeOrWait(ctx context.Context, rs []store.SeqRange) (found []Notification, missing []store.SeqRange) {
 	found, missing = c.take(rs)
 	var timer *time.Timer
 	for len(missing) > 0 {
@@ -156,7 +169,7 @@ func (c *recent) takeOrWait(ctx context.Context, rs []Range) (found []Notificati
 
 // take removes and returns the notifications of the ranges that are wholly
 // here, and returns the ranges that are not, to be fetched.
-func (c *recent) take(rs []Range) (found []Notification, missing []Range) {
+func (c *recent) take(rs []store.SeqRange) (found []Notification, missing []store.SeqRange) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.m) == 0 {
@@ -165,14 +178,14 @@ func (c *recent) take(rs []Range) (found []Notification, missing []Range) {
 	for _, r := range rs {
 		whole := r.To-r.From < 10_000
 		for seq := r.From; whole && seq <= r.To; seq++ {
-			_, whole = c.m[recentKey{r.User, seq}]
+			_, whole = c.m[recentKey{r.UserID, seq}]
 		}
 		if !whole {
 			missing = append(missing, r)
 			continue
 		}
 		for seq := r.From; seq <= r.To; seq++ {
-			k := recentKey{r.User, seq}
+			k := recentKey{r.UserID, seq}
 			found = append(found, c.m[k])
 			delete(c.m, k) // its order entry expires on its own
 		}

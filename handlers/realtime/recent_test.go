@@ -1,40 +1,47 @@
 package realtime
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/notifyd/notifyd/store"
 )
 
 // countingSource is a Source over a fixed set of rows that counts fetches.
 type countingSource struct {
-	rows    []Notification
+	rows    []store.Notification
 	fetches int
-	asked   []Range
+	asked   []store.SeqRange
 }
 
-func (c *countingSource) Fetch(_ context.Context, rs []Range) ([]Notification, error) {
+func (c *countingSource) Fetch(_ context.Context, rs []store.SeqRange) ([]store.Notification, error) {
 	c.fetches++
 	c.asked = append(c.asked, rs...)
-	var out []Notification
+	var out []store.Notification
 	for _, r := range rs {
 		for _, n := range c.rows {
-			if n.User == r.User && n.Seq >= r.From && n.Seq <= r.To {
+			if n.UserID == r.UserID && n.Seq >= r.From && n.Seq <= r.To {
 				out = append(out, n)
 			}
 		}
 	}
-	sortByUserSeq(out)
+	slices.SortFunc(out, func(a, b store.Notification) int {
+		return cmp.Or(strings.Compare(a.UserID, b.UserID), cmp.Compare(a.Seq, b.Seq))
+	})
 	return out, nil
 }
 
-func (c *countingSource) After(context.Context, map[string]int64, int) ([]Notification, error) {
+func (c *countingSource) After(context.Context, map[string]int64, int) ([]store.Notification, error) {
 	return nil, errors.New("not used")
 }
 
 // annOnline is a hub with one live session of "ann", and a maker of her notifications.
-func annOnline(t *testing.T) (*Hub, *Session, func(seq int64) Notification) {
+func annOnline(t *testing.T) (*Hub, *Session, func(seq int64) store.Notification) {
 	t.Helper()
 	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
 	s := h.NewSession(SessionInfo{User: "ann", Transport: WebSocket}, 0)
@@ -42,8 +49,8 @@ func annOnline(t *testing.T) (*Hub, *Session, func(seq int64) Notification) {
 		t.Fatal(err)
 	}
 	s.FinishReplay(nil, 0, false)
-	n := func(seq int64) Notification {
-		return Notification{ID: "id" + string(rune('0'+seq)), User: "ann", Seq: seq, Topic: "t", Data: []byte(`{}`), CreatedAt: time.Now()}
+	n := func(seq int64) store.Notification {
+		return store.Notification{ID: "id" + string(rune('0'+seq)), UserID: "ann", Seq: seq, Topic: "t", Data: []byte(`{}`), CreatedAt: time.Now()}
 	}
 	return h, s, n
 }
@@ -64,20 +71,20 @@ func deliveredSeqs(s *Session) []int64 {
 // rows of users nobody is connected as are not kept.
 func TestDispatcherDeliversRememberedRows(t *testing.T) {
 	h, s, n := annOnline(t)
-	src := &countingSource{rows: []Notification{n(1), n(2), n(3), n(4)}}
+	src := &countingSource{rows: []store.Notification{n(1), n(2), n(3), n(4)}}
 	d := NewDispatcher(h, src, nil, 100)
 
-	d.Expect([]string{"ann", "ann", "offline"})([]Notification{n(1), n(2), {ID: "x", User: "offline", Seq: 1}})
+	d.Expect([]string{"ann", "ann", "offline"})([]store.Notification{n(1), n(2), {ID: "x", UserID: "offline", Seq: 1}})
 	if len(d.recent.m) != 2 {
 		t.Fatalf("kept %d rows, want 2 (the offline user's row is not kept)", len(d.recent.m))
 	}
-	d.dispatch(context.Background(), []Range{{User: "ann", From: 1, To: 2}})
+	d.dispatch(context.Background(), []store.SeqRange{{UserID: "ann", From: 1, To: 2}})
 	if src.fetches != 0 {
 		t.Fatalf("fetched %d times for remembered rows", src.fetches)
 	}
-	d.Expect([]string{"ann"})([]Notification{n(3)})
-	d.dispatch(context.Background(), []Range{{User: "ann", From: 3, To: 4}})
-	if src.fetches != 1 || len(src.asked) != 1 || src.asked[0] != (Range{User: "ann", From: 3, To: 4}) {
+	d.Expect([]string{"ann"})([]store.Notification{n(3)})
+	d.dispatch(context.Background(), []store.SeqRange{{UserID: "ann", From: 3, To: 4}})
+	if src.fetches != 1 || len(src.asked) != 1 || src.asked[0] != (store.SeqRange{UserID: "ann", From: 3, To: 4}) {
 		t.Fatalf("fetches %d, asked %v; want one fetch of 3..4", src.fetches, src.asked)
 	}
 	seqs := deliveredSeqs(s)
@@ -92,7 +99,7 @@ func TestDispatcherDeliversRememberedRows(t *testing.T) {
 // are fetched.
 func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
 	h, s, n := annOnline(t)
-	src := &countingSource{rows: []Notification{n(1), n(2)}}
+	src := &countingSource{rows: []store.Notification{n(1), n(2)}}
 	d := NewDispatcher(h, src, nil, 100)
 	// Long enough that only the publish's end, never the timer, ends a wait
 	// here, however loaded the machine.
@@ -104,7 +111,7 @@ func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
 	}
 	dispatched := make(chan struct{})
 	go func() {
-		d.dispatch(context.Background(), []Range{{User: "ann", From: 1, To: 1}})
+		d.dispatch(context.Background(), []store.SeqRange{{UserID: "ann", From: 1, To: 1}})
 		close(dispatched)
 	}()
 	select {
@@ -112,7 +119,7 @@ func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
 		t.Fatal("the signal did not wait for the expected publish")
 	case <-time.After(50 * time.Millisecond):
 	}
-	committed([]Notification{n(1)})
+	committed([]store.Notification{n(1)})
 	<-dispatched
 	if src.fetches != 0 {
 		t.Fatalf("fetched %d times; the publish handed the row over", src.fetches)
@@ -126,7 +133,7 @@ func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 		failed(nil)
 	}()
-	d.dispatch(context.Background(), []Range{{User: "ann", From: 2, To: 2}})
+	d.dispatch(context.Background(), []store.SeqRange{{UserID: "ann", From: 2, To: 2}})
 	if src.fetches != 1 {
 		t.Fatalf("fetches = %d, want the row read back once the publish handed over nothing", src.fetches)
 	}
