@@ -270,7 +270,7 @@ func (p *pollTransport) find(cr connectRequest) *pollState {
 	follows := st.waiter == nil && !st.detached && cr.cursor >= st.acked
 	owed := !st.byeSent
 	st.mu.Unlock()
-	cur, ok := p.api.Hub.Tracker().Get(cr.resume)
+	cur, ok := p.api.Hub.Session(cr.resume)
 	switch {
 	case ok && cur == st.s:
 		if follows {
