@@ -41,7 +41,8 @@ type Hooks struct {
 
 // Hub ties the presence tracker, the heartbeat sweeper and delivery together.
 // It knows nothing of HTTP: transports create sessions, register them, drain
-// their queues and report what they wrote.
+// their queues and report what they wrote. Presence is reached only through
+// it (Session, UserSessions, Sessions, Kick, Stats), never the tracker.
 type Hub struct {
 	cfg     Config
 	hooks   Hooks
