@@ -201,6 +201,15 @@ func (h *Hub) retire(ended []*Session, reason Reason) {
 // keep is called from several goroutines then, each on its own share.
 func keepAll(ss []*Session, keep func(s *Session) bool) []*Session {
 	workers := workersFor(len(ss))
+	if workers == 1 {
+		out := ss[:0]
+		for _, s := range ss {
+			if keep(s) {
+				out = append(out, s)
+			}
+		}
+		return out
+	}
 	kept := make([][]*Session, workers)
 	run(workers, func(w int) {
 		share := ss[w*len(ss)/workers : (w+1)*len(ss)/workers]
