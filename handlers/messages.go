@@ -101,7 +101,7 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s, ok := a.Hub.Tracker().Get(chi.URLParam(r, "session"))
+	s, ok := a.Hub.Session(chi.URLParam(r, "session"))
 	if !ok {
 		writeError(w, errorf(http.StatusNotFound, "unknown_session", "no live session with this id"))
 		return

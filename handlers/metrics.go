@@ -59,10 +59,10 @@ func NewMetrics(hub *realtime.Hub) *Metrics {
 	for _, tr := range realtime.Transports {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_sessions",
 			Help: "Live sessions by transport.", ConstLabels: prometheus.Labels{"transport": string(tr)}},
-			func() float64 { _, _, by := hub.Tracker().Counts(); return float64(by[tr]) }))
+			func() float64 { return float64(hub.Stats().ByTransport[tr]) }))
 	}
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_users_online", Help: "Users with a live session."},
-		func() float64 { _, u, _ := hub.Tracker().Counts(); return float64(u) }))
+		func() float64 { return float64(hub.Stats().Users) }))
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_evictions_total",
 		Help: "Sessions evicted by the heartbeat sweeper."}, func() float64 { return float64(hub.Stats().Evictions) }))
 	return m

@@ -135,7 +135,7 @@ func (a *API) userSessions(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	list := a.Hub.Tracker().UserSessions(user)
+	list := a.Hub.UserSessions(user)
 	out := make([]sessionView, len(list))
 	for i, s := range list {
 		out[i] = viewSession(s)
@@ -145,23 +145,25 @@ func (a *API) userSessions(w http.ResponseWriter, r *http.Request) {
 
 // kick is DELETE /v1/sessions/{session}: the API key, or the session's own user.
 func (a *API) kick(w http.ResponseWriter, r *http.Request) {
-	s, ok := a.Hub.Tracker().Get(chi.URLParam(r, "session"))
+	id := chi.URLParam(r, "session")
+	s, ok := a.Hub.Session(id)
 	if !a.Auth.Publisher(r) {
-		id, err := a.Auth.Client(r)
+		client, err := a.Auth.Client(r)
 		if err != nil {
 			writeError(w, err)
 			return
 		}
-		if ok && s.User != id.User {
+		if ok && s.User != client.User {
 			writeError(w, errorf(http.StatusForbidden, "forbidden", "session belongs to another user"))
 			return
 		}
 	}
-	if !ok {
+	// A session that ended since the lookup is no longer live either; one
+	// that resumed in its place has the same id and the same user.
+	if !ok || !a.Hub.Kick(id) {
 		writeError(w, errorf(http.StatusNotFound, "unknown_session", "no live session with this id"))
 		return
 	}
-	a.Hub.End(s, realtime.ReasonKicked)
 	w.WriteHeader(http.StatusNoContent)
 }
 
@@ -190,7 +192,7 @@ func (a *API) stats(w http.ResponseWriter, r *http.Request) {
 
 // recentSessions lists the newest live sessions, newest first.
 func (a *API) recentSessions(n int) []sessionView {
-	all := a.Hub.Tracker().All()
+	all := a.Hub.Sessions()
 	// Partial selection would do; live sessions are few enough for a sort.
 	sortByConnected(all)
 	if len(all) > n {

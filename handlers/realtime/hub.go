@@ -45,7 +45,8 @@ type Hooks struct {
 
 // Hub ties the presence tracker, the heartbeat sweeper and delivery together.
 // It knows nothing of HTTP: transports create sessions, register them, drain
-// their queues and report what they wrote.
+// their queues and report what they wrote. Presence is reached only through
+// it (Session, UserSessions, Sessions, Kick, Stats), never the tracker.
 type Hub struct {
 	cfg     Config
 	hooks   Hooks
@@ -93,9 +94,6 @@ func NewHub(cfg Config, hooks Hooks) *Hub {
 
 // Config returns the hub's settings.
 func (h *Hub) Config() Config { return h.cfg }
-
-// Tracker returns the presence tracker.
-func (h *Hub) Tracker() *Tracker { return h.tracker }
 
 // Closing reports whether Shutdown has begun; transports refuse new sessions then.
 func (h *Hub) Closing() bool { return h.closing.Load() }
@@ -155,20 +153,83 @@ func (h *Hub) Register(s *Session, resume string) error {
 // transport can), removed from presence and from the sweeper. Safe to call
 // many times and from any goroutine; only the first call counts.
 func (h *Hub) End(s *Session, reason Reason) {
-	if !s.close(reason) {
-		return
+	if s.close(reason) {
+		one := [1]*Session{s}
+		h.retire(one[:], reason)
 	}
-	h.tracker.remove(s)
+}
+
+// endAll ends a batch of sessions for reason as End ends one, and returns
+// how many this call ended (one already ended is skipped). It closes them
+// over several cores (closing one costs a cache miss on its done channel,
+// which the cores take in parallel). ss is reused: on return it starts with
+// the sessions this call ended.
+func (h *Hub) endAll(ss []*Session, reason Reason) int {
+	ended := keepAll(ss, func(s *Session) bool { return s.close(reason) })
+	h.retire(ended, reason)
+	return len(ended)
+}
+
+// retire finishes ending sessions that this caller's close has just ended
+// (close marks the reason and lets the session's writer say bye): each is
+// removed from presence and from the wheel, counted when evicted, and
+// reported to the Ended hook. It is the one way a session leaves the hub,
+// for End and Sweep alike. A batch is removed from presence at once
+// (Tracker.removeAll), which locks each shard once.
+func (h *Hub) retire(ended []*Session, reason Reason) {
+	if len(ended) == 1 {
+		h.tracker.remove(ended[0])
+	} else {
+		h.tracker.removeAll(ended)
+	}
 	h.wheel.mu.Lock()
-	h.wheel.unlink(s)
-	s.pins = 0
+	for _, s := range ended {
+		// A swept session is out of the wheel already, but a Touch that
+		// raced its close may have put it back.
+		h.wheel.unlink(s)
+		s.pins = 0
+	}
 	h.wheel.mu.Unlock()
 	if reason == ReasonHeartbeat {
-		h.evictions.Add(1)
+		h.evictions.Add(uint64(len(ended)))
 	}
 	if h.hooks.Ended != nil {
-		h.hooks.Ended(s, reason)
+		for _, s := range ended {
+			h.hooks.Ended(s, reason)
+		}
 	}
+}
+
+// keepAll keeps the sessions of ss for which keep is true, compacted into ss
+// in their order, and returns them. A large batch is spread over the cores:
+// keep is called from several goroutines then, each on its own share.
+func keepAll(ss []*Session, keep func(s *Session) bool) []*Session {
+	workers := workersFor(len(ss))
+	if workers == 1 {
+		out := ss[:0]
+		for _, s := range ss {
+			if keep(s) {
+				out = append(out, s)
+			}
+		}
+		return out
+	}
+	kept := make([][]*Session, workers)
+	run(workers, func(w int) {
+		share := ss[w*len(ss)/workers : (w+1)*len(ss)/workers]
+		k := share[:0]
+		for _, s := range share {
+			if keep(s) {
+				k = append(k, s)
+			}
+		}
+		kept[w] = k
+	})
+	out := ss[:0]
+	for _, k := range kept {
+		out = append(out, k...) // k is a prefix of its share: no overlap ahead
+	}
+	return out
 }
 
 // Touch records a sign of life from s and moves its deadline.
@@ -207,9 +268,8 @@ func (h *Hub) Unpin(s *Session) {
 
 // Sweep evicts every session whose heartbeat deadline has passed at now and
 // returns how many it evicted. Its cost grows with the sessions that expire.
-// It ends them as End would, but spreads a large batch over the cores and
-// removes them from presence in one batch (Tracker.removeAll), which locks
-// each shard once.
+// A session touched since its slot came due goes back in the wheel; the
+// others are ended as End would, in one batch (endAll).
 func (h *Hub) Sweep(now time.Time) int {
 	h.sweepMu.Lock()
 	defer h.sweepMu.Unlock()
@@ -223,44 +283,20 @@ func (h *Hub) Sweep(now time.Time) int {
 			h.sweepBuf = due[:0]
 		}
 	}()
-	// Each worker takes a share of the due sessions: closing one costs a
-	// cache miss on its done channel, which the cores take in parallel.
-	workers := workersFor(len(due))
-	ends := make([][]*Session, workers)
-	run(workers, func(w int) {
-		share := due[w*len(due)/workers : (w+1)*len(due)/workers]
-		ended := share[:0]
-		for _, s := range share {
-			deadline := s.lastSeen.Load() + int64(h.cfg.PingTimeout)
-			if deadline > now.UnixNano() {
-				// Touched between the slot's expiry and now: put it back.
-				h.wheel.mu.Lock()
-				if !s.isClosed() {
-					h.wheel.schedule(s, deadline)
-				}
-				h.wheel.mu.Unlock()
-				continue
-			}
-			// expire took s out of the wheel, and a pinned session is never
-			// in it, so only presence is left to update.
-			if s.close(ReasonHeartbeat) {
-				ended = append(ended, s)
-			}
+	late := keepAll(due, func(s *Session) bool {
+		deadline := s.lastSeen.Load() + int64(h.cfg.PingTimeout)
+		if deadline <= now.UnixNano() {
+			return true
 		}
-		ends[w] = ended
+		// Touched between the slot's expiry and now: put it back.
+		h.wheel.mu.Lock()
+		if !s.isClosed() {
+			h.wheel.schedule(s, deadline)
+		}
+		h.wheel.mu.Unlock()
+		return false
 	})
-	ended := due[:0]
-	for _, e := range ends {
-		ended = append(ended, e...) // e is a prefix of its share: no overlap ahead
-	}
-	h.tracker.removeAll(ended)
-	h.evictions.Add(uint64(len(ended)))
-	if h.hooks.Ended != nil {
-		for _, s := range ended {
-			h.hooks.Ended(s, ReasonHeartbeat)
-		}
-	}
-	return len(ended)
+	return h.endAll(late, ReasonHeartbeat)
 }
 
 // Run sweeps every SweepEvery until ctx ends.
@@ -325,6 +361,15 @@ func (h *Hub) Kick(id string) bool {
 	h.End(s, ReasonKicked)
 	return true
 }
+
+// Session returns the live session with this id.
+func (h *Hub) Session(id string) (*Session, bool) { return h.tracker.Get(id) }
+
+// UserSessions returns the live sessions of user (a copy).
+func (h *Hub) UserSessions(user string) []*Session { return h.tracker.UserSessions(user) }
+
+// Sessions returns every live session.
+func (h *Hub) Sessions() []*Session { return h.tracker.All() }
 
 // Cursors returns, for every user online, the lowest cursor of their
 // sessions: catching up from there after a lost NOTIFY reaches everyone.

@@ -276,12 +276,22 @@ func TestNewHubDefaults(t *testing.T) {
 	if cfg.SweepEvery != 250*time.Millisecond || cfg.QueueLimit != 1256 || cfg.ByeRetry != time.Second {
 		t.Fatalf("defaults = %+v", cfg)
 	}
-	if h.Tracker() == nil {
-		t.Fatalf("no tracker")
+	// The defaults are the ones the hub works with, not only the ones it reports.
+	if h.wheel.width != int64(cfg.SweepEvery) {
+		t.Fatalf("wheel slot width %v, want the sweep interval %v", time.Duration(h.wheel.width), cfg.SweepEvery)
+	}
+	if m := decode(t, h.Bye(ReasonKicked)); m.RetryMs != cfg.ByeRetry.Milliseconds() {
+		t.Fatalf("bye retry_ms = %d, want %d", m.RetryMs, cfg.ByeRetry.Milliseconds())
 	}
 	s, s2 := newSession(h, "alice", WebSocket), newSession(h, "alice", WebSocket)
 	if s.ID != "" {
 		t.Fatalf("an unregistered session has id %q", s.ID)
+	}
+	if s.limit != cfg.QueueLimit {
+		t.Fatalf("session queue limit %d, want %d", s.limit, cfg.QueueLimit)
+	}
+	if st := h.Stats(); st.Sessions != 0 || st.Users != 0 || len(h.Sessions()) != 0 {
+		t.Fatalf("a new hub has sessions: %+v", st)
 	}
 	for _, x := range []*Session{s, s2} {
 		if err := h.Register(x, ""); err != nil {
@@ -290,6 +300,13 @@ func TestNewHubDefaults(t *testing.T) {
 	}
 	if s.ID == "" || s.ID == s2.ID {
 		t.Fatalf("session ids are empty or repeat")
+	}
+	if got, ok := h.Session(s2.ID); !ok || got != s2 {
+		t.Fatalf("Session(%q) = %p, %v; want the registered session", s2.ID, got, ok)
+	}
+	if st := h.Stats(); st.Sessions != 2 || st.Users != 1 || st.ByTransport[WebSocket] != 2 ||
+		len(h.UserSessions("alice")) != 2 || len(h.Sessions()) != 2 {
+		t.Fatalf("after two registers: %+v", st)
 	}
 	if s.Cursor() != 0 || isDone(s) || s.Reason() != "" {
 		t.Fatalf("fresh session state")

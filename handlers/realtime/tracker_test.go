@@ -109,13 +109,13 @@ func TestTrackerMultiDeviceAndTransports(t *testing.T) {
 			t.Fatalf("ByTransport = %v, want %v", st.ByTransport, want)
 		}
 	}
-	got := h.Tracker().UserSessions("alice")
+	got := h.UserSessions("alice")
 	if len(got) != 4 {
 		t.Fatalf("alice has %d sessions, want 4", len(got))
 	}
 	// UserSessions is a copy: changing it changes nothing.
 	got[0] = nil
-	if h.Tracker().UserSessions("alice")[0] == nil {
+	if h.UserSessions("alice")[0] == nil {
 		t.Fatalf("UserSessions returned the tracker's own slice")
 	}
 	checkConsistent(t, h)
@@ -147,7 +147,7 @@ func TestTrackerPerUserLimit(t *testing.T) {
 	if err := h.Register(s, ""); !errors.Is(err, ErrTooManySessions) {
 		t.Fatalf("4th session: err = %v, want ErrTooManySessions", err)
 	}
-	if _, ok := h.Tracker().Get(s.ID); ok || isDone(s) {
+	if _, ok := h.Session(s.ID); ok || isDone(s) {
 		t.Fatalf("a refused session was tracked or ended")
 	}
 	if got := describe(t, s.Take()); got != "" {
@@ -257,7 +257,7 @@ func TestHubResume(t *testing.T) {
 	}
 	// Ending the old one again (its transport noticing) changes nothing.
 	h.End(old, ReasonClientClose)
-	if got, ok := h.Tracker().Get(s.ID); !ok || got != s {
+	if got, ok := h.Session(s.ID); !ok || got != s {
 		t.Fatalf("ending the replaced session dropped the new one")
 	}
 	if old.Reason() != ReasonReplaced {
@@ -281,7 +281,7 @@ func TestResumeOtherUsersSessionIgnored(t *testing.T) {
 	if isDone(bob) {
 		t.Fatalf("bob's session ended: %s", bob.Reason())
 	}
-	if got, _ := h.Tracker().Get(bob.ID); got != bob {
+	if got, _ := h.Session(bob.ID); got != bob {
 		t.Fatalf("Get(bob's id) = %v", got)
 	}
 	if m := decode(t, s.Take()[0]); m.Session != s.ID || m.User != "mallory" {

@@ -440,7 +440,7 @@ func TestEndRemovesFromWheel(t *testing.T) {
 			if inWheel(h, s) {
 				t.Errorf("%s: still in the wheel", p.name)
 			}
-			if got, ok := h.Tracker().Get(s.ID); ok && got == s {
+			if got, ok := h.Session(s.ID); ok && got == s {
 				t.Errorf("%s: still tracked", p.name)
 			}
 			h.Touch(s)
