@@ -72,7 +72,7 @@ func TestSSEClientWritingIsDisconnected(t *testing.T) {
 		t.Fatalf("SSE answer %q, %v; want 200", status, err)
 	}
 	waitFor(t, 10*time.Second, "the SSE session to be live", func() (bool, string) {
-		n, _, _ := ts.hub.Tracker().Counts()
+		n := ts.hub.Stats().Sessions
 		return n == 1, fmt.Sprintf("%d sessions", n)
 	})
 	go func() {
@@ -85,7 +85,7 @@ func TestSSEClientWritingIsDisconnected(t *testing.T) {
 	}()
 	readUntilClosed(t, conn, 10*time.Second)
 	waitFor(t, 10*time.Second, "the SSE session to end", func() (bool, string) {
-		n, _, _ := ts.hub.Tracker().Counts()
+		n := ts.hub.Stats().Sessions
 		return n == 0, fmt.Sprintf("%d sessions", n)
 	})
 }
