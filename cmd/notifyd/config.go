@@ -37,6 +37,11 @@ type Config struct {
 	LogLevel           string
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
 	TrustedProxies []netip.Prefix
+	// ReplayMaxBytes bounds the notification data replayed on one connect
+	// (NOTIFY_REPLAY_MAX_BYTES); InboxMaxBytes bounds one inbox page's
+	// (NOTIFY_INBOX_MAX_BYTES). Each cut is reported to the client (PROTOCOL.md).
+	ReplayMaxBytes int
+	InboxMaxBytes  int
 }
 
 // LoadConfig reads the configuration from getenv and reports every missing or
@@ -93,6 +98,8 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		RetentionEvery:     dur("NOTIFY_RETENTION_EVERY", time.Hour),
 		LogLevel:           str("NOTIFY_LOG_LEVEL", "info"),
 	}
+	c.ReplayMaxBytes = num("NOTIFY_REPLAY_MAX_BYTES", 4<<20)
+	c.InboxMaxBytes = num("NOTIFY_INBOX_MAX_BYTES", 4<<20)
 	if v := getenv("NOTIFY_DEV"); v != "" {
 		dev, err := strconv.ParseBool(v)
 		if err != nil {
