@@ -1,6 +1,7 @@
 package handlers
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -24,13 +25,39 @@ func (a *API) userParam(r *http.Request) (string, error) {
 	return user, a.Auth.PublisherOrUser(r, user)
 }
 
-type inboxItem struct {
-	ID        string          `json:"id"`
-	Seq       int64           `json:"seq"`
-	Topic     string          `json:"topic"`
-	Data      json.RawMessage `json:"data"`
-	CreatedAt string          `json:"created_at"`
-	ReadAt    *string         `json:"read_at"`
+// inboxHead is an inbox item without its data, which inboxEncoder appends.
+type inboxHead struct {
+	ID        string  `json:"id"`
+	Seq       int64   `json:"seq"`
+	Topic     string  `json:"topic"`
+	CreatedAt string  `json:"created_at"`
+	ReadAt    *string `json:"read_at"`
+}
+
+// inboxEncoder encodes inbox items, {"id","seq","topic","created_at","read_at","data"},
+// escaped as writeJSON escapes. Data is compacted through buffers reused from
+// row to row, so a page costs one row's worth of memory, not its size.
+type inboxEncoder struct {
+	compact, out bytes.Buffer
+}
+
+// item returns n's JSON, valid until the next call.
+func (e *inboxEncoder) item(n store.Notification) ([]byte, error) {
+	head, err := json.Marshal(inboxHead{ID: n.ID, Seq: n.Seq, Topic: n.Topic,
+		CreatedAt: n.CreatedAt.UTC().Format(realtime.TimeFormat), ReadAt: wireTimePtr(n.ReadAt)})
+	if err != nil {
+		return nil, err
+	}
+	e.compact.Reset()
+	if err := json.Compact(&e.compact, n.Data); err != nil {
+		return nil, fmt.Errorf("notification %s: data: %w", n.ID, err)
+	}
+	e.out.Reset()
+	e.out.Write(head[:len(head)-1])
+	e.out.WriteString(`,"data":`)
+	json.HTMLEscape(&e.out, e.compact.Bytes())
+	e.out.WriteByte('}')
+	return e.out.Bytes(), nil
 }
 
 func wireTimePtr(t *time.Time) *string {
@@ -75,7 +102,7 @@ func (a *API) inbox(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	_ = rc.SetWriteDeadline(time.Now().Add(writeWait))
 	defer func() { _ = rc.SetWriteDeadline(time.Time{}) }() // the connection may serve another request
-	enc := json.NewEncoder(w)
+	var enc inboxEncoder
 	started := false
 	start := func() error {
 		started = true
@@ -87,16 +114,19 @@ func (a *API) inbox(w http.ResponseWriter, r *http.Request) {
 	unread, truncated, err := a.Store.Inbox(r.Context(), store.InboxQuery{User: user, UnreadOnly: unreadOnly,
 		Limit: limit, BeforeSeq: before, MaxBytes: a.Limits.InboxMaxBytes}, func(n store.Notification) error {
 		var err error
+		b, err := enc.item(n)
+		if err != nil {
+			return err
+		}
 		if !started {
 			err = start()
 		} else {
 			_, err = io.WriteString(w, ",")
 		}
-		if err != nil {
-			return err
+		if err == nil {
+			_, err = w.Write(b)
 		}
-		return enc.Encode(inboxItem{ID: n.ID, Seq: n.Seq, Topic: n.Topic, Data: n.Data,
-			CreatedAt: n.CreatedAt.UTC().Format(realtime.TimeFormat), ReadAt: wireTimePtr(n.ReadAt)})
+		return err
 	})
 	if err != nil && !started {
 		a.publishFailed(w, r, err)
