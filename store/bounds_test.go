@@ -225,3 +225,41 @@ func TestInboxByteBound(t *testing.T) {
 		t.Fatalf("after a stopped read: %v, %v", seqs(ns), err)
 	}
 }
+
+// BenchmarkReplayByteCut: a replay of a large backlog (200 unread of 30 KB)
+// cut at DefaultReplayMaxBytes; B/op is what one such replay allocates.
+func BenchmarkReplayByteCut(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	ns := make([]store.NewNotification, 200)
+	for i := range ns {
+		ns[i] = store.NewNotification{UserID: "big", Topic: "t", Data: []byte(fmt.Sprintf(`{"p":%q}`, strings.Repeat("x", 30<<10)))}
+	}
+	mustPublish(b, s, ns...)
+	b.ReportAllocs()
+	for b.Loop() {
+		got, _, truncated, err := s.Replay(ctx, "big", 0, 1000, 0)
+		if err != nil || !truncated || len(got) == 0 || len(got) >= 200 {
+			b.Fatalf("replay: %d rows, truncated %v, %v", len(got), truncated, err)
+		}
+	}
+}
+
+// BenchmarkInboxStreamed: an inbox page of 100 rows of 30 KB read through
+// the callback; B/op stays near one row, not the page's 3 MB.
+func BenchmarkInboxStreamed(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	ns := make([]store.NewNotification, 100)
+	for i := range ns {
+		ns[i] = store.NewNotification{UserID: "big", Topic: "t", Data: []byte(fmt.Sprintf(`{"p":%q}`, strings.Repeat("x", 30<<10)))}
+	}
+	mustPublish(b, s, ns...)
+	b.ReportAllocs()
+	for b.Loop() {
+		rows := 0
+		if _, _, err := s.Inbox(ctx, store.InboxQuery{User: "big", Limit: 1000}, func(store.Notification) error { rows++; return nil }); err != nil || rows != 100 {
+			b.Fatalf("inbox: %d rows, %v", rows, err)
+		}
+	}
+}
