@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
 )
 
 // connectRequest is what every transport reads from a connecting client.
@@ -87,7 +88,7 @@ func truncateUA(ua string) string {
 func (a *API) replay(s *realtime.Session, cursor int64) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	rows, unread, truncated, err := a.Store.Replay(ctx, s.User, cursor, a.Limits.ReplayLimit)
+	rows, unread, truncated, err := a.Store.Replay(ctx, s.User, cursor, a.Limits.ReplayLimit, a.Limits.ReplayMaxBytes)
 	if err != nil {
 		a.Log.Warn("replay failed", "session", s.ID, "user", s.User, "err", err)
 		s.Send(realtime.ErrorFrame("unavailable", "replay failed; reconnect later"))
@@ -97,6 +98,7 @@ func (a *API) replay(s *realtime.Session, cursor int64) {
 	backlog := make([]realtime.Frame, len(rows))
 	for i := range rows {
 		backlog[i] = realtime.NotificationFrame(realtime.FromStore(rows[i]), true)
+		rows[i] = store.Notification{} // its data is in the frame now
 	}
 	s.FinishReplay(backlog, unread, truncated)
 }

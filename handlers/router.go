@@ -23,9 +23,9 @@ import (
 type Store interface {
 	Publish(ctx context.Context, ns []store.NewNotification) ([]store.Published, error)
 	PublishOne(ctx context.Context, n store.NewNotification) (store.Published, error)
-	Replay(ctx context.Context, user string, after int64, limit int) ([]store.Notification, int64, bool, error)
+	Replay(ctx context.Context, user string, after int64, limit, maxBytes int) ([]store.Notification, int64, bool, error)
 	MarkRead(ctx context.Context, user string, ids []string, upToSeq int64) ([]string, int64, error)
-	Inbox(ctx context.Context, user string, unreadOnly bool, limit int, beforeSeq int64) ([]store.Notification, int64, error)
+	Inbox(ctx context.Context, q store.InboxQuery, each func(store.Notification) error) (int64, bool, error)
 	Ping(ctx context.Context) error
 }
 
@@ -44,6 +44,10 @@ type Limits struct {
 	MaxBatch int
 	// ReplayLimit bounds the notifications replayed on one connect (1,000).
 	ReplayLimit int
+	// ReplayMaxBytes bounds the notification data replayed on one connect (4 MiB).
+	ReplayMaxBytes int
+	// InboxMaxBytes bounds the notification data of one inbox page (4 MiB).
+	InboxMaxBytes int
 }
 
 // Options are what New needs.

@@ -1,7 +1,10 @@
 package handlers
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"strconv"
@@ -10,6 +13,7 @@ import (
 	"github.com/go-chi/chi/v5"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
 )
 
 // userParam reads and checks {user}, and that the caller may act for that user.
@@ -21,13 +25,39 @@ func (a *API) userParam(r *http.Request) (string, error) {
 	return user, a.Auth.PublisherOrUser(r, user)
 }
 
-type inboxItem struct {
-	ID        string          `json:"id"`
-	Seq       int64           `json:"seq"`
-	Topic     string          `json:"topic"`
-	Data      json.RawMessage `json:"data"`
-	CreatedAt string          `json:"created_at"`
-	ReadAt    *string         `json:"read_at"`
+// inboxHead is an inbox item without its data, which inboxEncoder appends.
+type inboxHead struct {
+	ID        string  `json:"id"`
+	Seq       int64   `json:"seq"`
+	Topic     string  `json:"topic"`
+	CreatedAt string  `json:"created_at"`
+	ReadAt    *string `json:"read_at"`
+}
+
+// inboxEncoder encodes inbox items, {"id","seq","topic","created_at","read_at","data"},
+// escaped as writeJSON escapes. Data is compacted through buffers reused from
+// row to row, so a page costs one row's worth of memory, not its size.
+type inboxEncoder struct {
+	compact, out bytes.Buffer
+}
+
+// item returns n's JSON, valid until the next call.
+func (e *inboxEncoder) item(n store.Notification) ([]byte, error) {
+	head, err := json.Marshal(inboxHead{ID: n.ID, Seq: n.Seq, Topic: n.Topic,
+		CreatedAt: n.CreatedAt.UTC().Format(realtime.TimeFormat), ReadAt: wireTimePtr(n.ReadAt)})
+	if err != nil {
+		return nil, err
+	}
+	e.compact.Reset()
+	if err := json.Compact(&e.compact, n.Data); err != nil {
+		return nil, fmt.Errorf("notification %s: data: %w", n.ID, err)
+	}
+	e.out.Reset()
+	e.out.Write(head[:len(head)-1])
+	e.out.WriteString(`,"data":`)
+	json.HTMLEscape(&e.out, e.compact.Bytes())
+	e.out.WriteByte('}')
+	return e.out.Bytes(), nil
 }
 
 func wireTimePtr(t *time.Time) *string {
@@ -38,7 +68,11 @@ func wireTimePtr(t *time.Time) *string {
 	return &s
 }
 
-// inbox is GET /v1/users/{user}/notifications.
+// inbox is GET /v1/users/{user}/notifications: {"notifications":[...],"unread":N,"truncated":B}.
+// The page is encoded row by row as Postgres sends it, never held whole; it is
+// bounded by Limits.InboxMaxBytes of data (truncated: the client asks again
+// below the last seq). A client that does not read holds the query's database
+// connection for at most writeWait: then the response is cut.
 func (a *API) inbox(w http.ResponseWriter, r *http.Request) {
 	user, err := a.userParam(r)
 	if err != nil {
@@ -65,17 +99,50 @@ func (a *API) inbox(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	rows, unread, err := a.Store.Inbox(r.Context(), user, unreadOnly, limit, before)
-	if err != nil {
+	rc := http.NewResponseController(w)
+	_ = rc.SetWriteDeadline(time.Now().Add(writeWait))
+	defer func() { _ = rc.SetWriteDeadline(time.Time{}) }() // the connection may serve another request
+	var enc inboxEncoder
+	started := false
+	start := func() error {
+		started = true
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		_, err := io.WriteString(w, `{"notifications":[`)
+		return err
+	}
+	unread, truncated, err := a.Store.Inbox(r.Context(), store.InboxQuery{User: user, UnreadOnly: unreadOnly,
+		Limit: limit, BeforeSeq: before, MaxBytes: a.Limits.InboxMaxBytes}, func(n store.Notification) error {
+		var err error
+		b, err := enc.item(n)
+		if err != nil {
+			return err
+		}
+		if !started {
+			err = start()
+		} else {
+			_, err = io.WriteString(w, ",")
+		}
+		if err == nil {
+			_, err = w.Write(b)
+		}
+		return err
+	})
+	if err != nil && !started {
 		a.publishFailed(w, r, err)
 		return
 	}
-	out := make([]inboxItem, len(rows))
-	for i, n := range rows {
-		out[i] = inboxItem{ID: n.ID, Seq: n.Seq, Topic: n.Topic, Data: n.Data,
-			CreatedAt: n.CreatedAt.UTC().Format(realtime.TimeFormat), ReadAt: wireTimePtr(n.ReadAt)}
+	if err != nil {
+		// The status and part of the page are out: cut the response, so that
+		// the client sees a failed request rather than a short page.
+		a.Log.Warn("inbox: page cut", "user", user, "err", err)
+		panic(http.ErrAbortHandler)
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"notifications": out, "unread": unread})
+	if !started {
+		_ = start()
+	}
+	_, _ = fmt.Fprintf(w, `],"unread":%d,"truncated":%t}`+"\n", unread, truncated)
+	_ = rc.Flush()
 }
 
 type readRequest struct {

@@ -853,7 +853,7 @@ export class NotifyClient {
         unread = body.unread;
         const items = body.notifications || [];
         for (const n of items) if (n.seq >= from && n.seq <= to) found.push(n);
-        if (items.length < limit) break;
+        if (items.length < limit && !body.truncated) break; // truncated: cut by bytes, more below
         before = Math.min(...items.map((n) => n.seq));
       }
       if (!this._gaps.includes(gap)) return; // a replay has covered it meanwhile

@@ -60,7 +60,7 @@ func BenchmarkReplay1000(b *testing.B) {
 	}
 	b.ResetTimer()
 	for b.Loop() {
-		got, unread, truncated, err := s.Replay(ctx, "reader", 0, 1000)
+		got, unread, truncated, err := s.Replay(ctx, "reader", 0, 1000, 0)
 		if err != nil || len(got) != 1000 || unread != 1500 || !truncated {
 			b.Fatalf("replay: %d rows, unread %d, truncated %v, %v", len(got), unread, truncated, err)
 		}

@@ -217,7 +217,7 @@ func TestPublishValidation(t *testing.T) {
 	if ps[0].UserID != "z" || ps[0].Seq != 1 || ps[1].UserID != "a" || ps[2].Seq != 2 {
 		t.Fatalf("results = %+v", ps)
 	}
-	ns, _, _, err := s.Replay(ctx, "z", 0, 10)
+	ns, _, _, err := s.Replay(ctx, "z", 0, 10, 0)
 	if err != nil || len(ns) != 2 || string(ns[0].Data) != "{}" || string(ns[1].Data) != `{"n": 1}` {
 		t.Fatalf("replay = %+v, %v", ns, err)
 	}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 )
 
 // DefaultReplayLimit is the Replay limit used when the caller passes limit <= 0.
@@ -19,6 +20,9 @@ const (
 	DefaultInboxLimit = 50
 	MaxInboxLimit     = 1000
 )
+
+// DefaultInboxMaxBytes is the byte bound of an inbox page when InboxQuery.MaxBytes <= 0.
+const DefaultInboxMaxBytes = 4 << 20
 
 const notificationCols = `n.id::text, n.user_id, n.seq, n.topic, n.data, n.created_at, n.read_at, n.expires_at`
 
@@ -33,29 +37,6 @@ func scanNotification(row pgx.CollectableRow) (Notification, error) {
 	err := row.Scan(&n.ID, &n.UserID, &n.Seq, &n.Topic, &data, &n.CreatedAt, &n.ReadAt, &n.ExpiresAt)
 	n.Data = data
 	return n, err
-}
-
-// listWithUnread runs a notification query and the count of user's unread
-// notifications in one round trip.
-func (s *Store) listWithUnread(ctx context.Context, user, query string, args ...any) ([]Notification, int64, error) {
-	b := &pgx.Batch{}
-	b.Queue(query, args...)
-	b.Queue(unreadCountSQL, user)
-	br := s.pool.SendBatch(ctx, b)
-	defer br.Close()
-	var ns []Notification
-	var unread int64
-	rows, err := br.Query()
-	if err == nil {
-		ns, err = pgx.CollectRows(rows, scanNotification)
-	}
-	if err == nil {
-		err = br.QueryRow().Scan(&unread)
-	}
-	if err == nil {
-		err = br.Close()
-	}
-	return ns, unread, err
 }
 
 // SeqRange is a user's seqs From..To, inclusive: what a commit signal (Listener) reports and
@@ -83,11 +64,11 @@ func (s *Store) Fetch(ctx context.Context, ranges []SeqRange) ([]Notification, e
 		WHERE `+unexpired+`
 		ORDER BY n.user_id COLLATE "C", n.seq`, users, froms, tos)
 	if err != nil {
-		return nil, fmt.Errorf("store: fetch %d range(s): %w", len(ranges), err)
+		return nil, DBError(fmt.Sprintf("store: fetch %d range(s)", len(ranges)), err)
 	}
 	ns, err := pgx.CollectRows(rows, scanNotification)
 	if err != nil {
-		return nil, fmt.Errorf("store: fetch %d range(s): %w", len(ranges), err)
+		return nil, DBError(fmt.Sprintf("store: fetch %d range(s)", len(ranges)), err)
 	}
 	return slices.CompactFunc(ns, func(a, b Notification) bool { return a.UserID == b.UserID && a.Seq == b.Seq }), nil
 }
@@ -119,11 +100,11 @@ func (s *Store) After(ctx context.Context, cursors map[string]int64, limitPerUse
 		) n
 		ORDER BY n.user_id COLLATE "C", n.seq`, users, afters, limitPerUser)
 	if err != nil {
-		return nil, fmt.Errorf("store: after (%d users): %w", len(cursors), err)
+		return nil, DBError(fmt.Sprintf("store: after (%d users)", len(cursors)), err)
 	}
 	ns, err := pgx.CollectRows(rows, scanNotification)
 	if err != nil {
-		return nil, fmt.Errorf("store: after (%d users): %w", len(cursors), err)
+		return nil, DBError(fmt.Sprintf("store: after (%d users)", len(cursors)), err)
 	}
 	return ns, nil
 }
@@ -178,31 +159,108 @@ func (s *Store) MarkRead(ctx context.Context, user string, ids []string, upToSeq
 		err = br.Close()
 	}
 	if err != nil {
-		return nil, 0, fmt.Errorf("store: mark read for %q: %w", user, err)
+		return nil, 0, DBError(fmt.Sprintf("store: mark read for %q", user), err)
 	}
 	return changed, unread, nil
 }
 
-// Inbox returns the user's unexpired notifications newest first (only unread ones with
-// unreadOnly), at most limit (DefaultInboxLimit when <= 0, capped at MaxInboxLimit), with
-// seq < beforeSeq when beforeSeq > 0 (paging), plus the user's unread count. One round trip.
-func (s *Store) Inbox(ctx context.Context, user string, unreadOnly bool, limit int, beforeSeq int64) ([]Notification, int64, error) {
+// InboxQuery selects one page of a user's inbox.
+type InboxQuery struct {
+	User string
+	// UnreadOnly leaves out the notifications already read.
+	UnreadOnly bool
+	// Limit is the most rows (DefaultInboxLimit when <= 0, capped at MaxInboxLimit).
+	Limit int
+	// BeforeSeq, when > 0, keeps only seq < BeforeSeq (paging back).
+	BeforeSeq int64
+	// MaxBytes bounds the page's data (DefaultInboxMaxBytes when <= 0).
+	MaxBytes int
+}
+
+// inboxSQL is one inbox page, newest first ($1 user, $2 before seq, $3 limit,
+// $4 max bytes; cond adds the unread filter), cut by bytes as replayBatchSQL
+// cuts a replay: rows are kept while the lengths of their data as JSON text
+// add up to at most $4 (the first row always), and the first row that is not
+// kept comes without its data, to say the page was cut.
+func inboxSQL(cond string) string {
+	return `SELECT w.rn = 1 OR w.run <= $4 AS keep, w.id::text, w.user_id, w.seq, w.topic,
+	CASE WHEN w.rn = 1 OR w.run <= $4 THEN w.data END, w.created_at, w.read_at, w.expires_at
+FROM (SELECT n.*, row_number() OVER o AS rn, sum(n.len) OVER o AS run
+	FROM (SELECT n.*, octet_length(n.data::text) AS len FROM notifications n
+		WHERE n.user_id = $1 AND n.seq < $2` + cond + ` AND ` + unexpired + `
+		ORDER BY n.seq DESC LIMIT $3) n
+	WINDOW o AS (ORDER BY n.seq DESC ROWS UNBOUNDED PRECEDING)) w
+WHERE w.run - w.len <= $4 OR w.rn <= 2
+ORDER BY w.seq DESC`
+}
+
+// Inbox calls each with the user's unexpired notifications newest first (only unread ones
+// with UnreadOnly), at most Limit of them and at most MaxBytes of data (the first one
+// always), with seq < BeforeSeq when BeforeSeq > 0, as Postgres sends them: a page is never
+// held in memory whole. n.Data is the driver's buffer, valid only during the call. When each
+// returns an error Inbox stops and returns it. unread is the user's unread count; truncated
+// reports that the byte bound ended the page before Limit rows while more match: the next
+// page starts below the last seq given. One round trip.
+func (s *Store) Inbox(ctx context.Context, q InboxQuery, each func(n Notification) error) (unread int64, truncated bool, err error) {
+	limit := q.Limit
 	if limit <= 0 {
 		limit = DefaultInboxLimit
 	}
 	limit = min(limit, MaxInboxLimit)
-	if beforeSeq <= 0 {
-		beforeSeq = math.MaxInt64
+	before := q.BeforeSeq
+	if before <= 0 {
+		before = math.MaxInt64
+	}
+	maxBytes := q.MaxBytes
+	if maxBytes <= 0 {
+		maxBytes = DefaultInboxMaxBytes
 	}
 	cond := ""
-	if unreadOnly {
+	if q.UnreadOnly {
 		cond = " AND n.read_at IS NULL"
 	}
-	ns, unread, err := s.listWithUnread(ctx, user, `SELECT `+notificationCols+` FROM notifications n
-		WHERE n.user_id = $1 AND n.seq < $2`+cond+` AND `+unexpired+`
-		ORDER BY n.seq DESC LIMIT $3`, user, beforeSeq, limit)
-	if err != nil {
-		return nil, 0, fmt.Errorf("store: inbox of %q: %w", user, err)
+	b := &pgx.Batch{}
+	b.Queue(inboxSQL(cond), q.User, before, limit, int64(maxBytes))
+	b.Queue(unreadCountSQL, q.User)
+	br := s.pool.SendBatch(ctx, b)
+	defer br.Close()
+	truncated, err = scanInbox(br, each)
+	if err == nil {
+		err = br.QueryRow().Scan(&unread)
 	}
-	return ns, unread, nil
+	if err == nil {
+		err = br.Close()
+	}
+	if err != nil {
+		return 0, false, DBError(fmt.Sprintf("store: inbox of %q", q.User), err)
+	}
+	return unread, truncated, nil
+}
+
+// scanInbox reads inboxSQL's rows into each.
+func scanInbox(br pgx.BatchResults, each func(Notification) error) (truncated bool, err error) {
+	rows, err := br.Query()
+	if err != nil {
+		return false, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var (
+			keep bool
+			n    Notification
+			data pgtype.DriverBytes
+		)
+		if err := rows.Scan(&keep, &n.ID, &n.UserID, &n.Seq, &n.Topic, &data, &n.CreatedAt, &n.ReadAt, &n.ExpiresAt); err != nil {
+			return false, err
+		}
+		if !keep {
+			truncated = true // the first row past the bound: it only says there is more
+			continue
+		}
+		n.Data = []byte(data)
+		if err := each(n); err != nil {
+			return false, err
+		}
+	}
+	return truncated, rows.Err()
 }

@@ -46,7 +46,7 @@ func TestReplay(t *testing.T) {
 		t.Fatal(err)
 	}
 	// unread: 1,3,4,6,7,8,9,10,12 = 9
-	ns, unread, truncated, err := s.Replay(ctx, "u", 0, 3)
+	ns, unread, truncated, err := s.Replay(ctx, "u", 0, 3, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +56,7 @@ func TestReplay(t *testing.T) {
 	if ns[0].ID != ps[0].ID || ns[0].UserID != "u" || ns[0].Topic != "test.topic" || ns[0].ReadAt != nil || ns[0].CreatedAt.IsZero() {
 		t.Fatalf("row = %+v", ns[0])
 	}
-	ns, unread, truncated, err = s.Replay(ctx, "u", 4, 100)
+	ns, unread, truncated, err = s.Replay(ctx, "u", 4, 100, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,11 +67,11 @@ func TestReplay(t *testing.T) {
 		t.Fatalf("expires_at = %v, want %v", ns[5].ExpiresAt, future)
 	}
 	// Exactly limit left: not truncated.
-	ns, _, truncated, err = s.Replay(ctx, "u", 9, 2)
+	ns, _, truncated, err = s.Replay(ctx, "u", 9, 2, 0)
 	if err != nil || !slices.Equal(seqs(ns), []int64{10, 12}) || truncated {
 		t.Fatalf("replay(9,2) = %v %v %v", seqs(ns), truncated, err)
 	}
-	ns, unread, truncated, err = s.Replay(ctx, "nobody", 0, 10)
+	ns, unread, truncated, err = s.Replay(ctx, "nobody", 0, 10, 0)
 	if err != nil || len(ns) != 0 || unread != 0 || truncated {
 		t.Fatalf("replay(nobody) = %v %d %v %v", ns, unread, truncated, err)
 	}
@@ -97,7 +97,7 @@ func TestReplayConcurrentShareStatements(t *testing.T) {
 			total := int64(u % 7)
 			after := int64(c % 3)
 			limit := 1 + c%4
-			ns, unread, truncated, err := s.Replay(ctx, fmt.Sprintf("u%d", u), after, limit)
+			ns, unread, truncated, err := s.Replay(ctx, fmt.Sprintf("u%d", u), after, limit, 0)
 			if err != nil {
 				errs <- err
 				return
@@ -161,7 +161,7 @@ func TestMarkRead(t *testing.T) {
 	if _, n, err := s.MarkRead(ctx, "v", nil, 0); err != nil || n != 1 {
 		t.Fatalf("foreign user unread = %d, %v", n, err)
 	}
-	ns, _, err := s.Inbox(ctx, "u", false, 10, 0)
+	ns, _, _, err := collectInbox(ctx, s, store.InboxQuery{User: "u", Limit: 10})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,7 @@ func TestInbox(t *testing.T) {
 	var got []int64
 	before := int64(0)
 	for {
-		ns, unread, err := s.Inbox(ctx, "u", false, 10, before)
+		ns, unread, _, err := collectInbox(ctx, s, store.InboxQuery{User: "u", Limit: 10, BeforeSeq: before})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -203,11 +203,11 @@ func TestInbox(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Fatalf("pages = %v", got)
 	}
-	ns, _, err := s.Inbox(ctx, "u", true, 1000, 8)
+	ns, _, _, err := collectInbox(ctx, s, store.InboxQuery{User: "u", UnreadOnly: true, Limit: 1000, BeforeSeq: 8})
 	if err != nil || !slices.Equal(seqs(ns), []int64{7, 6}) {
 		t.Fatalf("unread before 8 = %v, %v", seqs(ns), err)
 	}
-	ns, _, err = s.Inbox(ctx, "u", true, 0, 0)
+	ns, _, _, err = collectInbox(ctx, s, store.InboxQuery{User: "u", UnreadOnly: true})
 	if err != nil || len(ns) != 20 || ns[0].Seq != 25 {
 		t.Fatalf("default limit = %v, %v", seqs(ns), err)
 	}

@@ -46,6 +46,11 @@ type Config struct {
 	ConnectRatePerUser ratelimit.Limit // NOTIFY_CONNECT_RATE_PER_USER: new sessions of one user
 	ConnectRatePerIP   ratelimit.Limit // NOTIFY_CONNECT_RATE_PER_IP: new sessions from one address
 	devAddrFrom        string          // the NOTIFY_ADDR dev mode moved to loopback, for the log
+	// ReplayMaxBytes bounds the notification data replayed on one connect
+	// (NOTIFY_REPLAY_MAX_BYTES); InboxMaxBytes bounds one inbox page's
+	// (NOTIFY_INBOX_MAX_BYTES). Each cut is reported to the client (PROTOCOL.md).
+	ReplayMaxBytes int
+	InboxMaxBytes  int
 }
 
 // defaults holds the value of every setting the environment leaves unset; it is the one place
@@ -74,6 +79,8 @@ var defaults = Config{
 	MaxConnsPerIP:      500,
 	ConnectRatePerUser: mustLimit("30/1m,30"),
 	ConnectRatePerIP:   mustLimit("10/1s,300"),
+	ReplayMaxBytes:     4 << 20,
+	InboxMaxBytes:      4 << 20,
 }
 
 // maxSessionFrames bounds QueueLimit + ReplayLimit, the frames one session may have queued
@@ -136,6 +143,8 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		RetentionEvery:     dur("NOTIFY_RETENTION_EVERY", d.RetentionEvery),
 		LogLevel:           str("NOTIFY_LOG_LEVEL", d.LogLevel),
 	}
+	c.ReplayMaxBytes = num("NOTIFY_REPLAY_MAX_BYTES", d.ReplayMaxBytes)
+	c.InboxMaxBytes = num("NOTIFY_INBOX_MAX_BYTES", d.InboxMaxBytes)
 	if v := getenv("NOTIFY_DEV"); v != "" {
 		dev, err := strconv.ParseBool(v)
 		if err != nil {
