@@ -101,13 +101,10 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	// Another user's session answers as an unknown one: session ids are not probed.
 	s, ok := a.Hub.Tracker().Get(chi.URLParam(r, "session"))
-	if !ok {
+	if !ok || s.User != id.User {
 		writeError(w, errorf(http.StatusNotFound, "unknown_session", "no live session with this id"))
-		return
-	}
-	if s.User != id.User {
-		writeError(w, errorf(http.StatusForbidden, "forbidden", "session belongs to another user"))
 		return
 	}
 	body, err := readBody(w, r, a.Limits.MaxMessageBytes)

@@ -78,7 +78,7 @@ func parseWait(v string) (time.Duration, error) {
 		return pollDefaultWait, nil
 	}
 	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 || time.Duration(n)*time.Second > pollMaxWait {
+	if err != nil || n < 0 || int64(n) > int64(pollMaxWait/time.Second) { // compared before scaling: n seconds may overflow a Duration
 		return 0, errorf(http.StatusBadRequest, "bad_wait", "wait must be a whole number of seconds from 0 to 60")
 	}
 	return time.Duration(n) * time.Second, nil

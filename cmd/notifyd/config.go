@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/notifyd/notifyd/handlers"
 )
 
 // Config is the server's configuration, read from the environment
@@ -37,7 +39,22 @@ type Config struct {
 	LogLevel           string
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
 	TrustedProxies []netip.Prefix
+	// MaxTokenTTL is the longest lifetime a client token may have (NOTIFY_MAX_TOKEN_TTL, 24h).
+	MaxTokenTTL time.Duration
+	// Metrics says who may read /metrics (NOTIFY_METRICS): "api-key" (the default), "debug" or "public".
+	Metrics string
 }
+
+// DefaultMaxTokenTTL is NOTIFY_MAX_TOKEN_TTL's default: a day, as long as
+// `notifyd token` mints by default, so a leaked token is good for a day at most.
+const DefaultMaxTokenTTL = 24 * time.Hour
+
+// Who may read /metrics (NOTIFY_METRICS).
+const (
+	metricsAPIKey = "api-key" // on the main listener, with the API key as Bearer
+	metricsDebug  = "debug"   // only on NOTIFY_DEBUG_ADDR, which must be set
+	metricsPublic = "public"  // on the main listener, to anyone
+)
 
 // LoadConfig reads the configuration from getenv and reports every missing or
 // malformed setting at once.
@@ -124,6 +141,17 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 			c.TrustedProxies = append(c.TrustedProxies, prefix.Masked())
 		}
 	}
+	c.MaxTokenTTL = dur("NOTIFY_MAX_TOKEN_TTL", DefaultMaxTokenTTL)
+	c.Metrics = str("NOTIFY_METRICS", metricsAPIKey)
+	switch c.Metrics {
+	case metricsAPIKey, metricsPublic:
+	case metricsDebug:
+		if c.DebugAddr == "" {
+			errs = append(errs, errors.New("NOTIFY_METRICS=debug needs NOTIFY_DEBUG_ADDR"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("NOTIFY_METRICS=%q: want api-key, debug or public", c.Metrics))
+	}
 	if c.PingTimeout <= c.PingInterval {
 		errs = append(errs, fmt.Errorf("NOTIFY_PING_TIMEOUT (%s) must be longer than NOTIFY_PING_INTERVAL (%s)", c.PingTimeout, c.PingInterval))
 	}
@@ -151,6 +179,18 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		errs = append(errs, errors.New("NOTIFY_API_KEY must be at least 16 characters"))
 	}
 	return c, errors.Join(errs...)
+}
+
+// metricsAccess is who the API listener serves /metrics to for NOTIFY_METRICS
+// (an empty setting is the default, the API key).
+func metricsAccess(setting string) handlers.MetricsAccess {
+	switch setting {
+	case metricsPublic:
+		return handlers.MetricsPublic
+	case metricsDebug:
+		return handlers.MetricsOff
+	}
+	return handlers.MetricsAPIKey
 }
 
 func randomHex(n int) string {

@@ -178,10 +178,11 @@ func (m *Main) Start(ctx context.Context) error {
 	}
 	handler, api := handlers.New(handlers.Options{
 		Hub: m.hub, Store: st, Recorder: receiptRecorder(m.recorder, cfg.RecordOff), Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
-		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
+		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins).WithMaxTokenTTL(cfg.MaxTokenTTL),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
-		Negotiate: handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
+		Negotiate:     handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
+		MetricsAccess: metricsAccess(cfg.Metrics),
 	})
 	m.api = api
 	ln, err := net.Listen("tcp", cfg.Addr)
@@ -197,7 +198,11 @@ func (m *Main) Start(ctx context.Context) error {
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 	go func() { _ = m.srv.Serve(ln) }()
 	if cfg.DebugAddr != "" {
-		m.startDebug(cfg.DebugAddr)
+		var debugMetrics http.Handler
+		if cfg.Metrics == metricsDebug {
+			debugMetrics = metrics.Handler()
+		}
+		m.startDebug(cfg.DebugAddr, debugMetrics)
 	}
 	log.Info("notifyd listening", "addr", ln.Addr().String(), "dev", cfg.Dev)
 	return nil
@@ -211,9 +216,13 @@ func (m *Main) goBackground(fn func()) {
 	}()
 }
 
-// startDebug serves pprof on its own listener (off unless NOTIFY_DEBUG_ADDR is set).
-func (m *Main) startDebug(addr string) {
+// startDebug serves pprof, and /metrics when metrics is not nil, on its own
+// listener (off unless NOTIFY_DEBUG_ADDR is set).
+func (m *Main) startDebug(addr string, metrics http.Handler) {
 	mux := http.NewServeMux()
+	if metrics != nil {
+		mux.Handle("/metrics", metrics)
+	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
