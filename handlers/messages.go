@@ -24,6 +24,7 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 		case realtime.ClientPing:
 			replies = append(replies, realtime.PongFrame(time.Now()))
 		case realtime.ClientAck:
+			a.Negotiate.Delivered(s)
 			if a.Recorder != nil {
 				now := time.Now()
 				for _, id := range m.IDs {

@@ -483,6 +483,7 @@ func (st *pollState) ackLocked(a *API, cursor int64) []realtime.Frame {
 		n++
 	}
 	if n > 0 {
+		a.Negotiate.Delivered(st.s)
 		if a.Recorder != nil {
 			now := time.Now()
 			for _, f := range st.unacked[:n] {

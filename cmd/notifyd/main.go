@@ -181,7 +181,7 @@ func (m *Main) Start(ctx context.Context) error {
 		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins).WithMaxTokenTTL(cfg.MaxTokenTTL),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
-		Negotiate:     handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
+		Negotiate:     handlers.NewNegotiator(st, cfg.TrustedProxies, log),
 		MetricsAccess: metricsAccess(cfg.Metrics),
 	})
 	m.api = api
