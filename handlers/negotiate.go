@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -56,9 +57,13 @@ type Negotiator struct {
 	log      *slog.Logger
 	warnOnce sync.Once
 
+	// seen holds the server observations written (seenKey → time.Time), read
+	// on every ack without a lock; seenCount is about its size.
+	seen      sync.Map
+	seenCount atomic.Int64
+
 	mu       sync.Mutex
 	limits   map[string]*rate.Limiter // POST /v1/negotiate, by user
-	seen     map[seenKey]time.Time    // server observations written, and when
 	forgotAt time.Time                // when observations past the window were last deleted
 }
 
@@ -75,7 +80,7 @@ func NewNegotiator(st NegotiateStore, trusted []netip.Prefix, log *slog.Logger) 
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Negotiator{st: st, trusted: trusted, log: log, limits: map[string]*rate.Limiter{}, seen: map[seenKey]time.Time{}}
+	return &Negotiator{st: st, trusted: trusted, log: log, limits: map[string]*rate.Limiter{}}
 }
 
 // outcome is one transport a client tried, as it reports it.
@@ -209,23 +214,29 @@ func (n *Negotiator) Delivered(s *realtime.Session) {
 	}
 	k := seenKey{network: s.Network, browser: BrowserFamily(s.UserAgent), transport: s.Transport, user: s.User}
 	now := time.Now()
-	n.mu.Lock()
-	if at, ok := n.seen[k]; ok && now.Sub(at) < seenEvery {
-		n.mu.Unlock()
+	if at, ok := n.seen.Load(k); ok && now.Sub(at.(time.Time)) < seenEvery {
 		return
 	}
-	if len(n.seen) >= seenKeys {
-		for key, at := range n.seen {
-			if now.Sub(at) >= seenEvery {
-				delete(n.seen, key)
+	if n.seenCount.Load() >= seenKeys {
+		n.seen.Range(func(key, at any) bool {
+			if now.Sub(at.(time.Time)) < seenEvery {
+				return true
 			}
-		}
-		if len(n.seen) >= seenKeys {
-			clear(n.seen)
-		}
+			if _, deleted := n.seen.LoadAndDelete(key); deleted {
+				n.seenCount.Add(-1)
+			}
+			return true
+		})
 	}
-	n.seen[k] = now // also on failure: a database outage is not retried per ack
-	n.mu.Unlock()
+	if n.seenCount.Load() >= seenKeys {
+		return // a full hour's worth of distinct keys: the rest wait for the next hour
+	}
+	// Stored before the write, also when it fails: a database outage is not retried per ack.
+	if prev, loaded := n.seen.Swap(k, now); loaded && now.Sub(prev.(time.Time)) < seenEvery {
+		return // another ack of the same key got here first
+	} else if !loaded {
+		n.seenCount.Add(1)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	err := n.st.SawTransport(ctx, store.TransportReport{Network: k.network, Browser: k.browser, Transport: string(k.transport), User: k.user, At: now})

@@ -2,11 +2,13 @@ package handlers
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"net/http/httptest"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"unicode/utf8"
 
@@ -81,6 +83,68 @@ func FuzzParseOutcomes(f *testing.F) {
 			if !o.Transport.Valid() || len(o.Reason) > 64 || !utf8.ValidString(o.Reason) || strings.ContainsRune(o.Reason, 0) {
 				t.Fatalf("accepted %+v", o)
 			}
+		}
+	})
+}
+
+// sawStore counts the server observations written.
+type sawStore struct {
+	NegotiateStore
+	mu  sync.Mutex
+	saw []store.TransportReport
+}
+
+func (s *sawStore) SawTransport(_ context.Context, r store.TransportReport) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.saw = append(s.saw, r)
+	return nil
+}
+
+// TestNegotiateDeliveredWritesOncePerKey: a session's many acks write one
+// observation (per network, browser, transport and user, per hour), from
+// many goroutines too; a session without a known network writes none.
+func TestNegotiateDeliveredWritesOncePerKey(t *testing.T) {
+	st := &sawStore{}
+	n := NewNegotiator(st, nil, slog.New(slog.DiscardHandler))
+	network := netip.MustParsePrefix("203.0.113.0/24")
+	alice := &realtime.Session{SessionInfo: realtime.SessionInfo{User: "alice", Transport: realtime.SSE, Network: network, UserAgent: "Firefox/140.0"}}
+	bob := &realtime.Session{SessionInfo: realtime.SessionInfo{User: "bob", Transport: realtime.SSE, Network: network}}
+	unknown := &realtime.Session{SessionInfo: realtime.SessionInfo{User: "carol", Transport: realtime.SSE}}
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range 500 {
+				n.Delivered(alice)
+				n.Delivered(bob)
+				n.Delivered(unknown)
+			}
+		})
+	}
+	wg.Wait()
+	if len(st.saw) != 2 {
+		t.Fatalf("%d observations written, want 2: %+v", len(st.saw), st.saw)
+	}
+	for _, r := range st.saw {
+		if r.Network != network || r.Transport != "sse" || (r.User == "alice") != (r.Browser == "firefox") {
+			t.Errorf("observation %+v", r)
+		}
+	}
+	var nilNegotiator *Negotiator
+	nilNegotiator.Delivered(alice) // negotiate off: nothing to do, no panic
+}
+
+// BenchmarkNegotiateDelivered: the cost an ack pays once its session's
+// observation is written (the common case), from all Ps at once.
+func BenchmarkNegotiateDelivered(b *testing.B) {
+	n := NewNegotiator(&sawStore{}, nil, slog.New(slog.DiscardHandler))
+	s := &realtime.Session{SessionInfo: realtime.SessionInfo{User: "alice", Transport: realtime.WebSocket,
+		Network: netip.MustParsePrefix("203.0.113.0/24"), UserAgent: "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0.0.0 Safari/537.36"}}
+	n.Delivered(s)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			n.Delivered(s)
 		}
 	})
 }
