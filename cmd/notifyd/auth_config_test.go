@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"fmt"
+	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -48,4 +51,48 @@ func TestConfigMetricsAndTokenTTL(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "NOTIFY_METRICS") || !strings.Contains(err.Error(), "NOTIFY_MAX_TOKEN_TTL") {
 		t.Fatalf("bad settings: %v", err)
 	}
+}
+
+// TestMetricsListeners: by default /metrics answers the API key only; with
+// NOTIFY_METRICS=debug only the debug listener serves it. Failed before the
+// fix: the main listener served it to anyone.
+func TestMetricsListeners(t *testing.T) {
+	get := func(url, bearer string) int {
+		t.Helper()
+		req, err := http.NewRequest("GET", url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bearer != "" {
+			req.Header.Set("Authorization", "Bearer "+bearer)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	ts := startServer(t)
+	if st := get(ts.URL+"/metrics", ""); st != http.StatusUnauthorized {
+		t.Fatalf("default, anonymous: %d, want 401", st)
+	}
+	if st := get(ts.URL+"/metrics", testAPIKey); st != http.StatusOK {
+		t.Fatalf("default, with the API key: %d, want 200", st)
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0") // a free port for the debug listener
+	if err != nil {
+		t.Fatal(err)
+	}
+	debugAddr := ln.Addr().String()
+	ln.Close()
+	dbg := startServer(t, func(c *Config) { c.Metrics, c.DebugAddr = metricsDebug, debugAddr })
+	if st := get(dbg.URL+"/metrics", testAPIKey); st != http.StatusNotFound {
+		t.Fatalf("debug mode, main listener: %d, want 404", st)
+	}
+	waitFor(t, 5*time.Second, "the debug listener serves /metrics", func() (bool, string) {
+		st := get("http://"+debugAddr+"/metrics", "")
+		return st == http.StatusOK, fmt.Sprintf("status %d", st)
+	})
 }
