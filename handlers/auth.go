@@ -57,6 +57,7 @@ type Auth struct {
 	apiKey  []byte
 	origins map[string]bool // allowed Origin values; empty means the server's own origin only
 	parser  *jwt.Parser
+	maxTTL  time.Duration // longest lifetime a client token may have; 0 is no cap
 }
 
 // NewAuth returns an Auth. origins are full origins such as
@@ -72,6 +73,14 @@ func NewAuth(secret, apiKey string, origins []string) *Auth {
 	return a
 }
 
+// WithMaxTokenTTL caps the lifetime of the client tokens a accepts: a token
+// whose exp - iat (exp - now without iat) exceeds ttl is refused, so a leaked
+// long-lived token cannot be used for months. 0 leaves lifetimes uncapped.
+func (a *Auth) WithMaxTokenTTL(ttl time.Duration) *Auth {
+	a.maxTTL = ttl
+	return a
+}
+
 // Claims are what a client token says.
 type Claims struct {
 	Device string `json:"device,omitempty"`
@@ -84,8 +93,12 @@ type Identity struct {
 	Device string
 }
 
-// NewToken signs a client token for user (dev mode and `notifyd token`).
+// NewToken signs a client token for user (dev mode and `notifyd token`); its
+// lifetime is ttl, cut to the maximum lifetime a accepts.
 func (a *Auth) NewToken(user, device string, ttl time.Duration) (string, error) {
+	if a.maxTTL > 0 && ttl > a.maxTTL {
+		ttl = a.maxTTL
+	}
 	c := Claims{Device: device, RegisteredClaims: jwt.RegisteredClaims{
 		Subject: user, IssuedAt: jwt.NewNumericDate(time.Now()), ExpiresAt: jwt.NewNumericDate(time.Now().Add(ttl))}}
 	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, c).SignedString(a.secret)
@@ -95,24 +108,33 @@ func (a *Auth) NewToken(user, device string, ttl time.Duration) (string, error) 
 	return tok, nil
 }
 
-// bearer returns the credential of a request: the Authorization bearer, or
-// the token query parameter (browsers cannot set headers on WebSocket or
-// EventSource).
-func bearer(r *http.Request) string {
+// headerBearer returns the Authorization bearer credential of a request.
+func headerBearer(r *http.Request) string {
 	if h := r.Header.Get("Authorization"); len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
 		return strings.TrimSpace(h[7:])
+	}
+	return ""
+}
+
+// clientBearer returns a client token: the Authorization bearer, or the token
+// query parameter (browsers cannot set headers on WebSocket or EventSource).
+// The API key is never read from the query (see Publisher).
+func clientBearer(r *http.Request) string {
+	if tok := headerBearer(r); tok != "" {
+		return tok
 	}
 	return r.URL.Query().Get("token")
 }
 
 // Client authenticates a client token.
 func (a *Auth) Client(r *http.Request) (Identity, error) {
-	raw := bearer(r)
+	raw := clientBearer(r)
 	if raw == "" {
 		return Identity{}, errUnauthorized
 	}
 	var c Claims
-	if _, err := a.parser.ParseWithClaims(raw, &c, func(*jwt.Token) (any, error) { return a.secret, nil }); err != nil {
+	tok, err := a.parser.ParseWithClaims(raw, &c, func(*jwt.Token) (any, error) { return a.secret, nil })
+	if err != nil {
 		msg := "invalid token"
 		if errors.Is(err, jwt.ErrTokenExpired) {
 			msg = "token expired"
@@ -120,6 +142,20 @@ func (a *Auth) Client(r *http.Request) (Identity, error) {
 			msg = "token lacks a required claim (exp)"
 		}
 		return Identity{}, errorf(http.StatusUnauthorized, "unauthorized", msg)
+	}
+	// RFC 7515 §4.1.11: a recipient must reject a token whose crit header names
+	// extensions it does not understand; notifyd understands none.
+	if _, ok := tok.Header["crit"]; ok {
+		return Identity{}, errorf(http.StatusUnauthorized, "unauthorized", "token has a crit header notifyd does not understand")
+	}
+	if a.maxTTL > 0 {
+		start := time.Now()
+		if c.IssuedAt != nil {
+			start = c.IssuedAt.Time
+		}
+		if c.ExpiresAt.Sub(start) > a.maxTTL {
+			return Identity{}, errorf(http.StatusUnauthorized, "unauthorized", "token lifetime exceeds NOTIFY_MAX_TOKEN_TTL")
+		}
 	}
 	if !ValidUser(c.Subject) {
 		return Identity{}, errorf(http.StatusUnauthorized, "unauthorized", "token subject is not a valid user id")
@@ -130,9 +166,11 @@ func (a *Auth) Client(r *http.Request) (Identity, error) {
 	return Identity{User: c.Subject, Device: c.Device}, nil
 }
 
-// Publisher reports whether the request carries the API key.
+// Publisher reports whether the request carries the API key. It is taken only
+// from the Authorization header: a key in a query string ends up in proxy logs
+// and browser history.
 func (a *Auth) Publisher(r *http.Request) bool {
-	raw := bearer(r)
+	raw := headerBearer(r)
 	return raw != "" && len(a.apiKey) > 0 && subtle.ConstantTimeCompare([]byte(raw), a.apiKey) == 1
 }
 

@@ -64,7 +64,7 @@ func (a *API) openSession(r *http.Request, cr connectRequest, tr realtime.Transp
 	}
 	s := a.Hub.NewSession(realtime.SessionInfo{
 		User: cr.id.User, Device: cr.id.Device, Transport: tr,
-		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()),
+		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()), Network: a.sessionNetwork(r),
 	}, cr.cursor)
 	if err := a.Hub.Register(s, cr.resume); err != nil {
 		if errors.Is(err, realtime.ErrTooManySessions) {

@@ -31,6 +31,9 @@ type longPoll struct {
 	hub *realtime.Hub
 	s   *realtime.Session
 	rec Recorder // takes the acknowledgements; may be nil
+	// onAck, if set, runs when a poll's cursor first covers notifications:
+	// the session has delivered (the negotiator learns from it).
+	onAck func()
 
 	mu       sync.Mutex
 	waiter   *pollWaiter      // the poll in charge of the session
@@ -254,6 +257,9 @@ func (lp *longPoll) ackLocked(cursor int64) []realtime.Frame {
 		n++
 	}
 	if n > 0 {
+		if lp.onAck != nil {
+			lp.onAck()
+		}
 		if lp.rec != nil {
 			now := time.Now()
 			for _, f := range lp.unacked[:n] {

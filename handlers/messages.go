@@ -24,6 +24,7 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 		case realtime.ClientPing:
 			replies = append(replies, realtime.PongFrame(time.Now()))
 		case realtime.ClientAck:
+			a.Negotiate.Delivered(s)
 			if a.Recorder != nil {
 				now := time.Now()
 				for _, id := range m.IDs {
@@ -102,12 +103,9 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s, ok := a.Hub.Session(chi.URLParam(r, "session"))
-	if !ok {
+	// Another user's session answers as an unknown one: session ids are not probed.
+	if !ok || s.User != id.User {
 		writeError(w, errorf(http.StatusNotFound, "unknown_session", "no live session with this id"))
-		return
-	}
-	if s.User != id.User {
-		writeError(w, errorf(http.StatusForbidden, "forbidden", "session belongs to another user"))
 		return
 	}
 	body, err := readBody(w, r, a.Limits.MaxMessageBytes)

@@ -3,40 +3,84 @@ package handlers
 import (
 	"context"
 	"encoding/json"
-	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/time/rate"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
 	"github.com/notifyd/notifyd/store"
 )
 
-// negotiateWindow is how long a reported outcome counts: older ones are forgotten.
+// negotiateWindow is how long an observation counts: older ones are forgotten.
 const negotiateWindow = 7 * 24 * time.Hour
 
-// NegotiateDB is what the negotiator needs of Postgres (a *pgxpool.Pool).
-type NegotiateDB interface {
-	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
-	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+// Client reports are rate-limited per user: a burst of reportBurst, then one
+// every reportEvery. A client reports once per pass down the transport ladder.
+const (
+	reportEvery = 10 * time.Second
+	reportBurst = 5
+)
+
+// A server observation of a (network, browser, transport, user) is written at
+// most once per seenEvery; seenKeys bounds how many are remembered for that.
+const (
+	seenEvery = time.Hour
+	seenKeys  = 100_000
+)
+
+// NegotiateStore is what the negotiator needs of Postgres (a *store.Store).
+type NegotiateStore interface {
+	ReportTransports(ctx context.Context, rs []store.TransportReport) error
+	SawTransport(ctx context.Context, r store.TransportReport) error
+	TransportUsers(ctx context.Context, network netip.Prefix, browser string, since time.Time) (map[string]store.TransportUsers, error)
+	ForgetTransports(ctx context.Context, before time.Time) (int64, error)
 }
 
 // Negotiator learns which transports work for a network and browser family
-// (GET and POST /v1/negotiate; PROTOCOL.md, Negotiate).
+// (GET and POST /v1/negotiate; PROTOCOL.md, Negotiate). Its strong signal is
+// what the server saw: a session whose client acknowledged a notification
+// reached hello and was delivered to over its transport (Delivered). Client
+// reports are the weak one: they count only for transports the server saw no
+// one use there, one vote per user, rate-limited per user.
 type Negotiator struct {
-	db      NegotiateDB
-	trusted []netip.Prefix
+	st       NegotiateStore
+	trusted  []netip.Prefix
+	log      *slog.Logger
+	warnOnce sync.Once
+
+	// seen holds the server observations written (seenKey → time.Time), read
+	// on every ack without a lock; seenCount is about its size.
+	seen      sync.Map
+	seenCount atomic.Int64
+
+	mu       sync.Mutex
+	limits   map[string]*rate.Limiter // POST /v1/negotiate, by user
+	forgotAt time.Time                // when observations past the window were last deleted
 }
 
-// NewNegotiator returns a negotiator storing outcomes in db. X-Forwarded-For
-// is believed only from a peer inside trusted.
-func NewNegotiator(db NegotiateDB, trusted []netip.Prefix) *Negotiator {
-	return &Negotiator{db: db, trusted: trusted}
+type seenKey struct {
+	network   netip.Prefix
+	browser   string
+	transport realtime.Transport
+	user      string
+}
+
+// NewNegotiator returns a negotiator keeping observations in st.
+// X-Forwarded-For is believed only from a peer inside trusted.
+func NewNegotiator(st NegotiateStore, trusted []netip.Prefix, log *slog.Logger) *Negotiator {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Negotiator{st: st, trusted: trusted, log: log, limits: map[string]*rate.Limiter{}}
 }
 
 // outcome is one transport a client tried, as it reports it.
@@ -70,19 +114,20 @@ func (a *API) negotiate(w http.ResponseWriter, r *http.Request) {
 		PingIntervalMs: cfg.PingInterval.Milliseconds(), PingTimeoutMs: cfg.PingTimeout.Milliseconds()}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
-	order, learned, err := n.order(ctx, network, browser)
+	users, err := n.st.TransportUsers(ctx, network, browser, time.Now().Add(-negotiateWindow))
 	if err != nil {
 		// The default order is always a valid answer; the client must not wait on the database.
-		a.Log.Warn("negotiate: reading outcomes failed", "err", err)
+		a.Log.Warn("negotiate: reading observations failed", "err", err)
 	} else {
-		ans.Order, ans.Learned = order, learned
+		ans.Order, ans.Learned = order(users)
 	}
 	writeJSON(w, http.StatusOK, ans)
 }
 
 // reportNegotiate is POST /v1/negotiate: one outcome, or an array of them.
 func (a *API) reportNegotiate(w http.ResponseWriter, r *http.Request) {
-	if _, err := a.Auth.Client(r); err != nil {
+	id, err := a.Auth.Client(r)
+	if err != nil {
 		writeError(w, err)
 		return
 	}
@@ -96,16 +141,108 @@ func (a *API) reportNegotiate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	// Only well-formed reports take from the user's budget: a malformed one costs no database work.
 	n := a.Negotiate
+	if !n.allowReport(id.User, time.Now()) {
+		w.Header().Set("Retry-After", strconv.Itoa(int(reportEvery/time.Second)))
+		writeError(w, errorf(http.StatusTooManyRequests, "rate_limited", "too many transport reports from this user; retry later"))
+		return
+	}
 	network, browser := n.clientNetwork(r), BrowserFamily(r.UserAgent())
+	now := time.Now()
+	reports := make([]store.TransportReport, len(outs))
+	for i, o := range outs {
+		reports[i] = store.TransportReport{Network: network, Browser: browser, Transport: string(o.Transport),
+			User: id.User, OK: o.OK, Reason: o.Reason, At: now}
+	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 3*time.Second)
 	defer cancel()
-	if err := n.record(ctx, network, browser, outs, time.Now()); err != nil {
+	if err := n.st.ReportTransports(ctx, reports); err != nil {
 		a.Log.Warn("negotiate: recording outcomes failed", "err", err)
 		writeError(w, store.DBError("negotiate: record outcomes", err))
 		return
 	}
+	n.forgetOld(ctx, now)
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// allowReport takes one report from user's budget. Limiters that are full
+// again (their user idle) are dropped once there are many.
+func (n *Negotiator) allowReport(user string, now time.Time) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	lim, ok := n.limits[user]
+	if !ok {
+		if len(n.limits) >= seenKeys {
+			for u, l := range n.limits {
+				if l.TokensAt(now) >= reportBurst {
+					delete(n.limits, u)
+				}
+			}
+		}
+		lim = rate.NewLimiter(rate.Every(reportEvery), reportBurst)
+		n.limits[user] = lim
+	}
+	return lim.AllowN(now, 1)
+}
+
+// forgetOld deletes observations past the window, at most once an hour.
+func (n *Negotiator) forgetOld(ctx context.Context, now time.Time) {
+	n.mu.Lock()
+	due := now.Sub(n.forgotAt) >= time.Hour
+	if due {
+		n.forgotAt = now
+	}
+	n.mu.Unlock()
+	if !due {
+		return
+	}
+	if _, err := n.st.ForgetTransports(ctx, now.Add(-negotiateWindow)); err != nil {
+		n.log.Warn("negotiate: forgetting old observations failed", "err", err)
+	}
+}
+
+// Delivered records that the client of s acknowledged a notification on it:
+// its transport reached hello and delivered, for its network and browser
+// family. A (network, browser, transport, user) is written at most once per
+// seenEvery, and the write waits at most a second: it runs on the session's
+// message path. A session with no known network (NewNegotiator not in use
+// when it opened) is not counted.
+func (n *Negotiator) Delivered(s *realtime.Session) {
+	if n == nil || !s.Network.IsValid() {
+		return
+	}
+	k := seenKey{network: s.Network, browser: BrowserFamily(s.UserAgent), transport: s.Transport, user: s.User}
+	now := time.Now()
+	if at, ok := n.seen.Load(k); ok && now.Sub(at.(time.Time)) < seenEvery {
+		return
+	}
+	if n.seenCount.Load() >= seenKeys {
+		n.seen.Range(func(key, at any) bool {
+			if now.Sub(at.(time.Time)) < seenEvery {
+				return true
+			}
+			if _, deleted := n.seen.LoadAndDelete(key); deleted {
+				n.seenCount.Add(-1)
+			}
+			return true
+		})
+	}
+	if n.seenCount.Load() >= seenKeys {
+		return // a full hour's worth of distinct keys: the rest wait for the next hour
+	}
+	// Stored before the write, also when it fails: a database outage is not retried per ack.
+	if prev, loaded := n.seen.Swap(k, now); loaded && now.Sub(prev.(time.Time)) < seenEvery {
+		return // another ack of the same key got here first
+	} else if !loaded {
+		n.seenCount.Add(1)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	err := n.st.SawTransport(ctx, store.TransportReport{Network: k.network, Browser: k.browser, Transport: string(k.transport), User: k.user, At: now})
+	if err != nil {
+		n.log.Warn("negotiate: recording a delivered session failed", "err", err)
+	}
 }
 
 // parseOutcomes reads `{"transport","ok","reason"}` or an array of up to 8 of them.
@@ -131,90 +268,67 @@ func parseOutcomes(body []byte) ([]outcome, error) {
 		if !outs[i].Transport.Valid() {
 			return nil, bad("transport must be websocket, sse or longpoll")
 		}
-		if len(outs[i].Reason) > 64 {
-			outs[i].Reason = outs[i].Reason[:64]
-		}
+		outs[i].Reason = cutReason(outs[i].Reason)
 	}
 	return outs, nil
 }
 
-// record adds the outcomes to their (network, browser, transport) rows.
-func (n *Negotiator) record(ctx context.Context, network netip.Prefix, browser string, outs []outcome, now time.Time) error {
-	for _, o := range outs {
-		var ok, failed int
-		var okAt, failedAt *time.Time
-		if o.OK {
-			ok, okAt = 1, &now
-		} else {
-			failed, failedAt = 1, &now
-		}
-		_, err := n.db.Exec(ctx, `
-			INSERT INTO transport_outcomes AS t
-				(network, browser, transport, successes, failures, last_success_at, last_failure_at, last_reason)
-			VALUES ($1, $2, $3, $4, $5, $6, $7, NULLIF($8, ''))
-			ON CONFLICT (network, browser, transport) DO UPDATE SET
-				successes       = t.successes + EXCLUDED.successes,
-				failures        = t.failures + EXCLUDED.failures,
-				last_success_at = greatest(t.last_success_at, EXCLUDED.last_success_at),
-				last_failure_at = greatest(t.last_failure_at, EXCLUDED.last_failure_at),
-				last_reason     = coalesce(EXCLUDED.last_reason, t.last_reason)`,
-			network, browser, string(o.Transport), ok, failed, okAt, failedAt, o.Reason)
-		if err != nil {
-			return fmt.Errorf("record %s outcome: %w", o.Transport, err)
-		}
+// cutReason is reason as valid UTF-8 without NULs (Postgres text takes neither
+// a NUL nor a broken character), cut to at most 64 bytes at a character boundary.
+func cutReason(reason string) string {
+	reason = strings.ReplaceAll(strings.ToValidUTF8(reason, ""), "\x00", "")
+	if len(reason) <= 64 {
+		return reason
 	}
-	return nil
+	cut := 64
+	for cut > 0 && !utf8.RuneStart(reason[cut]) {
+		cut--
+	}
+	return reason[:cut]
 }
 
-// order answers the transports to try: those whose latest outcome in the
-// window was a success, then those not tried, then those whose latest outcome
-// was a failure; the default order within each group. learned is false when
-// nothing is known for this network and browser.
-func (n *Negotiator) order(ctx context.Context, network netip.Prefix, browser string) ([]realtime.Transport, bool, error) {
-	rows, err := n.db.Query(ctx, `
-		SELECT transport, last_success_at, last_failure_at
-		FROM transport_outcomes
-		WHERE network = $1 AND browser = $2
-		  AND greatest(last_success_at, last_failure_at) > $3`,
-		network, browser, time.Now().Add(-negotiateWindow))
-	if err != nil {
-		return nil, false, fmt.Errorf("read outcomes: %w", err)
-	}
+// order answers the transports to try and whether anything is known of them.
+// A transport the server saw a user deliver over worked; of the others, one
+// whose users' latest reports are at least as often successes as failures
+// (and some are) worked, one more often failures failed, and the rest are
+// untried. Worked ones come first, then untried, then failed; the default
+// order within each group. A report can only demote a transport no user was
+// seen delivering over, and each user counts once.
+func order(users map[string]store.TransportUsers) ([]realtime.Transport, bool) {
 	const (
 		worked = iota
 		untried
 		failed
 	)
-	group := map[realtime.Transport]int{}
-	for rows.Next() {
-		var tr string
-		var okAt, failedAt *time.Time
-		if err := rows.Scan(&tr, &okAt, &failedAt); err != nil {
-			rows.Close()
-			return nil, false, fmt.Errorf("read outcomes: %w", err)
+	groupOf := func(u store.TransportUsers) int {
+		switch {
+		case u.Seen > 0:
+			return worked
+		case u.Failed > u.Worked:
+			return failed
+		case u.Worked > 0:
+			return worked
 		}
-		if okAt != nil && (failedAt == nil || !okAt.Before(*failedAt)) {
-			group[realtime.Transport(tr)] = worked
-		} else {
-			group[realtime.Transport(tr)] = failed
-		}
+		return untried
 	}
-	if err := rows.Err(); err != nil {
-		return nil, false, fmt.Errorf("read outcomes: %w", err)
-	}
-	order := make([]realtime.Transport, 0, len(realtime.Transports))
+	out := make([]realtime.Transport, 0, len(realtime.Transports))
 	for _, g := range []int{worked, untried, failed} {
 		for _, t := range realtime.Transports {
-			got, known := group[t]
-			if !known {
-				got = untried
-			}
-			if got == g {
-				order = append(order, t)
+			if groupOf(users[string(t)]) == g {
+				out = append(out, t)
 			}
 		}
 	}
-	return order, len(group) > 0, nil
+	return out, len(users) > 0
+}
+
+// sessionNetwork is the network a new session's client is counted in for
+// negotiate; the zero Prefix when the negotiator is off.
+func (a *API) sessionNetwork(r *http.Request) netip.Prefix {
+	if a.Negotiate == nil {
+		return netip.Prefix{}
+	}
+	return a.Negotiate.clientNetwork(r)
 }
 
 // clientNetwork is the network prefix of the client behind r: /24 for IPv4,
@@ -234,6 +348,13 @@ func (n *Negotiator) clientNetwork(r *http.Request) netip.Prefix {
 				break
 			}
 		}
+	}
+	if len(n.trusted) == 0 && (addr.IsPrivate() || addr.IsLoopback()) {
+		n.warnOnce.Do(func() {
+			n.log.Warn("clients arrive from a private address and NOTIFY_TRUSTED_PROXIES is empty: "+
+				"behind a proxy every client counts in the proxy's network for negotiate; list the proxies in NOTIFY_TRUSTED_PROXIES",
+				"network", NetworkPrefix(addr).String())
+		})
 	}
 	return NetworkPrefix(addr)
 }

@@ -41,7 +41,7 @@ func parseWait(v string) (time.Duration, error) {
 		return pollDefaultWait, nil
 	}
 	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 || time.Duration(n)*time.Second > pollMaxWait {
+	if err != nil || n < 0 || int64(n) > int64(pollMaxWait/time.Second) { // compared before scaling: n seconds may overflow a Duration
 		return 0, errorf(http.StatusBadRequest, "bad_wait", "wait must be a whole number of seconds from 0 to 60")
 	}
 	return time.Duration(n) * time.Second, nil
@@ -236,7 +236,9 @@ func (p *pollTransport) open(r *http.Request, cr connectRequest) (*longPoll, err
 		return nil, err
 	}
 	a.replay(s, cr.cursor)
-	return newLongPoll(a.Hub, a.Recorder, s, cr.cursor), nil
+	lp := newLongPoll(a.Hub, a.Recorder, s, cr.cursor)
+	lp.onAck = func() { a.Negotiate.Delivered(s) }
+	return lp, nil
 }
 
 // track makes a new session known to later polls, until it ends. No

@@ -67,7 +67,21 @@ type Options struct {
 	ConnectLimits *ConnectLimits
 	// Negotiate serves GET/POST /v1/negotiate (learned transport order); nil leaves them out.
 	Negotiate *Negotiator
+	// MetricsAccess says who may read GET /metrics here (the API key by default).
+	MetricsAccess MetricsAccess
 }
+
+// MetricsAccess says who may read GET /metrics on the API listener.
+type MetricsAccess int
+
+const (
+	// MetricsAPIKey serves /metrics to the API key given as Bearer (the zero value).
+	MetricsAPIKey MetricsAccess = iota
+	// MetricsPublic serves /metrics to anyone.
+	MetricsPublic
+	// MetricsOff leaves /metrics out of the router (the debug listener serves it).
+	MetricsOff
+)
 
 // API holds the dependencies of every handler.
 type API struct {
@@ -83,14 +97,19 @@ func New(opt Options) http.Handler {
 	}
 	a := &API{Options: opt}
 	r := chi.NewRouter()
-	r.Use(middleware.Recoverer, a.logRequests, opt.Auth.Origins)
+	r.Use(middleware.Recoverer, a.logRequests, noSniff, opt.Auth.Origins)
 
 	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	r.Get("/readyz", a.readyz)
 	if opt.Metrics != nil {
-		r.Handle("/metrics", opt.Metrics.Handler())
+		switch opt.MetricsAccess {
+		case MetricsAPIKey:
+			r.Handle("/metrics", a.publisherOnly(opt.Metrics.Handler()))
+		case MetricsPublic:
+			r.Handle("/metrics", opt.Metrics.Handler())
+		}
 	}
 
 	r.Route("/v1", func(r chi.Router) {
@@ -118,7 +137,7 @@ func New(opt Options) http.Handler {
 		})
 	})
 	if opt.Static != nil {
-		r.Handle("/*", http.FileServerFS(opt.Static))
+		r.Handle("/*", pageHeaders(http.FileServerFS(opt.Static)))
 	}
 	return r
 }
@@ -136,6 +155,44 @@ func (a *API) readyz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// publisherOnly serves next to the API key only (401 otherwise).
+func (a *API) publisherOnly(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !a.Auth.Publisher(r) {
+			writeError(w, errUnauthorized)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// noSniff tells browsers to take every answer as the Content-Type it declares
+// (JSON stays JSON, never sniffed into HTML or script).
+func noSniff(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		next.ServeHTTP(w, r)
+	})
+}
+
+// pageCSP is the Content-Security-Policy of the static pages: scripts,
+// styles and connections from this origin only (their scripts are files, never
+// inline; style attributes are allowed), and no framing by any page, which
+// stops clickjacking of the dashboard.
+const pageCSP = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; " +
+	"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+
+// pageHeaders adds the security headers of the static pages.
+func pageHeaders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("Content-Security-Policy", pageCSP)
+		h.Set("Referrer-Policy", "no-referrer")
+		h.Set("X-Frame-Options", "DENY")
+		next.ServeHTTP(w, r)
+	})
 }
 
 // logRequests logs each request once it ends, without its query string (which

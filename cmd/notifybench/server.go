@@ -218,6 +218,7 @@ func (t *target) runtimeMetrics(ctx context.Context) map[string]float64 {
 	if err != nil {
 		return out
 	}
+	req.Header.Set("Authorization", "Bearer "+t.APIKey) // /metrics is behind the API key by default
 	resp, err := adminClient.Do(req)
 	if err != nil {
 		return out

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/notifyd/notifyd/handlers"
 	"github.com/notifyd/notifyd/handlers/ratelimit"
 	"github.com/notifyd/notifyd/store"
 )
@@ -51,6 +52,10 @@ type Config struct {
 	// (NOTIFY_INBOX_MAX_BYTES). Each cut is reported to the client (PROTOCOL.md).
 	ReplayMaxBytes int
 	InboxMaxBytes  int
+	// MaxTokenTTL is the longest lifetime a client token may have (NOTIFY_MAX_TOKEN_TTL, 24h).
+	MaxTokenTTL time.Duration
+	// Metrics says who may read /metrics (NOTIFY_METRICS): "api-key" (the default), "debug" or "public".
+	Metrics string
 }
 
 // defaults holds the value of every setting the environment leaves unset; it is the one place
@@ -81,12 +86,25 @@ var defaults = Config{
 	ConnectRatePerIP:   mustLimit("10/1s,300"),
 	ReplayMaxBytes:     4 << 20,
 	InboxMaxBytes:      4 << 20,
+	MaxTokenTTL:        DefaultMaxTokenTTL,
+	Metrics:            metricsAPIKey,
 }
 
 // maxSessionFrames bounds QueueLimit + ReplayLimit, the frames one session may have queued
 // (a replay and the live notifications behind it): past a million, a few slow sessions could
 // hold gigabytes.
 const maxSessionFrames = 1 << 20
+
+// DefaultMaxTokenTTL is NOTIFY_MAX_TOKEN_TTL's default: a day, as long as
+// `notifyd token` mints by default, so a leaked token is good for a day at most.
+const DefaultMaxTokenTTL = 24 * time.Hour
+
+// Who may read /metrics (NOTIFY_METRICS).
+const (
+	metricsAPIKey = "api-key" // on the main listener, with the API key as Bearer
+	metricsDebug  = "debug"   // only on NOTIFY_DEBUG_ADDR, which must be set
+	metricsPublic = "public"  // on the main listener, to anyone
+)
 
 // LoadConfig reads the configuration from getenv and reports every missing or
 // malformed setting at once.
@@ -176,6 +194,17 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 			c.TrustedProxies = append(c.TrustedProxies, prefix.Masked())
 		}
 	}
+	c.MaxTokenTTL = dur("NOTIFY_MAX_TOKEN_TTL", d.MaxTokenTTL)
+	c.Metrics = str("NOTIFY_METRICS", d.Metrics)
+	switch c.Metrics {
+	case metricsAPIKey, metricsPublic:
+	case metricsDebug:
+		if c.DebugAddr == "" {
+			errs = append(errs, errors.New("NOTIFY_METRICS=debug needs NOTIFY_DEBUG_ADDR"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("NOTIFY_METRICS=%q: want api-key, debug or public", c.Metrics))
+	}
 	errs = append(errs, c.checkRelations()...)
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
@@ -210,4 +239,16 @@ func (c Config) checkRelations() []error {
 			c.QueueLimit, c.ReplayLimit, maxSessionFrames))
 	}
 	return errs
+}
+
+// metricsAccess is who the API listener serves /metrics to for NOTIFY_METRICS
+// (an empty setting is the default, the API key).
+func metricsAccess(setting string) handlers.MetricsAccess {
+	switch setting {
+	case metricsPublic:
+		return handlers.MetricsPublic
+	case metricsDebug:
+		return handlers.MetricsOff
+	}
+	return handlers.MetricsAPIKey
 }

@@ -13,7 +13,7 @@ import (
 
 // printDevBanner tells a developer how to try the server.
 func (m *Main) printDevBanner(w io.Writer) {
-	auth := handlers.NewAuth(m.Config.JWTSecret, m.Config.APIKey, nil)
+	auth := handlers.NewAuth(m.Config.JWTSecret, m.Config.APIKey, nil).WithMaxTokenTTL(m.Config.MaxTokenTTL)
 	tok, err := auth.NewToken("dev", "cli", 24*time.Hour)
 	if err != nil {
 		return

@@ -182,12 +182,13 @@ func (m *Main) Start(ctx context.Context) error {
 	connectLimits := handlers.NewConnectLimits(cfg.ConnectRatePerUser, cfg.ConnectRatePerIP, cfg.TrustedProxies)
 	handler := handlers.New(handlers.Options{
 		Hub: m.hub, Store: st, Recorder: receiptRecorder(m.recorder, cfg.RecordOff), Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
-		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
+		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins).WithMaxTokenTTL(cfg.MaxTokenTTL),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit,
 			ReplayMaxBytes: cfg.ReplayMaxBytes, InboxMaxBytes: cfg.InboxMaxBytes},
-		Negotiate:     handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
+		Negotiate:     handlers.NewNegotiator(st, cfg.TrustedProxies, log),
 		ConnectLimits: connectLimits,
+		MetricsAccess: metricsAccess(cfg.Metrics),
 	})
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -218,7 +219,11 @@ func (m *Main) Start(ctx context.Context) error {
 		IdleTimeout: 120 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 	go func() { _ = m.srv.Serve(conns) }()
 	if cfg.DebugAddr != "" {
-		m.startDebug(cfg.DebugAddr)
+		var debugMetrics http.Handler
+		if cfg.Metrics == metricsDebug {
+			debugMetrics = metrics.Handler()
+		}
+		m.startDebug(cfg.DebugAddr, debugMetrics)
 	}
 	log.Info("notifyd listening", "addr", ln.Addr().String(), "dev", cfg.Dev,
 		"max_conns", cfg.MaxConns, "max_conns_per_ip", cfg.MaxConnsPerIP, "read_timeout", cfg.ReadTimeout)
@@ -240,9 +245,13 @@ func (m *Main) goBackground(fn func()) {
 	}()
 }
 
-// startDebug serves pprof on its own listener (off unless NOTIFY_DEBUG_ADDR is set).
-func (m *Main) startDebug(addr string) {
+// startDebug serves pprof, and /metrics when metrics is not nil, on its own
+// listener (off unless NOTIFY_DEBUG_ADDR is set).
+func (m *Main) startDebug(addr string, metrics http.Handler) {
 	mux := http.NewServeMux()
+	if metrics != nil {
+		mux.Handle("/metrics", metrics)
+	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

@@ -2,12 +2,15 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/notifyd/notifyd/handlers"
 )
@@ -176,5 +179,131 @@ func TestNetworkPrefixAndBrowserFamily(t *testing.T) {
 		if got := handlers.BrowserFamily(ua); got != want {
 			t.Errorf("BrowserFamily(%q) = %s, want %s", ua, got, want)
 		}
+	}
+}
+
+// deliverAndAck publishes one notification to user's live session c and
+// acknowledges it as the browser client does.
+func deliverAndAck(t *testing.T, ts *testServer, c transportClient, user string) {
+	t.Helper()
+	ts.publish(t, user, "negotiate.probe", map[string]any{"n": 1})
+	m := c.expect(t, "notification")
+	c.send(t, map[string]any{"type": "ack", "ids": []string{m.ID}})
+}
+
+// waitSeen waits until the server has recorded n sessions it saw deliver.
+func waitSeen(t *testing.T, ts *testServer, n int64) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "server observations", func() (bool, string) {
+		got := ts.scalar(t, "SELECT count(*) FROM transport_observations WHERE source = 'server'")
+		return got == n, fmt.Sprintf("%d recorded, want %d", got, n)
+	})
+}
+
+// TestNegotiateOneUserCannotFlipOrder: one user's 500 reports that WebSocket
+// fails neither outvote another user's single report nor override what the
+// server saw other users' WebSocket sessions deliver, and past a small burst
+// they are refused with 429 and Retry-After. Failed before the fix: the
+// newest report won and every report was taken.
+func TestNegotiateOneUserCannotFlipOrder(t *testing.T) {
+	ts := startServer(t, func(c *Config) {
+		c.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
+	})
+	want := []string{"websocket", "sse", "longpoll"}
+	flood := func(network string) {
+		t.Helper()
+		tok := ts.token(t, "mallory")
+		limited := 0
+		for range 500 {
+			st, _ := negotiateReq(t, ts, "POST", tok, uaChrome, network, `[{"transport":"websocket","ok":false,"reason":"timeout"},{"transport":"sse","ok":true}]`)
+			switch st {
+			case http.StatusNoContent:
+			case http.StatusTooManyRequests:
+				limited++
+			default:
+				t.Fatalf("report: %d", st)
+			}
+		}
+		if limited < 490 {
+			t.Fatalf("%d of 500 reports refused with 429, want all but a small burst", limited)
+		}
+	}
+
+	// Reports only: alice saw WebSocket work once; mallory's flood is one vote against it.
+	if st, _ := negotiateReq(t, ts, "POST", ts.token(t, "alice"), uaChrome, "198.51.100.7", `{"transport":"websocket","ok":true}`); st != http.StatusNoContent {
+		t.Fatalf("alice's report: %d", st)
+	}
+	flood("198.51.100.8")
+	if n := getOrder(t, ts, ts.token(t, "alice"), uaChrome, "198.51.100.9"); !slices.Equal(n.Order, want) {
+		t.Fatalf("after one user's flood: order %v, want %v", n.Order, want)
+	}
+	req, _ := http.NewRequest("POST", ts.URL+"/v1/negotiate", strings.NewReader(`{"transport":"sse","ok":true}`))
+	req.Header.Set("Authorization", "Bearer "+ts.token(t, "mallory"))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("limited report: %d, Retry-After %q", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+
+	// What the server saw: carol's and dave's WebSocket sessions delivered (the
+	// sessions come from 127.0.0.1, which X-Forwarded-For leaves as 127.0.0.0/24).
+	for _, u := range []string{"carol", "dave"} {
+		deliverAndAck(t, ts, ts.liveWS(t, u), u)
+	}
+	waitSeen(t, ts, 2)
+	for i := range 3 {
+		u := fmt.Sprintf("sybil-%d", i)
+		if st, _ := negotiateReq(t, ts, "POST", ts.token(t, u), "", "", `{"transport":"websocket","ok":false,"reason":"timeout"}`); st != http.StatusNoContent {
+			t.Fatalf("%s's report: %d", u, st)
+		}
+	}
+	if n := getOrder(t, ts, ts.token(t, "carol"), "", ""); !slices.Equal(n.Order, want) || !n.Learned || n.Network != "127.0.0.0/24" {
+		t.Fatalf("reports against what the server saw: %+v, want order %v", n, want)
+	}
+}
+
+// TestNegotiateLearnsFromDeliveredSessions: the order follows the transports
+// the server saw distinct users' sessions reach hello and deliver over (the
+// client acknowledged a notification), over a client's report. Failed before
+// the fix: the server's own sessions taught it nothing.
+func TestNegotiateLearnsFromDeliveredSessions(t *testing.T) {
+	ts := startServer(t)
+	if st, _ := negotiateReq(t, ts, "POST", ts.token(t, "zed"), "", "", `{"transport":"websocket","ok":false,"reason":"timeout"}`); st != http.StatusNoContent {
+		t.Fatalf("report: %d", st)
+	}
+	if n := getOrder(t, ts, ts.token(t, "zed"), "", ""); !slices.Equal(n.Order, []string{"sse", "longpoll", "websocket"}) {
+		t.Fatalf("after zed's report: %v", n.Order)
+	}
+	// An unacknowledged session teaches nothing.
+	silent := ts.liveWS(t, "quiet")
+	ts.publish(t, "quiet", "negotiate.probe", map[string]any{"n": 1})
+	silent.expect(t, "notification")
+	for _, u := range []string{"ann", "ben"} {
+		deliverAndAck(t, ts, ts.liveWS(t, u), u)
+	}
+	waitSeen(t, ts, 2)
+	if n := getOrder(t, ts, ts.token(t, "zed"), "", ""); !slices.Equal(n.Order, []string{"websocket", "sse", "longpoll"}) || !n.Learned {
+		t.Fatalf("after two delivered WebSocket sessions: %+v", n)
+	}
+
+	// Another server, whose clients all arrive over SSE and long-poll: those go first.
+	ts2 := startServer(t)
+	for _, u := range []string{"cat", "dan"} {
+		c := ts2.dialSSE(t, u, nil, nil)
+		hello(t, c, "sse", u)
+		c.expect(t, "synced")
+		deliverAndAck(t, ts2, c, u)
+	}
+	p := ts2.dialPoll(t, "eve", url.Values{"wait": {"1"}})
+	hello(t, p, "longpoll", "eve")
+	p.expect(t, "synced")
+	ts2.publish(t, "eve", "negotiate.probe", map[string]any{"n": 1})
+	p.expect(t, "notification") // the next poll carries its cursor: the ack
+	waitSeen(t, ts2, 3)
+	if n := getOrder(t, ts2, ts2.token(t, "eve"), "", ""); !slices.Equal(n.Order, []string{"sse", "longpoll", "websocket"}) || !n.Learned {
+		t.Fatalf("after delivered SSE and long-poll sessions: %+v", n)
 	}
 }

@@ -26,10 +26,27 @@ func runToken(args []string, w io.Writer) error {
 	if !handlers.ValidUser(*user) {
 		return fmt.Errorf("-user must be 1-128 characters of [A-Za-z0-9._:@-]")
 	}
+	if maxTTL, err := tokenTTLCap(os.Getenv("NOTIFY_MAX_TOKEN_TTL")); err != nil {
+		return err
+	} else if *ttl > maxTTL {
+		return fmt.Errorf("-ttl %s is longer than NOTIFY_MAX_TOKEN_TTL (%s): the server would refuse the token", *ttl, maxTTL)
+	}
 	tok, err := handlers.NewAuth(secret, "", nil).NewToken(*user, *device, *ttl)
 	if err != nil {
 		return err
 	}
 	_, err = fmt.Fprintln(w, tok)
 	return err
+}
+
+// tokenTTLCap reads NOTIFY_MAX_TOKEN_TTL as LoadConfig does.
+func tokenTTLCap(v string) (time.Duration, error) {
+	if v == "" {
+		return defaults.MaxTokenTTL, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("NOTIFY_MAX_TOKEN_TTL=%q: want a positive Go duration such as 24h", v)
+	}
+	return d, nil
 }

@@ -1,6 +1,7 @@
 package realtime
 
 import (
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -14,6 +15,9 @@ type SessionInfo struct {
 	Transport  Transport
 	RemoteAddr string
 	UserAgent  string
+	// Network is the client's network as negotiate counts it (its /24 or /48,
+	// behind trusted proxies); the zero Prefix when unknown.
+	Network netip.Prefix
 }
 
 // Session is one live connection of one device over one transport. Every
