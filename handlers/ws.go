@@ -72,7 +72,19 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 		a.Hub.End(s, realtime.ReasonError)
 		return
 	}
-	c := &wsConn{api: a, s: s, conn: conn, br: wr.br, release: a.Hub.Hold()}
+	c := a.newWSConn(s, conn, wr.br)
+	s.SetNotify(c.w.kick)
+	c.w.kick() // hello was queued before the upgrade
+	go c.park()
+	a.replay(s, cr.cursor)
+}
+
+// newWSConn carries s over conn, whose read buffer is br (wsResponse's; nil
+// when gorilla has its own, and then the connection reads in place, without
+// park's raw wait). Its keep-alive ping timer runs; the caller starts the
+// writer (SetNotify) and the reader (park).
+func (a *API) newWSConn(s *realtime.Session, conn *websocket.Conn, br *bufio.Reader) *wsConn {
+	c := &wsConn{api: a, s: s, conn: conn, br: br, release: a.Hub.Hold()}
 	if sc, ok := conn.NetConn().(syscall.Conn); ok && c.br != nil {
 		if raw, err := sc.SyscallConn(); err == nil {
 			c.raw, c.peek = raw, c.readable
@@ -80,15 +92,12 @@ func (a *API) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	c.w = frameWriter{s: s, hub: a.Hub, write: c.write, finish: c.finish, deadline: conn.NetConn().SetWriteDeadline}
 	c.ping = time.AfterFunc(c.pingAfter(), c.pingTick)
-	s.SetNotify(c.w.kick)
-	c.w.kick() // hello was queued before the upgrade
 	conn.SetReadLimit(a.Limits.MaxMessageBytes)
 	conn.SetPongHandler(func(string) error {
 		c.heard()
 		return nil
 	})
-	go c.park()
-	a.replay(s, cr.cursor)
+	return c
 }
 
 // heard is a sign of life from the client: a message or a pong. It moves the
