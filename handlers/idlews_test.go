@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"reflect"
 	"strings"
 	"sync"
@@ -396,6 +397,34 @@ func TestReadable(t *testing.T) {
 	}
 }
 
+// isPingFrame knows the client's ping under any mask, and nothing else: not
+// another payload, an unmasked or non-final frame, or another opcode.
+func TestIsPingFrame(t *testing.T) {
+	frame := func(b0, b1 byte, mask [4]byte, payload string) []byte {
+		b := []byte{b0, b1, mask[0], mask[1], mask[2], mask[3]}
+		for i := range len(payload) {
+			b = append(b, payload[i]^mask[i%4])
+		}
+		return b
+	}
+	for _, mask := range [][4]byte{{0, 0, 0, 0}, {1, 2, 3, 4}, {0xff, 0x80, 0x7f, 0x01}} {
+		if !isPingFrame(frame(0x81, 0x8f, mask, `{"type":"ping"}`)) {
+			t.Fatalf("the ping under mask %v not known", mask)
+		}
+		for name, b := range map[string][]byte{
+			"other payload": frame(0x81, 0x8f, mask, `{"type":"pong"}`),
+			"not final":     frame(0x01, 0x8f, mask, `{"type":"ping"}`),
+			"binary":        frame(0x82, 0x8f, mask, `{"type":"ping"}`),
+			"unmasked":      frame(0x81, 0x0f, mask, `{"type":"ping"}`),
+			"close":         frame(0x88, 0x8f, mask, `{"type":"ping"}`),
+		} {
+			if len(b) == wsPingFrame && isPingFrame(b) {
+				t.Fatalf("%s (mask %v) taken for a ping", name, mask)
+			}
+		}
+	}
+}
+
 // claim, unclaim, flushClaimed and kick keep one writer at a time while
 // senders queue frames and other goroutines claim the writer (as park and
 // SSE's keep-alive do): every frame is written once, each sender's in order,
@@ -637,6 +666,26 @@ func TestGorillaInternals(t *testing.T) {
 			t.Fatalf("gorilla drew %d buffers from the write buffer pool", n)
 		}
 	})
+}
+
+// The pins above were checked against gorilla/websocket v1.5.3: a go.mod
+// that requires another version fails here until they have been checked
+// again.
+func TestGorillaVersion(t *testing.T) {
+	mod, err := os.ReadFile("../go.mod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(mod)) {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "github.com/gorilla/websocket" {
+			if f[1] != "v1.5.3" {
+				t.Fatalf("gorilla/websocket %s: check TestGorillaInternals' pins and idlews.go's list of what it relies on, then update this version", f[1])
+			}
+			return
+		}
+	}
+	t.Fatal("go.mod does not require gorilla/websocket")
 }
 
 // sizedResponse is wsResponse with a reader of any size.
