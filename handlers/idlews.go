@@ -47,7 +47,8 @@ import (
 // never interleave.
 //
 // gorilla/websocket internals this relies on (v1.5.3, which
-// TestGorillaVersion holds to; TestGorillaInternals pins each): Upgrade reads through the hijacked bufio.Reader when
+// TestGorillaVersion holds go.mod to; TestGorillaInternals pins each):
+// Upgrade reads through the hijacked bufio.Reader when
 // Upgrader.ReadBufferSize is 0 and that reader is larger than 256 bytes; it
 // reads a control frame whole from that buffer (Peek), so the buffer holds at
 // least 139 bytes; with a WriteBufferPool the connection allocates no write
