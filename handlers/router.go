@@ -61,6 +61,9 @@ type Options struct {
 	Dev bool
 	// Negotiate serves GET/POST /v1/negotiate (learned transport order); nil leaves them out.
 	Negotiate *Negotiator
+	// Draining reports that the node is draining: /readyz answers 503 while everything else is
+	// served as before (the grace after SIGTERM); nil never drains.
+	Draining func() bool
 }
 
 // API holds the dependencies of every handler.
@@ -120,7 +123,7 @@ func New(opt Options) http.Handler {
 func (a *API) readyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
-	if a.Hub.Closing() {
+	if a.Hub.Closing() || (a.Draining != nil && a.Draining()) {
 		writeError(w, errShuttingDown)
 		return
 	}

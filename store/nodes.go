@@ -73,6 +73,8 @@ type Node struct {
 	startOnce, stopOnce sync.Once
 	stop                chan struct{}
 	done                chan struct{}
+	removeMu            sync.Mutex
+	removed             bool // under removeMu: Stop removed the row; later calls do nothing
 }
 
 // NewNode returns the node described by opt (not yet registered: see Start).
@@ -243,7 +245,7 @@ func (n *Node) Drain(ctx context.Context) error {
 	return nil
 }
 
-// Stop ends the loop and removes the node's row; the rows of its history still open (their
+// Stop ends the loop and removes the node's row (once; later calls return nil); the rows of its history still open (their
 // end records were dropped) are closed as shutdown with it. Call it once the sessions have
 // ended and the recorder is flushed. When the database cannot be reached the row stays, and
 // a surviving node closes what is left as node_lost once the lease lapses.
@@ -255,6 +257,11 @@ func (n *Node) Stop(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("store: stop node %s: %w", n.opt.ID, ctx.Err())
 	}
+	n.removeMu.Lock()
+	defer n.removeMu.Unlock()
+	if n.removed {
+		return nil
+	}
 	_, err := n.s.pool.Exec(ctx, `
 		WITH gone AS (DELETE FROM nodes WHERE node_id = $1 AND instance = $2::uuid RETURNING node_id)
 		UPDATE session_history s SET ended_at = now(), end_reason = $3
@@ -262,5 +269,6 @@ func (n *Node) Stop(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("store: remove node %s: %w", n.opt.ID, err)
 	}
+	n.removed = true
 	return nil
 }
