@@ -202,33 +202,48 @@ type LostNode struct {
 
 // ReapDead closes the open session_history rows of every other node whose lease lapsed, as
 // ended at the node's last renewal (or at their connect, when later) with reason node_lost,
-// and deletes those nodes' rows, in one statement. FOR UPDATE SKIP LOCKED makes exactly one
-// of several nodes running it at once handle each dead node: the others skip the rows it has
-// locked, and once it commits they are gone.
+// and deletes those nodes' rows. Exactly one of several nodes running it at once handles each
+// dead node: the transaction takes the dead rows FOR UPDATE SKIP LOCKED, so the others skip
+// what it holds, and once it commits the rows are gone. With no lease lapsed (nearly always)
+// it costs one read of the nodes table.
 func (n *Node) ReapDead(ctx context.Context) ([]LostNode, error) {
-	rows, err := n.s.pool.Query(ctx, `
-		WITH dead AS (
-			SELECT node_id, renewed_at FROM nodes
-			WHERE lease_until < now() AND node_id <> $1
-			FOR UPDATE SKIP LOCKED
-		), closed AS (
-			UPDATE session_history s SET ended_at = greatest(s.connected_at, d.renewed_at), end_reason = $2
-			FROM dead d
-			WHERE s.node_id = d.node_id AND s.ended_at IS NULL
-			RETURNING s.node_id
-		), gone AS (
-			DELETE FROM nodes x USING dead d WHERE x.node_id = d.node_id
-			RETURNING x.node_id, x.renewed_at
-		)
-		SELECT g.node_id, g.renewed_at, (SELECT count(*) FROM closed c WHERE c.node_id = g.node_id)
-		FROM gone g ORDER BY g.node_id`, n.opt.ID, EndNodeLost)
-	if err != nil {
-		return nil, fmt.Errorf("store: close the history of dead nodes: %w", err)
+	var some bool
+	if err := n.s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM nodes WHERE lease_until < now() AND node_id <> $1)`,
+		n.opt.ID).Scan(&some); err != nil {
+		return nil, fmt.Errorf("store: look for dead nodes: %w", err)
 	}
-	lost, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (LostNode, error) {
-		var l LostNode
-		err := r.Scan(&l.Node, &l.LastRenewed, &l.Sessions)
-		return l, err
+	if !some {
+		return nil, nil
+	}
+	var lost []LostNode
+	err := pgx.BeginFunc(ctx, n.s.pool, func(tx pgx.Tx) error {
+		lost = lost[:0]
+		rows, err := tx.Query(ctx, `SELECT node_id, renewed_at FROM nodes WHERE lease_until < now() AND node_id <> $1
+			ORDER BY node_id FOR UPDATE SKIP LOCKED`, n.opt.ID)
+		if err != nil {
+			return err
+		}
+		lost, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (LostNode, error) {
+			var l LostNode
+			return l, r.Scan(&l.Node, &l.LastRenewed)
+		})
+		if err != nil {
+			return err
+		}
+		// One statement per dead node (they are few): each finds its rows by
+		// session_history_node_open.
+		for i := range lost {
+			tag, err := tx.Exec(ctx, `UPDATE session_history SET ended_at = greatest(connected_at, $2), end_reason = $3
+				WHERE node_id = $1 AND ended_at IS NULL`, lost[i].Node, lost[i].LastRenewed, EndNodeLost)
+			if err != nil {
+				return err
+			}
+			lost[i].Sessions = tag.RowsAffected()
+			if _, err := tx.Exec(ctx, `DELETE FROM nodes WHERE node_id = $1`, lost[i].Node); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("store: close the history of dead nodes: %w", err)
