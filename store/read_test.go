@@ -261,15 +261,29 @@ func TestEndStaleSessions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := s.EndStaleSessions(ctx, "crash")
-	if err != nil || n != 2 {
+	// Rows of this node and of no node are its own; another node's open row is left alone.
+	if _, err := s.Pool().Exec(ctx, `INSERT INTO session_history (id, session_id, user_id, transport, connected_at, node_id)
+		VALUES ($1, 's4', 'u', 'sse', $3, 'me'), ($2, 'other', 'u', 'sse', $3, 'other-node')`,
+		uuid.NewString(), uuid.NewString(), now.Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	n, err := s.EndStaleSessions(ctx, "me", "crash")
+	if err != nil || n != 3 {
 		t.Fatalf("ended %d, %v", n, err)
+	}
+	var otherOpen bool
+	if err := s.Pool().QueryRow(ctx, `SELECT ended_at IS NULL FROM session_history WHERE session_id = 'other'`).Scan(&otherOpen); err != nil || !otherOpen {
+		t.Fatalf("the other node's row was closed (%v, %v)", otherOpen, err)
+	}
+	if _, err := s.Pool().Exec(ctx, `DELETE FROM session_history WHERE session_id = 'other'`); err != nil {
+		t.Fatal(err)
 	}
 	var bad int
 	if err := s.Pool().QueryRow(ctx, `SELECT count(*) FROM session_history WHERE ended_at IS NULL
 		OR (session_id = 's1' AND (ended_at <> connected_at OR end_reason <> 'crash'))
 		OR (session_id = 's2' AND ended_at <> last_seen_at)
-		OR (session_id = 's3' AND end_reason IS NOT NULL)`).Scan(&bad); err != nil || bad != 0 {
+		OR (session_id = 's3' AND end_reason IS NOT NULL)
+		OR (session_id = 's4' AND end_reason <> 'crash')`).Scan(&bad); err != nil || bad != 0 {
 		t.Fatalf("bad rows %d, %v", bad, err)
 	}
 }

@@ -80,6 +80,9 @@ type RecorderOptions struct {
 	// MaxBatch is the most records written in one flush (one implicit transaction);
 	// a queue reaching it triggers a flush early.
 	MaxBatch int
+	// NodeID is written into every session_history row it starts (the node serving the
+	// session); empty leaves node_id NULL.
+	NodeID string
 }
 
 // Recorder writes delivery records and session history off the hot path: the recording
@@ -283,7 +286,7 @@ func (r *Recorder) flushAll(ctx context.Context) {
 func (r *Recorder) flush(ctx context.Context, q []any) {
 	carried := r.carry
 	r.carry = nil
-	b := &recorderBatch{delivered: r.delivered}
+	b := &recorderBatch{delivered: r.delivered, node: r.opt.NodeID}
 	n, invalid := b.build(q, carried)
 	if invalid > 0 {
 		r.drop(invalid, "invalid records")
@@ -367,6 +370,7 @@ type ackKey struct{ nid, sid string }
 // chunk are folded into it (no UPDATE).
 type recorderBatch struct {
 	delivered map[string]int64 // highest seq recorded per session (read only here)
+	node      string           // RecorderOptions.NodeID
 
 	startIDs, startSids, startUsers, startDevices, startTransports, startAddrs, startAgents []string
 	startAt                                                                                 []time.Time
@@ -534,12 +538,12 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 	// millisecond per flush) are costed for the arrays at hand and the tables as they are.
 	pb.Queue(customPlanSQL)
 	if len(b.startIDs) > 0 {
-		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
-			SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at
+		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at, node_id)
+			SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at, nullif($9, '')
 			FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
 				AS t(id, sid, uid, dev, tr, addr, ua, at)
 			ON CONFLICT (id) DO NOTHING`,
-			b.startIDs, b.startSids, b.startUsers, b.startDevices, b.startTransports, b.startAddrs, b.startAgents, b.startAt)
+			b.startIDs, b.startSids, b.startUsers, b.startDevices, b.startTransports, b.startAddrs, b.startAgents, b.startAt, b.node)
 	}
 	if len(b.delNids) > 0 {
 		// One row per notification and session: build drops repeats (by the session's highest
