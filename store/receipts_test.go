@@ -13,6 +13,7 @@ import (
 // while the transport is still reporting what it wrote) is applied, in the same chunk or in the
 // next one; an ack for something never delivered is counted as unmatched, not lost silently.
 func TestRecorderAckBeforeDelivery(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ps := publishN(t, s, "u", 4)
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: time.Hour, MaxBatch: 2})
@@ -42,6 +43,7 @@ func TestRecorderAckBeforeDelivery(t *testing.T) {
 // A long-poll cursor acknowledges everything the session was sent up to it, in the same chunk
 // as the deliveries or later.
 func TestRecorderCursorReceipt(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ps := publishN(t, s, "u", 6)
 	publishN(t, s, "v", 6)
@@ -80,6 +82,7 @@ func TestRecorderCursorReceipt(t *testing.T) {
 
 // A delivery dated outside the partitions made ahead gets its partition made by the Recorder.
 func TestRecorderMakesMissingPartition(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	p := publishN(t, s, "u", 1)[0]
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: time.Hour})
