@@ -13,34 +13,13 @@
 // and the session are sent on reconnect; duplicates are dropped by id; live
 // seq gaps are filled from the inbox API. Types: notify.d.ts beside this file.
 
-/** @typedef {'websocket'|'sse'|'longpoll'} Transport */
-/** @typedef {'idle'|'connecting'|'connected'|'reconnecting'|'closed'} State */
-
-/**
- * @typedef {object} Options
- * @property {string|(() => string|Promise<string>)} token the client JWT, or a function that returns a fresh one
- * @property {Transport[]} [transports] the ladder steps allowed, in preference order (default all three)
- * @property {number} [helloTimeout] ms a step has to deliver `hello` before it is abandoned (3000)
- * @property {boolean} [negotiate] ask GET /v1/negotiate for the order and report outcomes (true)
- * @property {number} [probeInterval] ms between probes for a better transport while on a fallback (60000)
- * @property {number} [backoffBase] ms, first reconnect delay bound (500)
- * @property {number} [backoffMax] ms, largest reconnect delay bound (30000)
- * @property {number} [pollWait] seconds a long-poll waits on the server (25)
- * @property {number} [pongTimeout] ms to wait for a pong before the connection counts as dead (10000)
- * @property {number} [cursor] the highest seq the app already holds (0)
- * @property {boolean} [autoConnect] connect at once (true)
- */
-
-/**
- * @typedef {object} Notification
- * @property {string} id
- * @property {number} seq
- * @property {string} topic
- * @property {any} data
- * @property {string} created_at
- * @property {boolean} replayed sent from the backlog on (re)connect
- * @property {boolean} [recovered] fetched from the inbox after a live seq gap
- */
+// The types are notify.d.ts's (a module path ending in .js resolves to the .d.ts beside it).
+/** @typedef {import('./notify.js').Transport} Transport */
+/** @typedef {import('./notify.js').State} State */
+/** @typedef {import('./notify.js').Options} Options */
+/** @typedef {import('./notify.js').Notification} Notification */
+/** @typedef {import('./notify.js').EventMap} EventMap */
+/** @typedef {import('./notify.js').NotifyClient} NotifyClientAPI */
 
 /** The ladder, best first. */
 export const TRANSPORTS = /** @type {Transport[]} */ (['websocket', 'sse', 'longpoll']);
@@ -75,6 +54,19 @@ class Conn {
     this.startedAt = now();
     this.ended = false;
   }
+
+  /** Opens the connection (each transport has its own). */
+  start() {}
+
+  /**
+   * Sends client messages upstream.
+   * @param {object[]} msgs
+   * @returns {Promise<void>}
+   */
+  send(msgs) { return Promise.resolve(); }
+
+  /** Releases what the transport holds (socket, stream, pending poll). */
+  teardown() {}
 
   /** @param {any} m */
   deliver(m) {
@@ -234,6 +226,7 @@ const CONN = { websocket: WSConn, sse: SSEConn, longpoll: PollConn };
  * A notifyd client. Events: `state`, `connect`, `disconnect`, `notification`,
  * `read`, `unread`, `synced`, `error`, `attempt` (see notify.d.ts).
  */
+/** @implements {NotifyClientAPI} */
 export class NotifyClient {
   /**
    * @param {string} url notifyd's base URL ('' or undefined: this page's origin)
@@ -266,7 +259,10 @@ export class NotifyClient {
     /** The recent state changes and attempts, oldest first (for debugging and tests). */
     this.history = [];
 
+    /** @type {Map<string, Set<(arg: any) => void>>} the listeners of each event */
     this._listeners = new Map();
+    /** @type {WeakMap<(arg: any) => void, (arg: any) => void>} once()'s wrappers: wrapper -> the listener given */
+    this._onceOf = new WeakMap();
     this._seen = new Map();
     this._maxSeq = Math.max(0, Number(this.opts.cursor) || 0);
     /** @type {Array<[number, number]>} live seq ranges missing, being fetched */
@@ -307,25 +303,45 @@ export class NotifyClient {
 
   /**
    * Subscribes to an event; returns this for chaining.
-   * @param {string} event
-   * @param {(arg: any) => void} fn
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} fn
+   * @returns {this}
    */
   on(event, fn) {
-    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
-    this._listeners.get(event).add(fn);
+    let set = this._listeners.get(event);
+    if (!set) this._listeners.set(event, (set = new Set()));
+    set.add(fn);
     return this;
   }
 
-  /** Unsubscribes fn (or every listener of event). */
+  /**
+   * Unsubscribes fn, also when once() added it (or every listener of event).
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} [fn]
+   * @returns {this}
+   */
   off(event, fn) {
+    const set = this._listeners.get(event);
     if (!fn) this._listeners.delete(event);
-    else if (this._listeners.has(event)) this._listeners.get(event).delete(fn);
+    else if (set) {
+      for (const l of set) if (l === fn || this._onceOf.get(l) === fn) set.delete(l);
+    }
     return this;
   }
 
-  /** Subscribes for one call. */
+  /**
+   * Subscribes for one call.
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} fn
+   * @returns {this}
+   */
   once(event, fn) {
+    /** @param {EventMap[K]} arg */
     const wrap = (arg) => { this.off(event, wrap); fn(arg); };
+    this._onceOf.set(wrap, fn);
     return this.on(event, wrap);
   }
 
@@ -408,14 +424,18 @@ export class NotifyClient {
    * @param {State} state
    * @param {Transport|null} transport
    * @param {string} reason
+   * @param {{delay?: number}} [extra]
+   *
+   * Every call is kept in the history; a `state` event fires only when the
+   * state or the transport changes.
    */
   _setState(state, transport, reason, extra) {
     const previous = { state: this.state, transport: this.transport };
     this.state = state;
     this.transport = transport;
-    const ev = { state, transport, reason, previous, ...extra };
     this._record({ event: 'state', state, transport, reason, ...extra });
-    this._emit('state', ev);
+    if (previous.state === state && previous.transport === transport) return;
+    this._emit('state', { state, transport, reason, previous, ...extra });
   }
 
   _clear(name) {
@@ -614,7 +634,7 @@ export class NotifyClient {
   // ---- probing for a better transport ---------------------------------------
 
   _better() {
-    const cur = this.opts.transports.indexOf(this.transport);
+    const cur = this.transport ? this.opts.transports.indexOf(this.transport) : -1;
     return cur > 0 ? this.opts.transports.slice(0, cur) : [];
   }
 
