@@ -24,6 +24,7 @@
 /** The ladder, best first. */
 export const TRANSPORTS = /** @type {Transport[]} */ (['websocket', 'sse', 'longpoll']);
 
+/** @type {Record<number, string>} */
 const CLOSE_REASONS = { 1012: 'shutdown', 4000: 'heartbeat_timeout', 4001: 'replaced', 4002: 'kicked', 4003: 'slow_consumer', 1011: 'server_error', 1009: 'message_too_big', 1008: 'policy' };
 const SEEN_LIMIT = 10000;
 const HISTORY_LIMIT = 300;
@@ -53,6 +54,8 @@ class Conn {
     this.session = null;
     this.startedAt = now();
     this.ended = false;
+    /** @type {((ok: boolean, reason: string) => void)|null} the attempt's outcome, while it is one */
+    this.settle = null;
   }
 
   /** Opens the connection (each transport has its own). */
@@ -73,7 +76,7 @@ class Conn {
     if (this.role !== 'dead') this.client._onMessage(this, m);
   }
 
-  /** @param {{reason: string, retryMs?: number, status?: number}} info */
+  /** @param {{reason: string, retryMs?: number, status?: number, bye?: boolean}} info */
   end(info) {
     if (this.ended) return;
     this.ended = true;
@@ -90,6 +93,10 @@ class Conn {
     }
   }
 
+  /**
+   * @param {Record<string, string|number>} [extra] more query parameters
+   * @returns {string}
+   */
   query(extra) {
     const q = new URLSearchParams({ token: this.token });
     if (this.cursor > 0) q.set('cursor', String(this.cursor));
@@ -98,7 +105,10 @@ class Conn {
     return q.toString();
   }
 
-  /** POST /v1/sessions/{session}/messages (SSE and long-poll upstream). */
+  /**
+   * POST /v1/sessions/{session}/messages (SSE and long-poll upstream).
+   * @param {object[]} msgs
+   */
   async post(msgs) {
     if (!this.session) return;
     const resp = await fetch(`${this.client.url}/v1/sessions/${encodeURIComponent(this.session)}/messages`, {
@@ -129,6 +139,9 @@ class WSConn extends Conn {
     ws.onerror = () => {};
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) {
       for (const m of msgs) this.ws.send(JSON.stringify(m));
@@ -149,6 +162,7 @@ class SSEConn extends Conn {
   start() {
     const es = new EventSource(`${this.client.url}/v1/sse?${this.query()}`);
     this.es = es;
+    /** @param {MessageEvent} e */
     const onData = (e) => {
       let m;
       try { m = JSON.parse(e.data); } catch { return; }
@@ -157,11 +171,14 @@ class SSEConn extends Conn {
     for (const t of ['hello', 'notification', 'synced', 'pong', 'read', 'bye', 'message']) es.addEventListener(t, onData);
     // `event: error` from the server and the EventSource's own failure share a name.
     es.addEventListener('error', (e) => {
-      if (typeof (/** @type {any} */ (e).data) === 'string') onData(e);
+      if (e instanceof MessageEvent && typeof e.data === 'string') onData(e);
       else this.end({ reason: 'stream_error' });
     });
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) { return this.post(msgs); }
 
   teardown() {
@@ -213,6 +230,9 @@ class PollConn extends Conn {
     }
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) { return this.post(msgs); }
 
   teardown() {
@@ -257,6 +277,7 @@ export class NotifyClient {
     /** Timings in ms since the page's time origin: start, hello, firstNotification. */
     this.timings = { start: 0, hello: 0, firstNotification: 0 };
     /** The recent state changes and attempts, oldest first (for debugging and tests). */
+    /** @type {Array<Record<string, unknown>>} */
     this.history = [];
 
     /** @type {Map<string, Set<(arg: any) => void>>} the listeners of each event */
@@ -279,7 +300,9 @@ export class NotifyClient {
     /** @type {Transport|null} */
     this._lastGood = null;
     this._negotiateOK = false;
+    /** @type {Record<string, ReturnType<typeof setTimeout>>} the pending timers and intervals, by name */
     this._timers = {};
+    /** @type {string[]} ids waiting to be acknowledged */
     this._acks = [];
     this._localReads = new Set();
     this._localAll = 0;
@@ -407,6 +430,10 @@ export class NotifyClient {
 
   // ---- events and state ----------------------------------------------------
 
+  /**
+   * @param {string} event
+   * @param {any} arg
+   */
   _emit(event, arg) {
     const set = this._listeners.get(event);
     if (!set) return;
@@ -415,6 +442,9 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * @param {Record<string, unknown>} entry
+   */
   _record(entry) {
     this.history.push({ t: Math.round(now()), ...entry });
     if (this.history.length > HISTORY_LIMIT) this.history.shift();
@@ -438,6 +468,9 @@ export class NotifyClient {
     this._emit('state', { state, transport, reason, previous, ...extra });
   }
 
+  /**
+   * @param {string} name a key of _timers
+   */
   _clear(name) {
     if (this._timers[name]) {
       clearTimeout(this._timers[name]);
@@ -453,7 +486,10 @@ export class NotifyClient {
 
   // ---- the ladder ------------------------------------------------------------
 
-  /** One pass down the ladder; on failure, schedules the next pass. */
+  /**
+   * One pass down the ladder; on failure, schedules the next pass.
+   * @param {string} reason
+   */
   async _runLadder(reason) {
     const pass = this._pass;
     const live = () => this._wantOpen && pass === this._pass;
@@ -517,6 +553,10 @@ export class NotifyClient {
    * Opens one transport and waits for its hello (or failure, or helloTimeout).
    * On hello the connection is promoted synchronously, so the messages after
    * hello in the same batch already go to the new primary.
+   * @param {Transport} transport
+   * @param {string} token
+   * @param {string|null} session the session to resume
+   * @param {'attempt'|'probe'} role
    * @returns {Promise<{ok: boolean, reason: string, conn?: Conn}>}
    */
   _attempt(transport, token, session, role) {
@@ -524,6 +564,7 @@ export class NotifyClient {
       const conn = new CONN[transport](this, transport, { token, cursor: this.cursor, session, role });
       const timer = setTimeout(() => done(false, 'timeout'), this.opts.helloTimeout);
       let settled = false;
+      /** @param {boolean} ok @param {string} reason */
       const done = (ok, reason) => {
         if (settled) return;
         settled = true;
@@ -546,7 +587,11 @@ export class NotifyClient {
     });
   }
 
-  /** GET /v1/negotiate: the learned order, null when unreachable. */
+  /**
+   * GET /v1/negotiate: the learned order, null when unreachable.
+   * @param {string} token
+   * @returns {Promise<{order: Transport[], learned?: boolean}|'unauthorized'|null>}
+   */
   async _negotiate(token) {
     const ac = new AbortController();
     const timer = setTimeout(() => ac.abort(), 1500);
@@ -567,7 +612,11 @@ export class NotifyClient {
     }
   }
 
-  /** POST /v1/negotiate: what worked and what did not (fire and forget). */
+  /**
+   * POST /v1/negotiate: what worked and what did not (fire and forget).
+   * @param {string} token
+   * @param {Array<{transport: Transport, ok: boolean, reason: string}>} outcomes
+   */
   _report(token, outcomes) {
     if (!this.opts.negotiate || !this._negotiateOK || outcomes.length === 0) return;
     fetch(`${this.url}/v1/negotiate`, {
@@ -625,6 +674,9 @@ export class NotifyClient {
     }, delay);
   }
 
+  /**
+   * @param {string} reason
+   */
   _reconnectNow(reason) {
     this._clear('reconnect');
     this._pass++;
@@ -672,7 +724,11 @@ export class NotifyClient {
 
   // ---- connection events ------------------------------------------------------
 
-  /** Makes conn the primary on its hello. */
+  /**
+   * Makes conn the primary on its hello.
+   * @param {Conn} conn
+   * @param {any} hello the hello message
+   */
   _promote(conn, hello) {
     if (!this._wantOpen) {
       conn.close();
@@ -713,6 +769,9 @@ export class NotifyClient {
     this._acks = [];
   }
 
+  /**
+   * @param {Conn} conn
+   */
   _ping(conn) {
     if (conn !== this._conn) return;
     if (!this._timers.pong) {
@@ -725,7 +784,11 @@ export class NotifyClient {
     conn.send([{ type: 'ping' }]).catch(() => {});
   }
 
-  /** A message from conn. */
+  /**
+   * A message from conn.
+   * @param {Conn} conn
+   * @param {any} m a server message
+   */
   _onMessage(conn, m) {
     if (!m || typeof m.type !== 'string') return;
     if (m.type === 'hello') {
@@ -753,7 +816,11 @@ export class NotifyClient {
     }
   }
 
-  /** conn ended (failed, closed by the server or the network). */
+  /**
+   * conn ended (failed, closed by the server or the network).
+   * @param {Conn} conn
+   * @param {{reason: string, retryMs?: number, status?: number, bye?: boolean}} info
+   */
   _onEnd(conn, info) {
     if (conn.role === 'attempt' || conn.role === 'probe') {
       if (conn.settle) conn.settle(false, info.reason);
@@ -774,11 +841,17 @@ export class NotifyClient {
     this._scheduleReconnect(info.retryMs ?? null, info.bye ? `bye ${info.reason}` : info.reason);
   }
 
+  /**
+   * @param {string} id
+   */
   _remember(id) {
     this._seen.set(id, true);
     if (this._seen.size > SEEN_LIMIT) this._seen.delete(this._seen.keys().next().value);
   }
 
+  /**
+   * @param {Notification} m
+   */
   _onNotification(m) {
     this._queueAck(m.id);
     const live = this._synced && !m.replayed;
@@ -795,6 +868,9 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * @param {{cursor: number, unread: number, truncated?: boolean}} m
+   */
   _onSynced(m) {
     this._synced = true;
     // The replay covered everything unread above the cursor this connection sent.
@@ -805,6 +881,9 @@ export class NotifyClient {
     this._emit('unread', this.unread);
   }
 
+  /**
+   * @param {{ids?: string[], unread?: number}} m
+   */
   _onRead(m) {
     const ids = m.ids || [];
     const local = this._localAll > 0 || (ids.length > 0 && ids.every((id) => this._localReads.has(id)));
@@ -852,6 +931,8 @@ export class NotifyClient {
    * Fetches the unread notifications with seq in [from, to] from the inbox
    * (seqs are dense per user: a live jump means something was missed; read
    * ones are skipped, as a replay skips them). The connection stays up.
+   * @param {number} from
+   * @param {number} to
    */
   async _fillGap(from, to) {
     const gap = /** @type {[number, number]} */ ([from, to]);
@@ -871,6 +952,7 @@ export class NotifyClient {
         if (!resp.ok) throw new Error(`inbox: HTTP ${resp.status}`);
         const body = await resp.json();
         unread = body.unread;
+        /** @type {Array<{id: string, seq: number, topic: string, data: unknown, created_at: string}>} */
         const items = body.notifications || [];
         for (const n of items) if (n.seq >= from && n.seq <= to) found.push(n);
         if (items.length < limit) break;
@@ -897,8 +979,14 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * @param {string} id
+   */
   _queueAck(id) { this._queueAcks([id]); }
 
+  /**
+   * @param {string[]} ids
+   */
   _queueAcks(ids) {
     const c = this._conn;
     // A poll acknowledges everything up to its cursor: no ack messages there.
@@ -916,6 +1004,10 @@ export class NotifyClient {
     }, 25);
   }
 
+  /**
+   * @param {{ids: string[]}|{up_to_seq: number}} body
+   * @returns {Promise<{ids: string[], unread: number}>}
+   */
   async _read(body) {
     const token = await this._token();
     const user = this.user || userOfToken(token);
@@ -934,6 +1026,10 @@ export class NotifyClient {
     return out;
   }
 
+  /**
+   * @param {string} session
+   * @param {string} token
+   */
   _kickSession(session, token) {
     fetch(`${this.url}/v1/sessions/${encodeURIComponent(session)}`, {
       method: 'DELETE', cache: 'no-store', keepalive: true, headers: { Authorization: `Bearer ${token}` },
@@ -941,7 +1037,11 @@ export class NotifyClient {
   }
 }
 
-/** The `sub` of a JWT, without checking it (the server does). */
+/**
+ * The `sub` of a JWT, without checking it (the server does).
+ * @param {string} token
+ * @returns {string}
+ */
 function userOfToken(token) {
   try {
     const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
