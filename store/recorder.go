@@ -20,6 +20,7 @@ import (
 // Recorder defaults, used when the RecorderOptions field is zero.
 const (
 	DefaultRecorderBuffer     = 65536
+	DefaultRecorderAckBuffer  = 16384
 	DefaultRecorderFlushEvery = 200 * time.Millisecond
 	DefaultRecorderMaxBatch   = 10000
 )
@@ -73,8 +74,12 @@ type SessionEnd struct {
 
 // RecorderOptions tunes a Recorder; zero fields take the defaults above.
 type RecorderOptions struct {
-	// Buffer is the most records queued; past it records are dropped (and counted).
+	// Buffer is the most delivery and session records queued; past it they are dropped (and
+	// counted). Acks do not count against it: they have AckBuffer of their own, so a client
+	// sending acks can never take the room of anyone's deliveries.
 	Buffer int
+	// AckBuffer is the most acks queued; past it acks are dropped (and counted).
+	AckBuffer int
 	// FlushEvery is the flush interval.
 	FlushEvery time.Duration
 	// MaxBatch is the most records written in one flush (one implicit transaction);
@@ -99,6 +104,15 @@ type recQueue struct {
 	acks   []Ack
 	starts []SessionStart
 	ends   []SessionEnd
+}
+
+// full reports whether a record of kind k finds no room: acks and the other
+// kinds are bounded apart (RecorderOptions.Buffer, AckBuffer).
+func (q *recQueue) full(k recKind, opt RecorderOptions) bool {
+	if k == kindAck {
+		return len(q.acks) >= opt.AckBuffer
+	}
+	return len(q.order)-len(q.acks) >= opt.Buffer
 }
 
 // popFront removes and returns the first n records (all if fewer).
@@ -157,6 +171,9 @@ func NewRecorder(s *Store, log *slog.Logger, opt RecorderOptions) *Recorder {
 	if opt.Buffer <= 0 {
 		opt.Buffer = DefaultRecorderBuffer
 	}
+	if opt.AckBuffer <= 0 {
+		opt.AckBuffer = DefaultRecorderAckBuffer
+	}
 	if opt.FlushEvery <= 0 {
 		opt.FlushEvery = DefaultRecorderFlushEvery
 	}
@@ -207,7 +224,7 @@ func (r *Recorder) SessionEnded(e SessionEnd) {
 
 func (r *Recorder) enqueue(k recKind, add func(*recQueue)) {
 	r.mu.Lock()
-	if r.closed || len(r.q.order) >= r.opt.Buffer {
+	if r.closed || r.q.full(k, r.opt) {
 		r.mu.Unlock()
 		r.drop(1, "buffer full")
 		return
