@@ -24,12 +24,7 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 		case realtime.ClientPing:
 			replies = append(replies, realtime.PongFrame(time.Now()))
 		case realtime.ClientAck:
-			if a.Recorder != nil {
-				now := time.Now()
-				for _, id := range m.IDs {
-					a.Recorder.Acked(store.Ack{NotificationID: id, SessionID: s.ID, At: now})
-				}
-			}
+			a.applyAcks(s, m.IDs)
 		case realtime.ClientRead:
 			if _, _, err := a.applyRead(ctx, s.User, m.IDs, m.UpToSeq); err != nil {
 				replies = append(replies, realtime.ErrorFrame("unavailable", "could not mark read; retry"))
@@ -37,6 +32,23 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 		}
 	}
 	return replies
+}
+
+// applyAcks records the acks of ids that s was sent and had not acked; the
+// others (never sent to s, acked already, or past the session's ack rate) are
+// dropped and counted, never queued to the recorder, so one client's acks
+// cannot crowd out anyone's delivery records. Nothing is answered: a receipt
+// asks for no reply, and a refused one has nothing for the client to fix.
+func (a *API) applyAcks(s *realtime.Session, ids []string) {
+	if a.Recorder == nil {
+		return
+	}
+	now := time.Now()
+	admitted, limited, unknown := s.AdmitAcks(ids, a.Limits.AckRate, now)
+	for _, id := range admitted {
+		a.Recorder.Acked(store.Ack{NotificationID: id, SessionID: s.ID, At: now})
+	}
+	a.Metrics.acksRefused(limited, unknown)
 }
 
 // applyRead marks notifications read and tells every session of the user.

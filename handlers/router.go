@@ -44,6 +44,11 @@ type Limits struct {
 	MaxBatch int
 	// ReplayLimit bounds the notifications replayed on one connect (1,000).
 	ReplayLimit int
+	// AckRate bounds the ack ids one session may send (AdmitAcks); zero limits nothing.
+	AckRate realtime.AckLimit
+	// PublishInflightBytes bounds the bytes of publish bodies read at once (publishBudget);
+	// zero bounds nothing.
+	PublishInflightBytes int64
 }
 
 // Options are what New needs.

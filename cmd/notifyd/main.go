@@ -184,7 +184,8 @@ func (m *Main) Start(ctx context.Context) error {
 		Hub: m.hub, Store: st, Recorder: receiptRecorder(m.recorder, cfg.RecordOff), Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
 		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
-			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit},
+			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit, PublishInflightBytes: int64(cfg.PublishInflightBytes),
+			AckRate: realtime.AckLimit{Rate: cfg.AckRate.Rate, Burst: cfg.AckRate.Burst}},
 		Negotiate:     handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
 		ConnectLimits: connectLimits,
 	})
