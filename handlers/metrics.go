@@ -55,6 +55,9 @@ func NewMetrics(hub *realtime.Hub) *Metrics {
 	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "notifyd_refused_total",
 		Help: "Client acks dropped (ack_unknown: never sent to the session or acked already; ack_rate: past NOTIFY_ACK_RATE) and publishes refused (publish_busy: NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES in flight)."},
 		[]string{"reason"})
+	for _, reason := range []string{"ack_unknown", "ack_rate", "publish_busy"} {
+		m.refused.WithLabelValues(reason) // shown from the start, at 0
+	}
 	reg.MustRegister(m.published, m.delivered, m.latency, m.ended, m.refused)
 	m.byTransport = make(map[realtime.Transport]transportMetrics, len(realtime.Transports))
 	for _, tr := range realtime.Transports {

@@ -75,6 +75,8 @@ type API struct {
 	Options
 	// readLocks serialize the reads of one user (see applyRead).
 	readLocks [64]sync.Mutex
+	// publishBudget bounds the publish bodies in flight (Limits.PublishInflightBytes).
+	publishBudget *publishBudget
 }
 
 // New returns the router with every endpoint of PROTOCOL.md.
@@ -82,7 +84,7 @@ func New(opt Options) http.Handler {
 	if opt.Log == nil {
 		opt.Log = slog.Default()
 	}
-	a := &API{Options: opt}
+	a := &API{Options: opt, publishBudget: &publishBudget{max: opt.Limits.PublishInflightBytes}}
 	r := chi.NewRouter()
 	r.Use(middleware.Recoverer, a.logRequests, opt.Auth.Origins)
 
