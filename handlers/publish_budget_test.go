@@ -59,3 +59,19 @@ func TestPublishBudget(t *testing.T) {
 		rel()
 	}
 }
+
+// BenchmarkPublishBudget is the cost of charging and releasing one body of known length.
+func BenchmarkPublishBudget(b *testing.B) {
+	budget := &publishBudget{max: 1 << 30}
+	r := httptest.NewRequest("POST", "/", strings.NewReader("{}"))
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			release, err := budget.admit(r)
+			if err != nil {
+				b.Fatal(err)
+			}
+			release()
+		}
+	})
+}

@@ -79,3 +79,20 @@ func FuzzDecodePublish(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkDecodePublishFanOut decodes a fan-out of 1,000 users and 4 KiB of data.
+func BenchmarkDecodePublishFanOut(b *testing.B) {
+	ids := make([]string, 1000)
+	for i := range ids {
+		ids[i] = "user-" + strings.Repeat("x", i%20)
+	}
+	body, _ := json.Marshal(map[string]any{"user_ids": ids, "topic": "t", "data": map[string]string{"s": strings.Repeat("y", 4<<10)}})
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		var req publishRequest
+		if err := decodePublish(bytes.NewReader(body), 1000, &req); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
