@@ -71,3 +71,23 @@ func BenchmarkSentRingTakeMiss(b *testing.B) {
 		r.take("0194f3a2-7c1e-7b3a-9c2d-4e5f6a7b8c9d")
 	}
 }
+
+// A connection that resumes a session admits the acks of what the connection
+// it replaced was sent.
+func TestResumeKeepsSentForAcks(t *testing.T) {
+	h := NewHub(testConfig(), Hooks{})
+	a := mustLive(t, h, "erin", WebSocket)
+	h.Deliver(notifs("erin", 1, 2))
+	a.Take()
+	if ok, _, _ := a.AdmitAcks([]string{"erin-1"}, AckLimit{}, time.Now()); len(ok) != 1 {
+		t.Fatalf("erin-1 not admitted on its own connection")
+	}
+	b := mustRegister(t, h, "erin", WebSocket, a.ID)
+	if b.ID != a.ID {
+		t.Fatalf("resume got id %s, want %s", b.ID, a.ID)
+	}
+	ok, _, unk := b.AdmitAcks([]string{"erin-2", "erin-1"}, AckLimit{}, time.Now())
+	if fmt.Sprint(ok) != "[erin-2]" || unk != 1 {
+		t.Fatalf("after resume: admitted %v unknown %d, want [erin-2] and erin-1 (acked before) refused", ok, unk)
+	}
+}

@@ -114,6 +114,22 @@ func (s *Session) Take() []Frame {
 	return q
 }
 
+// inheritSent gives s the sent notifications of from, the connection it
+// resumes and replaces (same session id), so that the client's acks of what
+// it got over the old connection are still admitted. s has taken nothing yet
+// but its hello.
+func (s *Session) inheritSent(from *Session) {
+	from.mu.Lock()
+	sent := from.sent
+	sent.ids = slices.Clone(sent.ids)
+	from.mu.Unlock()
+	s.mu.Lock()
+	if s.sent.live == 0 {
+		s.sent = sent
+	}
+	s.mu.Unlock()
+}
+
 // AckLimit bounds the ack ids one session may send: Rate per second, with
 // bursts of Burst. A zero Burst limits nothing.
 type AckLimit struct {
