@@ -23,6 +23,7 @@ type Metrics struct {
 	delivered *prometheus.CounterVec
 	latency   *prometheus.HistogramVec
 	ended     *prometheus.CounterVec
+	refused   *prometheus.CounterVec // acks and publishes refused before they cost anything, by kind
 	recent    latencyRing
 	// byTransport holds each transport's children of delivered and latency, looked up once:
 	// WithLabelValues hashes its labels and takes the vector's lock on every call, and Written
@@ -54,7 +55,13 @@ func NewMetrics(hub *realtime.Hub) *Metrics {
 		ended: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "notifyd_sessions_ended_total",
 			Help: "Sessions ended, by reason."}, []string{"reason"}),
 	}
-	reg.MustRegister(m.published, m.delivered, m.latency, m.ended)
+	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "notifyd_refused_total",
+		Help: "Client acks dropped (ack_unknown: never sent to the session or acked already; ack_rate: past NOTIFY_ACK_RATE) and publishes refused (publish_busy: NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES in flight)."},
+		[]string{"reason"})
+	for _, reason := range []string{"ack_unknown", "ack_rate", "publish_busy"} {
+		m.refused.WithLabelValues(reason) // shown from the start, at 0
+	}
+	reg.MustRegister(m.published, m.delivered, m.latency, m.ended, m.refused)
 	m.byTransport = make(map[realtime.Transport]transportMetrics, len(realtime.Transports))
 	for _, tr := range realtime.Transports {
 		m.byTransport[tr] = m.children(tr)
@@ -191,6 +198,28 @@ func (m *Metrics) children(tr realtime.Transport) transportMetrics {
 	return transportMetrics{latency: m.latency.WithLabelValues(string(tr)),
 		live:     m.delivered.WithLabelValues(string(tr), "false"),
 		replayed: m.delivered.WithLabelValues(string(tr), "true")}
+}
+
+// acksRefused counts the acks dropped past the session's ack rate (limited)
+// and those of ids it was not sent or had acked (unknown). m may be nil.
+func (m *Metrics) acksRefused(limited, unknown int) {
+	if m == nil {
+		return
+	}
+	if limited > 0 {
+		m.refused.WithLabelValues("ack_rate").Add(float64(limited))
+	}
+	if unknown > 0 {
+		m.refused.WithLabelValues("ack_unknown").Add(float64(unknown))
+	}
+}
+
+// publishBusy counts a publish refused because the publish bodies in flight
+// reached their bound. m may be nil.
+func (m *Metrics) publishBusy() {
+	if m != nil {
+		m.refused.WithLabelValues("publish_busy").Inc()
+	}
 }
 
 // Ended counts a session's end.

@@ -48,6 +48,11 @@ type Limits struct {
 	ReplayMaxBytes int
 	// InboxMaxBytes bounds the notification data of one inbox page (4 MiB).
 	InboxMaxBytes int
+	// AckRate bounds the ack ids one session may send (AdmitAcks); zero limits nothing.
+	AckRate realtime.AckLimit
+	// PublishInflightBytes bounds the bytes of publish bodies read at once (publishBudget);
+	// zero bounds nothing.
+	PublishInflightBytes int64
 }
 
 // Options are what New needs.
@@ -91,6 +96,8 @@ type API struct {
 	Options
 	// readLocks serialize the reads of one user (see applyRead).
 	readLocks [64]sync.Mutex
+	// publishBudget bounds the publish bodies in flight (Limits.PublishInflightBytes).
+	publishBudget *publishBudget
 }
 
 // New returns the router with every endpoint of PROTOCOL.md.
@@ -98,7 +105,7 @@ func New(opt Options) http.Handler {
 	if opt.Log == nil {
 		opt.Log = slog.Default()
 	}
-	a := &API{Options: opt}
+	a := &API{Options: opt, publishBudget: &publishBudget{max: opt.Limits.PublishInflightBytes}}
 	r := chi.NewRouter()
 	r.Use(middleware.Recoverer, a.logRequests, noSniff, opt.Auth.Origins)
 

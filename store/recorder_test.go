@@ -187,3 +187,36 @@ func TestRecorderFailedFlushDrops(t *testing.T) {
 		t.Fatalf("dropped %d recorded %d", r.Dropped(), r.Recorded())
 	}
 }
+
+// TestRecorderAcksCannotCrowdOutDeliveries: with the ack queue full, deliveries
+// and session rows still find room, and every one of them is written. It failed
+// before: acks and deliveries shared one bound, so the 20 deliveries queued after
+// a flood of acks were dropped.
+func TestRecorderAcksCannotCrowdOutDeliveries(t *testing.T) {
+	s := storetest.New(t)
+	ps := publishN(t, s, "victim", 20)
+	r := store.NewRecorder(s, testLog(), store.RecorderOptions{Buffer: 100, AckBuffer: 50, FlushEvery: time.Hour})
+	for range 1000 {
+		r.Acked(store.Ack{NotificationID: uuid.NewString(), SessionID: "flood"})
+	}
+	if r.Dropped() != 950 {
+		t.Fatalf("dropped %d acks, want 950 (the ack queue holds 50)", r.Dropped())
+	}
+	row := uuid.Must(uuid.NewV7()).String()
+	r.SessionStarted(store.SessionStart{RowID: row, SessionID: "v1", UserID: "victim", Transport: "websocket"})
+	for _, p := range ps {
+		r.Delivered(store.Delivery{NotificationID: p.ID, UserID: "victim", Seq: p.Seq, SessionID: "v1", Transport: "websocket"})
+	}
+	if r.Dropped() != 950 {
+		t.Fatalf("dropped %d, want 950: a delivery or session row was dropped behind the acks", r.Dropped())
+	}
+	if err := r.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, s, "SELECT count(*) FROM deliveries WHERE user_id = 'victim'"); n != 20 {
+		t.Fatalf("%d of 20 deliveries recorded", n)
+	}
+	if n := count(t, s, "SELECT count(*) FROM session_history WHERE user_id = 'victim'"); n != 1 {
+		t.Fatalf("%d session rows recorded, want 1", n)
+	}
+}

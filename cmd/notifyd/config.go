@@ -67,6 +67,10 @@ type Config struct {
 	// DrainGrace is how long a node keeps serving after SIGTERM with /readyz answering 503,
 	// before it ends its sessions; zero skips it. ShutdownTimeout runs after it.
 	DrainGrace time.Duration
+
+	// Ack and publish bounds (README, Security).
+	AckRate              ratelimit.Limit // NOTIFY_ACK_RATE: ack ids one session may send
+	PublishInflightBytes int             // NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES: publish bodies read at once
 }
 
 // defaults holds the value of every setting the environment leaves unset; it is the one place
@@ -101,6 +105,10 @@ var defaults = Config{
 	Metrics:            metricsAPIKey,
 	NodeLease:          store.DefaultNodeLease,
 	DrainGrace:         5 * time.Second,
+	// A client acks each notification once: a burst covers a whole replay, the rate far more
+	// than live traffic brings.
+	AckRate:              mustLimit("100/1s,1000"),
+	PublishInflightBytes: 128 << 20,
 }
 
 // maxSessionFrames bounds QueueLimit + ReplayLimit, the frames one session may have queued
@@ -251,6 +259,15 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		errs = append(errs, errors.New("NOTIFY_API_KEY must be at least 16 characters"))
 	}
 	errs = append(errs, loadLimits(getenv, &c)...)
+	c.PublishInflightBytes = num("NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES", d.PublishInflightBytes)
+	c.AckRate = d.AckRate
+	if v := getenv("NOTIFY_ACK_RATE"); v != "" {
+		l, err := parseLimit(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("NOTIFY_ACK_RATE=%q: %w", v, err))
+		}
+		c.AckRate = l
+	}
 	return c, errors.Join(errs...)
 }
 

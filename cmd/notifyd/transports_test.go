@@ -1020,8 +1020,8 @@ func TestPollNewConnectionTakesOver(t *testing.T) {
 // handler is stuck writing to it), and the server cuts the stream at once:
 // none of the SSE library's goroutines or ours stay behind, though the client
 // keeps its connection open.
+// Not parallel: sseGoroutines counts the SSE goroutines of the whole process.
 func TestSSEStalledClientIsCut(t *testing.T) {
-	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.QueueLimit = 4; c.ReplayLimit = 4; c.MaxDataBytes = 1 << 20 })
 	// A tiny receive buffer, so the server's writes block soon.
 	dialer := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {

@@ -138,6 +138,7 @@ func (h *Hub) Register(s *Session, resume string) error {
 	}
 	if replaced != nil {
 		h.End(replaced, ReasonReplaced)
+		s.inheritSent(replaced) // acks of what the replaced connection was sent stay valid
 	}
 	h.Touch(s)
 	if h.hooks.Started != nil {
