@@ -2,7 +2,6 @@ package handlers
 
 import (
 	"context"
-	"errors"
 	"net/http"
 	"strconv"
 	"time"
@@ -90,10 +89,7 @@ func (a *API) openSession(r *http.Request, cr connectRequest, tr realtime.Transp
 		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()), Network: a.sessionNetwork(r),
 	}, cr.cursor)
 	if err := a.Hub.Register(s, cr.resume); err != nil {
-		if errors.Is(err, realtime.ErrTooManySessions) {
-			return nil, errorf(http.StatusTooManyRequests, "too_many_sessions", "this user has too many live sessions")
-		}
-		return nil, err
+		return nil, err // ErrTooManySessions carries its code: 429 too_many_sessions
 	}
 	return s, nil
 }
@@ -114,7 +110,8 @@ func (a *API) replay(s *realtime.Session, cursor int64) {
 	rows, unread, truncated, err := a.Store.Replay(ctx, s.User, cursor, a.Limits.ReplayLimit, a.Limits.ReplayMaxBytes)
 	if err != nil {
 		a.Log.Warn("replay failed", "session", s.ID, "user", s.User, "err", err)
-		s.Send(realtime.ErrorFrame("unavailable", "replay failed; reconnect later"))
+		e := apiError(err)
+		s.Send(realtime.ErrorFrame(e.Code, e.Message))
 		a.Hub.End(s, realtime.ReasonError)
 		return
 	}

@@ -45,13 +45,14 @@ type domainCode struct {
 // code. It is the one place these are decided: only a database failure is 503 unavailable,
 // a closing server is 503 shutting_down, and input Postgres refuses is 400.
 var domainCodes = map[string]domainCode{
-	store.EINVALID:      {http.StatusBadRequest, websocket.ClosePolicyViolation, "bad_request"},
-	store.ENOTFOUND:     {http.StatusNotFound, websocket.ClosePolicyViolation, "not_found"},
-	store.ECONFLICT:     {http.StatusConflict, websocket.ClosePolicyViolation, "conflict"},
-	store.ETOOLARGE:     {http.StatusRequestEntityTooLarge, websocket.CloseMessageTooBig, "too_large"},
-	store.EUNAVAILABLE:  {http.StatusServiceUnavailable, websocket.CloseInternalServerErr, "unavailable"},
-	store.ESHUTTINGDOWN: {http.StatusServiceUnavailable, websocket.CloseServiceRestart, "shutting_down"},
-	store.EINTERNAL:     {http.StatusInternalServerError, websocket.CloseInternalServerErr, "internal"},
+	store.EINVALID:         {http.StatusBadRequest, websocket.ClosePolicyViolation, "bad_request"},
+	store.ENOTFOUND:        {http.StatusNotFound, websocket.ClosePolicyViolation, "not_found"},
+	store.ECONFLICT:        {http.StatusConflict, websocket.ClosePolicyViolation, "conflict"},
+	store.ETOOLARGE:        {http.StatusRequestEntityTooLarge, websocket.CloseMessageTooBig, "too_large"},
+	store.ETOOMANYSESSIONS: {http.StatusTooManyRequests, websocket.ClosePolicyViolation, "too_many_sessions"},
+	store.EUNAVAILABLE:     {http.StatusServiceUnavailable, websocket.CloseInternalServerErr, "unavailable"},
+	store.ESHUTTINGDOWN:    {http.StatusServiceUnavailable, websocket.CloseServiceRestart, "shutting_down"},
+	store.EINTERNAL:        {http.StatusInternalServerError, websocket.CloseInternalServerErr, "internal"},
 }
 
 // lookupCode returns the table row of a domain code; an unknown code is EINTERNAL.

@@ -44,7 +44,7 @@ type inboxEncoder struct {
 // item returns n's JSON, valid until the next call.
 func (e *inboxEncoder) item(n store.Notification) ([]byte, error) {
 	head, err := json.Marshal(inboxHead{ID: n.ID, Seq: n.Seq, Topic: n.Topic,
-		CreatedAt: n.CreatedAt.UTC().Format(realtime.TimeFormat), ReadAt: wireTimePtr(n.ReadAt)})
+		CreatedAt: realtime.WireTime(n.CreatedAt), ReadAt: wireTimePtr(n.ReadAt)})
 	if err != nil {
 		return nil, err
 	}
@@ -64,7 +64,7 @@ func wireTimePtr(t *time.Time) *string {
 	if t == nil {
 		return nil
 	}
-	s := t.UTC().Format(realtime.TimeFormat)
+	s := realtime.WireTime(*t)
 	return &s
 }
 
@@ -190,8 +190,8 @@ type sessionView struct {
 
 func viewSession(s *realtime.Session) sessionView {
 	return sessionView{ID: s.ID, User: s.User, Device: s.Device, Transport: s.Transport,
-		ConnectedAt: s.ConnectedAt.UTC().Format(realtime.TimeFormat),
-		LastSeenAt:  s.LastSeen().UTC().Format(realtime.TimeFormat),
+		ConnectedAt: realtime.WireTime(s.ConnectedAt),
+		LastSeenAt:  realtime.WireTime(s.LastSeen()),
 		RemoteAddr:  s.RemoteAddr, UserAgent: s.UserAgent}
 }
 

@@ -4,17 +4,18 @@ import (
 	crand "crypto/rand"
 	"encoding/base64"
 	"encoding/binary"
-	"errors"
 	"hash/maphash"
 	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"unsafe"
+
+	"github.com/notifyd/notifyd/store"
 )
 
 // ErrTooManySessions is returned by Register when a user is at the sessions limit.
-var ErrTooManySessions = errors.New("too many sessions for this user")
+var ErrTooManySessions error = store.Errorf(store.ETOOMANYSESSIONS, "this user has too many live sessions")
 
 const trackerShards = 64
 
