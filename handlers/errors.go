@@ -122,7 +122,19 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) erro
 	r.Body = http.MaxBytesReader(w, r.Body, limit)
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	return decoded(dec, dec.Decode(v))
+}
+
+// decoded is the answer to a body that dec decoded with the result err: an
+// *Error as it is, a body past its byte limit 413 too_large, any other
+// decoding error 400 naming the problem (jsonProblem), and data after the
+// one JSON value 400.
+func decoded(dec *json.Decoder, err error) error {
+	if err != nil {
+		var api *Error
+		if errors.As(err, &api) {
+			return api
+		}
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			return errorf(http.StatusRequestEntityTooLarge, "too_large", "request body is too large")

@@ -21,21 +21,7 @@ import (
 func decodePublish(rd io.Reader, maxBatch int, req *publishRequest) error {
 	dec := json.NewDecoder(rd)
 	dec.DisallowUnknownFields()
-	if err := readPublish(dec, maxBatch, req); err != nil {
-		var api *Error
-		if errors.As(err, &api) {
-			return api
-		}
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return errorf(http.StatusRequestEntityTooLarge, "too_large", "request body is too large")
-		}
-		return errorf(http.StatusBadRequest, "bad_request", "invalid JSON body: "+jsonProblem(err))
-	}
-	if dec.More() {
-		return errorf(http.StatusBadRequest, "bad_request", "trailing data after the JSON body")
-	}
-	return nil
+	return decoded(dec, readPublish(dec, maxBatch, req))
 }
 
 var (
