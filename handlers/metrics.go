@@ -10,13 +10,15 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/notifyd/notifyd/handlers/connlimit"
 	"github.com/notifyd/notifyd/handlers/realtime"
 	"github.com/notifyd/notifyd/store"
 )
 
 // Metrics is notifyd's Prometheus registry and the few figures /v1/stats adds. Every metric is
-// registered in this file: NewMetrics registers the hub's and the delivery ones, RegisterStore
-// and RegisterDispatch those of the store, the recorder and the dispatcher.
+// registered in this file: NewMetrics registers the hub's and the delivery ones, RegisterStore,
+// RegisterDispatch, RegisterNode and RegisterLimits those of the store, the recorder, the
+// dispatcher, the node and the connection and connect limits.
 type Metrics struct {
 	Registry  *prometheus.Registry
 	published prometheus.Counter
@@ -266,4 +268,30 @@ func (r *latencyRing) percentiles() (p50, p95, p99 float64) {
 		return float64(xs[int(q*float64(len(xs)-1))].Microseconds()) / 1000
 	}
 	return at(.50), at(.95), at(.99)
+}
+
+const connRefusedHelp = "Connections refused at accept, by the cap that refused them: max (NOTIFY_MAX_CONNS) or per_ip (NOTIFY_MAX_CONNS_PER_IP)."
+
+// RegisterLimits exports the listener's connection caps and the connect rate limits' counts.
+func (m *Metrics) RegisterLimits(ln *connlimit.Listener, cl *ConnectLimits) {
+	m.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_connections_open",
+			Help: "TCP connections open on the main listener (streams included)."},
+			func() float64 { return float64(ln.Stats().Open) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connections_refused_total",
+			Help: connRefusedHelp, ConstLabels: prometheus.Labels{"limit": "max"}},
+			func() float64 { return float64(ln.Stats().RefusedMax) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connections_refused_total",
+			Help: connRefusedHelp, ConstLabels: prometheus.Labels{"limit": "per_ip"}},
+			func() float64 { return float64(ln.Stats().RefusedPerAddr) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_accept_errors_total",
+			Help: "Failed accepts (out of file descriptors and the like), each followed by a pause."},
+			func() float64 { return float64(ln.Stats().AcceptErrors) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connects_refused_total",
+			Help: "Connects answered 429 too_many_connects, by the rate limit that refused them.", ConstLabels: prometheus.Labels{"limit": "user"}},
+			func() float64 { u, _ := cl.Refused(); return float64(u) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connects_refused_total",
+			Help: "Connects answered 429 too_many_connects, by the rate limit that refused them.", ConstLabels: prometheus.Labels{"limit": "ip"}},
+			func() float64 { _, a := cl.Refused(); return float64(a) }),
+	)
 }

@@ -241,7 +241,7 @@ func (m *Main) Start(ctx context.Context) error {
 	}
 	conns := connlimit.Wrap(ln, connlimit.Options{Max: cfg.MaxConns, PerAddr: cfg.MaxConnsPerIP,
 		Exempt: exemptProxies(cfg.TrustedProxies), Log: log})
-	registerLimitMetrics(metrics, conns, connectLimits)
+	metrics.RegisterLimits(conns, connectLimits)
 	m.ln, m.conns = conns, conns
 	// ReadTimeout bounds an ordinary request's headers and body (a client
 	// that declares a body and never sends it is cut off). Streams take the
