@@ -152,12 +152,9 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// BenchmarkCountElsewhere is the cluster part of the session cap on a connect's path: one count
-// of a user's open rows on other live nodes, among 100,000 open sessions of 10 nodes and a
-// history of 400,000 ended rows (40 per user), with the partial index session_history_user_open
-// and without it (the index on user and connect time that the history already has).
-func BenchmarkCountElsewhere(b *testing.B) {
-	s := storetest.New(b)
+// presenceBenchData fills s with 10 live nodes (the first returned) and 500,000 session-history
+// rows of 10,000 users spread over them: 100,000 open, 400,000 ended (40 per user).
+func presenceBenchData(b *testing.B, s *store.Store) (*store.Node, int) {
 	ctx := testCtx(b)
 	var self *store.Node
 	for i := range 10 {
@@ -174,14 +171,28 @@ func BenchmarkCountElsewhere(b *testing.B) {
 	}
 	const users = 10000
 	if _, err := s.Pool().Exec(ctx, `INSERT INTO session_history (id, session_id, user_id, transport, connected_at, node_id, ended_at, end_reason)
-		SELECT gen_random_uuid(), 's' || g, 'user-' || (g % $1), 'websocket', now() - interval '1 day', 'node-' || (g % 10),
+		SELECT gen_random_uuid(), 's' || g, 'user-' || (g % $1), (ARRAY['websocket', 'sse', 'longpoll'])[1 + g % 3],
+		       now() - interval '1 day', 'node-' || (g % 10),
 		       CASE WHEN g >= 100000 THEN now() END, CASE WHEN g >= 100000 THEN 'client_close' END
 		FROM generate_series(0, 499999) g`, users); err != nil {
 		b.Fatal(err)
 	}
-	if _, err := s.Pool().Exec(ctx, `ANALYZE session_history; ANALYZE nodes`); err != nil {
-		b.Fatal(err)
+	for _, q := range []string{`VACUUM ANALYZE session_history`, `ANALYZE nodes`} {
+		if _, err := s.Pool().Exec(ctx, q); err != nil {
+			b.Fatal(err)
+		}
 	}
+	return self, users
+}
+
+// BenchmarkCountElsewhere is the cluster part of the session cap on a connect's path: one count
+// of a user's open rows on other live nodes (presenceBenchData), with the partial index
+// session_history_user_open and without it (the index on user and connect time that the
+// history already has).
+func BenchmarkCountElsewhere(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	self, users := presenceBenchData(b, s)
 	p := self.Presence()
 	run := func(b *testing.B) {
 		i := 0
@@ -197,4 +208,32 @@ func BenchmarkCountElsewhere(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Run("index=user_connected", run)
+}
+
+// BenchmarkPresenceStats is one read of the cluster's stats for /v1/stats (the per-node counts
+// and the distinct users over 100,000 open sessions of 10 nodes, presenceBenchData), past the
+// one-second reuse; and a user's session list.
+func BenchmarkPresenceStats(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	self, users := presenceBenchData(b, s)
+	b.Run("stats", func(b *testing.B) {
+		for b.Loop() {
+			// A fresh Presence each time: no reuse of the last answer.
+			st, err := self.Presence().Stats(ctx)
+			if err != nil || len(st.Nodes) != 9 {
+				b.Fatalf("stats: %d nodes, %v", len(st.Nodes), err)
+			}
+		}
+	})
+	b.Run("user_sessions", func(b *testing.B) {
+		p := self.Presence()
+		i := 0
+		for b.Loop() {
+			if _, err := p.UserSessions(ctx, fmt.Sprintf("user-%d", i%users)); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
 }
