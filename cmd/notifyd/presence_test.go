@@ -5,6 +5,7 @@ package main
 // counts every node's sessions, and a killed node's sessions leave presence in time.
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -211,4 +212,44 @@ func TestClusterPresenceKilledNode(t *testing.T) {
 	t.Logf("kill-a's sessions left presence %s after kill -9", time.Since(killed).Round(10*time.Millisecond))
 	cb.send(t, map[string]string{"type": "ping"})
 	cb.expect(t, "pong")
+}
+
+// The dashboard of one node of two shows both nodes in its Nodes table, the cluster's totals,
+// and the other node's session among the recent ones, with its node; no console errors.
+func TestBrowserClusterDashboard(t *testing.T) {
+	requireE2E(t)
+	dbURL := storetest.URL(t)
+	a := startServerOn(t, dbURL, func(c *Config) { c.NodeID = "dash-a"; c.NodeLease = 2 * time.Second })
+	b := startServerOn(t, dbURL, func(c *Config) { c.NodeID = "dash-b"; c.NodeLease = 2 * time.Second })
+	a.liveWS(t, "ada")
+	hello(t, b.dialTransport(t, "sse", "bea", nil), "sse", "bea")
+	hello(t, b.dialTransport(t, "websocket", "bea", nil), "websocket", "bea")
+
+	br := startBrowser(t)
+	br.launch("a", "")
+	br.open("a", "dash", a.URL+"/dashboard.html")
+	br.must(map[string]any{"cmd": "fill", "page": "dash", "selector": "#key", "value": testAPIKey})
+	br.must(map[string]any{"cmd": "click", "page": "dash", "selector": "#key-form button"})
+	waitFor(t, 15*time.Second, "the dashboard's Nodes table and totals over both nodes", func() (bool, string) {
+		var d struct {
+			Hidden   bool
+			Nodes    []string
+			Sessions string
+			Users    string
+			Recent   []string
+		}
+		br.eval("dash", `({ Hidden: document.getElementById('nodes-card').hidden,
+			Nodes: [...document.querySelectorAll('#nodes tr')].map(r => [...r.children].map(c => c.textContent).join('|')),
+			Sessions: document.getElementById('sessions').textContent,
+			Users: document.getElementById('users').textContent,
+			Recent: [...document.querySelectorAll('#recent tr')].map(r => [...r.children].slice(1, 5).map(c => c.textContent).join('|')) })`, &d)
+		slices.Sort(d.Recent)
+		ok := !d.Hidden && d.Sessions == "3" && d.Users == "2" &&
+			slices.Equal(d.Nodes, []string{"dash-a|1|1|1|0|0|serving (this node)", "dash-b|2|1|1|1|0|serving"}) &&
+			slices.Equal(d.Recent, []string{"ada|test|websocket|dash-a", "bea|test|sse|dash-b", "bea|test|websocket|dash-b"})
+		raw, _ := json.Marshal(d)
+		return ok, string(raw)
+	})
+	noConsoleErrors(t, br, "dash")
+	br.screenshot("dash", "dashboard-cluster")
 }
