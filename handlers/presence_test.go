@@ -98,3 +98,55 @@ func TestSessionsElsewhereQueries(t *testing.T) {
 		t.Fatalf("no cap: %d elsewhere, %d queries; want 0 and no more", n, p.counts.Load())
 	}
 }
+
+// BenchmarkSessionsElsewhere is the cluster part of the session cap as a connect runs it: with
+// no other live node (no query), with the user at the cap here (no query), and with a live
+// peer (one count of the user's open rows elsewhere, on a small table; see store's
+// BenchmarkCountElsewhere for 100,000 open sessions).
+func BenchmarkSessionsElsewhere(b *testing.B) {
+	s := storetest.New(b)
+	ctx := context.Background()
+	self, err := s.NewNode(store.NodeOptions{ID: "self", Lease: time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := self.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = self.Stop(context.Background()) })
+	p := self.Presence()
+	waitUntil := func(cond func() bool) {
+		for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				b.Fatal("the node loop did not look within 10s")
+			}
+		}
+	}
+	hub := realtime.NewHub(realtime.Config{PingInterval: time.Second, PingTimeout: 3 * time.Second, MaxSessionsPerUser: 2}, realtime.Hooks{})
+	for range 2 {
+		if err := hub.Register(hub.NewSession(realtime.SessionInfo{User: "full", Transport: realtime.SSE}, 0), ""); err != nil {
+			b.Fatal(err)
+		}
+	}
+	a := &API{Options: Options{Hub: hub, Presence: p, Log: slog.New(slog.DiscardHandler)}}
+	run := func(user string) func(b *testing.B) {
+		return func(b *testing.B) {
+			cr := connectRequest{id: Identity{User: user}}
+			for b.Loop() {
+				a.sessionsElsewhere(ctx, cr)
+			}
+		}
+	}
+	waitUntil(func() bool { return !p.OthersLive() })
+	b.Run("alone", run("ann"))
+	peer, err := s.NewNode(store.NodeOptions{ID: "peer", Lease: time.Hour})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := peer.Register(ctx); err != nil {
+		b.Fatal(err)
+	}
+	waitUntil(p.OthersLive)
+	b.Run("at_cap_here", run("full"))
+	b.Run("peer_query", run("ann"))
+}
