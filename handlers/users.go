@@ -324,19 +324,26 @@ func (a *API) stats(w http.ResponseWriter, r *http.Request) {
 			out[k] = v
 		}
 	}
+	// Without Postgres the other nodes' figures are missing: the answer is this node's, marked
+	// cluster_unavailable, so that the dashboard still shows what this node knows.
+	partial := false
 	if a.Presence != nil {
 		if err := a.clusterStats(r.Context(), st, out); err != nil {
-			a.readFailed(w, r, err)
-			return
+			a.Log.Warn("stats: the other nodes' figures are unavailable", "err", err)
+			partial = true
 		}
 	}
 	if r.URL.Query().Get("recent") != "" {
-		recent, err := a.recentSessions(r.Context(), 50)
+		recent, err := a.recentSessions(r.Context(), 50, !partial)
 		if err != nil {
-			a.readFailed(w, r, err)
-			return
+			a.Log.Warn("stats: the other nodes' sessions are unavailable", "err", err)
+			partial = true
+			recent, _ = a.recentSessions(r.Context(), 50, false)
 		}
 		out["recent_sessions"] = recent
+	}
+	if partial {
+		out["cluster_unavailable"] = true
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -351,7 +358,8 @@ type nodeStatsView struct {
 }
 
 // clusterStats sets out's sessions, users and by_transport to the cluster's totals and adds
-// nodes: this node first (from memory), then the other live nodes by id (from Postgres).
+// nodes: this node first (from memory), then the other live nodes by id (from Postgres). On an
+// error out has nodes with this node alone and its own totals.
 func (a *API) clusterStats(ctx context.Context, local realtime.Stats, out map[string]any) error {
 	self := nodeStatsView{Node: a.Presence.Node(), Sessions: local.Sessions, Users: local.Users,
 		ByTransport: make(map[string]int64, len(realtime.Transports)), Draining: a.Draining != nil && a.Draining()}
@@ -364,6 +372,7 @@ func (a *API) clusterStats(ctx context.Context, local realtime.Stats, out map[st
 	if a.Presence.OthersLive() {
 		cs, err := a.Presence.Stats(ctx)
 		if err != nil {
+			out["nodes"] = nodes
 			return err
 		}
 		for _, n := range cs.Nodes {
@@ -383,8 +392,9 @@ func (a *API) clusterStats(ctx context.Context, local realtime.Stats, out map[st
 	return nil
 }
 
-// recentSessions lists the newest n live sessions of the cluster, newest first.
-func (a *API) recentSessions(ctx context.Context, n int) ([]sessionView, error) {
+// recentSessions lists the newest n live sessions, newest first: this node's, and with
+// cluster the other live nodes' too.
+func (a *API) recentSessions(ctx context.Context, n int, cluster bool) ([]sessionView, error) {
 	all := a.Hub.Sessions()
 	// Partial selection would do; live sessions are few enough for a sort.
 	sortByConnected(all)
@@ -395,7 +405,7 @@ func (a *API) recentSessions(ctx context.Context, n int) ([]sessionView, error) 
 	for i, s := range all {
 		out[i] = a.viewSession(s)
 	}
-	if a.Presence != nil && a.Presence.OthersLive() {
+	if cluster && a.Presence != nil && a.Presence.OthersLive() {
 		remote, err := a.Presence.Recent(ctx, n)
 		if err != nil {
 			return nil, err

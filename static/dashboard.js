@@ -156,7 +156,8 @@ async function poll() {
     window.notifyDashboard.stats = st;
     window.notifyDashboard.polls++;
     render(st);
-    setStatus('live', 'connected');
+    if (st.cluster_unavailable) setStatus('this node only: Postgres unavailable', 'reconnecting');
+    else setStatus('live', 'connected');
   } catch (err) {
     window.notifyDashboard.errors++;
     setStatus(`unreachable (${err.message})`, 'reconnecting');

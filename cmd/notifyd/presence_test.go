@@ -253,3 +253,45 @@ func TestBrowserClusterDashboard(t *testing.T) {
 	noConsoleErrors(t, br, "dash")
 	br.screenshot("dash", "dashboard-cluster")
 }
+
+// With its path to Postgres cut, a node of a cluster still answers /v1/stats with what it knows
+// (its own sessions, nodes with itself alone, cluster_unavailable), while a user's session
+// list, which would be missing the other nodes' sessions, is 503 unavailable.
+func TestClusterStatsWithoutPostgres(t *testing.T) {
+	direct := storetest.URL(t)
+	proxy := startPGProxy(t, hostPort(t, direct))
+	a := startServerOn(t, proxy.viaProxy(t, direct), func(c *Config) { c.NodeID = "cut-a"; c.NodeLease = 30 * time.Second })
+	b := startServerOn(t, direct, func(c *Config) { c.NodeID = "cut-b"; c.NodeLease = 30 * time.Second })
+	a.liveWS(t, "cy")
+	b.liveWS(t, "cy")
+	eventually(t, 10*time.Second, "cut-a seeing cut-b's session", func() bool {
+		st := a.clusterStats(t, "?recent=1")
+		return st.Sessions == 2 && len(st.Nodes) == 2 && len(st.RecentSessions) == 2
+	})
+
+	proxy.setCut(true)
+	var st struct {
+		clusterStats
+		Unavailable bool `json:"cluster_unavailable"`
+	}
+	eventually(t, 10*time.Second, "cut-a's stats of its own, marked cluster_unavailable", func() bool {
+		st = struct {
+			clusterStats
+			Unavailable bool `json:"cluster_unavailable"`
+		}{}
+		// Once past the one-second reuse of the last answer, nodes lists cut-a alone.
+		code := a.do(t, "GET", "/v1/stats?recent=1", testAPIKey, nil, &st)
+		return code == http.StatusOK && st.Unavailable && len(st.Nodes) == 1
+	})
+	if st.Sessions != 1 || st.Users != 1 || describeNodes(st.Nodes) != "cut-a:1/1 ws1 sse0 lp0 draining=false; " ||
+		len(st.RecentSessions) != 1 || st.RecentSessions[0].Node != "cut-a" {
+		t.Errorf("cut-a's stats without Postgres = %+v", st)
+	}
+	var raw json.RawMessage
+	if code := a.do(t, "GET", "/v1/users/cy/sessions", testAPIKey, nil, &raw); code != http.StatusServiceUnavailable || errorCode(raw) != "unavailable" {
+		t.Errorf("cut-a's session list without Postgres: %d %s, want 503 unavailable", code, raw)
+	}
+	if got := b.clusterStats(t, ""); got.Sessions != 2 || len(got.Nodes) != 2 {
+		t.Errorf("cut-b's stats = %+v, want both nodes (cut-a's lease runs)", got)
+	}
+}
