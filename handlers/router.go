@@ -77,6 +77,9 @@ type Options struct {
 	// Draining reports that the node is draining: /readyz answers 503 while everything else is
 	// served as before (the grace after SIGTERM); nil never drains.
 	Draining func() bool
+	// Presence adds the other nodes' sessions to presence, stats and the per-user session cap;
+	// nil serves this node's alone.
+	Presence Presence
 }
 
 // MetricsAccess says who may read GET /metrics on the API listener.

@@ -212,6 +212,11 @@ func (m *Main) Start(ctx context.Context) error {
 	if static == nil {
 		static = staticFS()
 	}
+	// Cluster-wide presence reads the other nodes' session history, which only recording writes.
+	var presence handlers.Presence
+	if !cfg.RecordOff {
+		presence = node.Presence()
+	}
 	connectLimits := handlers.NewConnectLimits(cfg.ConnectRatePerUser, cfg.ConnectRatePerIP, cfg.TrustedProxies)
 	handler := handlers.New(handlers.Options{
 		Hub: m.hub, Store: st, Recorder: receiptRecorder(m.recorder, cfg.RecordOff), Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
@@ -225,6 +230,7 @@ func (m *Main) Start(ctx context.Context) error {
 		ConnectLimits: connectLimits,
 		MetricsAccess: metricsAccess(cfg.Metrics),
 		Draining:      m.draining.Load,
+		Presence:      presence,
 	})
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {

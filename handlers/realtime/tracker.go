@@ -126,6 +126,12 @@ func transportIndex(tr Transport) int {
 // final id and before anyone can find s, so it can queue hello as the
 // session's first frame.
 func (t *Tracker) add(s *Session, resume string, maxPerUser int, before func()) (replaced *Session, err error) {
+	return t.addCounted(s, resume, maxPerUser, 0, before)
+}
+
+// addCounted is add with elsewhere sessions of the user (on other nodes) counted against
+// maxPerUser besides the user's sessions here.
+func (t *Tracker) addCounted(s *Session, resume string, maxPerUser, elsewhere int, before func()) (replaced *Session, err error) {
 	shard := t.shardOf(s.User)
 	us, is := &t.users[shard], &t.ids[shard]
 	us.mu.Lock()
@@ -140,7 +146,7 @@ func (t *Tracker) add(s *Session, resume string, maxPerUser int, before func()) 
 			}
 		}
 	}
-	if idx < 0 && maxPerUser > 0 && len(list) >= maxPerUser {
+	if idx < 0 && maxPerUser > 0 && len(list)+elsewhere >= maxPerUser {
 		return nil, ErrTooManySessions
 	}
 	if idx >= 0 {
@@ -358,6 +364,15 @@ func (t *Tracker) UserSessions(user string) []*Session {
 		return nil
 	}
 	return append([]*Session(nil), list...)
+}
+
+// sessionsOf is how many live sessions user has.
+func (t *Tracker) sessionsOf(user string) int {
+	us := t.userShard(user)
+	us.mu.RLock()
+	n := len(us.m[user])
+	us.mu.RUnlock()
+	return n
 }
 
 // appendUserSessions appends the user's sessions to dst without allocating a
