@@ -70,6 +70,8 @@ type API struct {
 	Options
 	// readLocks serialize the reads of one user (see applyRead).
 	readLocks [64]sync.Mutex
+	// sseStreams serves event streams that cannot be hijacked (HTTP/2).
+	sseStreams *sseStreams
 }
 
 // New returns the router with every endpoint of PROTOCOL.md.
@@ -78,6 +80,7 @@ func New(opt Options) http.Handler {
 		opt.Log = slog.Default()
 	}
 	a := &API{Options: opt}
+	a.sseStreams = newSSEStreams(a)
 	r := chi.NewRouter()
 	r.Use(middleware.Recoverer, a.logRequests, opt.Auth.Origins)
 

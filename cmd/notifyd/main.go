@@ -89,6 +89,7 @@ type Main struct {
 	debugSrv   *http.Server
 	ln         net.Listener
 	conns      *connlimit.Listener // ln, with the connection caps
+	certs      *certReloader       // the TLS certificate; nil when serving plain HTTP
 	cancel     context.CancelFunc
 	background sync.WaitGroup
 }
@@ -188,6 +189,13 @@ func (m *Main) Start(ctx context.Context) error {
 		Negotiate:     handlers.NewNegotiator(st.Pool(), cfg.TrustedProxies),
 		ConnectLimits: connectLimits,
 	})
+	if cfg.TLSCertFile != "" {
+		if m.certs, err = newCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile, log); err != nil {
+			cancel()
+			st.Close()
+			return err
+		}
+	}
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		cancel()
@@ -215,11 +223,19 @@ func (m *Main) Start(ctx context.Context) error {
 	}
 	m.srv = &http.Server{Handler: handler, ReadHeaderTimeout: headerTimeout, ReadTimeout: cfg.ReadTimeout,
 		IdleTimeout: 120 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
-	go func() { _ = m.srv.Serve(conns) }()
+	if m.certs != nil {
+		// TLS goes on top of the connection caps, so a refused connection
+		// costs no handshake; ALPN picks HTTP/2 or HTTP/1.1 (tls.go).
+		m.srv.TLSConfig = tlsConfig(m.certs)
+		m.goBackground(func() { m.certs.watch(bg) })
+		go func() { _ = m.srv.ServeTLS(conns, "", "") }()
+	} else {
+		go func() { _ = m.srv.Serve(conns) }()
+	}
 	if cfg.DebugAddr != "" {
 		m.startDebug(cfg.DebugAddr)
 	}
-	log.Info("notifyd listening", "addr", ln.Addr().String(), "dev", cfg.Dev,
+	log.Info("notifyd listening", "addr", ln.Addr().String(), "tls", m.certs != nil, "dev", cfg.Dev,
 		"max_conns", cfg.MaxConns, "max_conns_per_ip", cfg.MaxConnsPerIP, "read_timeout", cfg.ReadTimeout)
 	if cfg.Dev {
 		log.Warn("DEV MODE: anyone who can reach this server gets tokens for any user (/v1/dev/token) and the API key; it listens on loopback only",
