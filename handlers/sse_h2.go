@@ -16,8 +16,7 @@ import (
 // sseStreamBuffer is how many events one stream of the SSE library holds
 // before Publish blocks (its subscriber holds 64 more). The library
 // allocates the whole channel per stream, so it stays small: a session's
-// frames wait in the session's own bounded queue, and a pump blocked for
-// writeWait is a slow consumer.
+// frames wait in the session's own bounded queue.
 const sseStreamBuffer = 32
 
 // sseKA is the keep-alive comment of a stream served through the library.
@@ -130,6 +129,12 @@ func (t *sseStreams) serve(w http.ResponseWriter, r *http.Request, s *realtime.S
 		defer close(pumped)
 		st.pump(cursor)
 	}()
+	if f, ok := w.(http.Flusher); ok {
+		sw := &sseWriter{ResponseWriter: w, flusher: f, stall: time.AfterFunc(writeWait, st.evict)}
+		sw.stall.Stop()
+		defer sw.stall.Stop()
+		w = sw
+	}
 	t.lib.ServeHTTP(w, lr)
 	st.mu.Lock()
 	st.served = true
@@ -175,13 +180,13 @@ func (st *sseStream) pump(cursor int64) {
 			return
 		case <-s.Wake():
 			frames := s.Take()
-			if !st.publish(writeWait, st.events(frames)) {
+			if !st.publish(st.events(frames)) {
 				a.Hub.End(s, realtime.ReasonClientClose)
 				return
 			}
 			a.Hub.Written(s, frames)
 		case <-ka.C:
-			st.publish(writeWait, []*sse.Event{{Comment: sseKA}})
+			st.publish([]*sse.Event{{Comment: sseKA}})
 		}
 		ka.Reset(st.every)
 	}
@@ -201,8 +206,10 @@ func (st *sseStream) finish() {
 	if reason.SendsBye() {
 		frames = append(frames, a.Hub.Bye(reason))
 	}
+	// The writes of an ended session get byeWait in all, as on the hijacked path.
+	time.AfterFunc(byeWait, st.evict)
 	evs := append(st.events(frames), &sse.Event{}) // empty: the library's end of the response
-	if st.publish(byeWait, evs) {
+	if st.publish(evs) {
 		a.Hub.Written(s, frames)
 	}
 }
@@ -227,24 +234,51 @@ func (st *sseStream) events(frames []realtime.Frame) []*sse.Event {
 	return evs
 }
 
-// publish hands evs to the stream in order. Publish blocks while the
-// stream's buffers are full, which is a client that stopped reading: if
-// that lasts longer than d the session is ended as a slow consumer and the
-// request evicted (evict). It reports false once the request is over.
-func (st *sseStream) publish(d time.Duration, evs []*sse.Event) bool {
-	stall := time.AfterFunc(d, st.evict)
-	defer stall.Stop()
+// publish hands evs to the stream in order. It reports false once the
+// request is over. Publish blocks while the stream's buffers are full; a
+// client that stopped reading is cut by the write timer (sseWriter) rather
+// than here, since the library's buffers count events, not bytes.
+func (st *sseStream) publish(evs []*sse.Event) bool {
 	for _, ev := range evs {
 		st.t.lib.Publish(st.id, ev)
 	}
 	return st.ctx.Err() == nil
 }
 
-// evict ends a stream whose client stopped reading, the clean way
-// LIBRARIES.md gives: cancel its request, and cut the write the library is
-// stuck in (cancel alone leaves it there), so the library unsubscribes and
-// the stream is removed. The session ends as a slow consumer unless it
-// ended already.
+// sseWriter is the ResponseWriter the library writes through. Each write
+// and flush is bounded by writeWait, a timer armed while it runs (evict on
+// expiry), as the hijacked path bounds each write with a deadline: an
+// HTTP/2 write deadline is a timer on the whole stream, not on one write,
+// so it cannot serve here.
+type sseWriter struct {
+	http.ResponseWriter
+	flusher http.Flusher
+	stall   *time.Timer
+}
+
+// Write writes p within writeWait.
+func (w *sseWriter) Write(p []byte) (int, error) {
+	w.stall.Reset(writeWait)
+	defer w.stall.Stop()
+	return w.ResponseWriter.Write(p)
+}
+
+// Flush sends what is buffered within writeWait.
+func (w *sseWriter) Flush() {
+	w.stall.Reset(writeWait)
+	defer w.stall.Stop()
+	w.flusher.Flush()
+}
+
+// Unwrap is for http.ResponseController.
+func (w *sseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// evict ends a stream whose client stopped reading (or whose bye took
+// longer than byeWait), the clean way LIBRARIES.md gives: cancel its
+// request, and cut the write the library is stuck in (cancel alone leaves
+// it there), so the library unsubscribes and the stream is removed. The
+// session ends as a slow consumer unless it ended already. After the
+// response is over it changes nothing.
 func (st *sseStream) evict() {
 	st.t.api.Hub.End(st.s, realtime.ReasonSlowConsumer)
 	st.cancel()
