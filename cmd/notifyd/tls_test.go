@@ -520,3 +520,41 @@ func TestTLSConfigBothOrNeither(t *testing.T) {
 		t.Fatalf("missing files: %v", err)
 	}
 }
+
+// TestTLSShutdownOverHTTP2: on SIGTERM's drain an event stream and a
+// waiting poll, both on HTTP/2 streams of one connection, get bye shutdown
+// before the server closes.
+func TestTLSShutdownOverHTTP2(t *testing.T) {
+	s := startTLSServer(t)
+	c := s.dialSSEH2(t, "h2-drain", nil)
+	c.expect(t, "hello")
+	c.expect(t, "synced")
+	token := s.token(t, "h2-drain-poll")
+	first := s.pollH2(t, token, url.Values{})
+	answered := make(chan pollReply, 1)
+	go func() {
+		answered <- s.pollH2(t, token, url.Values{"session": {first.Session},
+			"cursor": {strconv.FormatInt(first.Cursor, 10)}, "wait": {"20"}})
+	}()
+	time.Sleep(300 * time.Millisecond) // the poll is waiting
+	closed := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		closed <- s.Close(ctx)
+	}()
+	if bye := c.expect(t, "bye"); bye.Reason != "shutdown" {
+		t.Fatalf("sse bye %+v", bye)
+	}
+	select {
+	case r := <-answered:
+		if n := len(r.Messages); n != 1 || r.Messages[0].Type != "bye" || r.Messages[0].Reason != "shutdown" {
+			t.Fatalf("poll answer %+v", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiting poll got no answer")
+	}
+	if err := <-closed; err != nil {
+		t.Fatalf("close: %v", err)
+	}
+}
