@@ -1,6 +1,7 @@
 // Command notifyd is the notification server. `notifyd` serves (configured by
 // the environment, see README); `notifyd token -user U` prints a client token;
-// `notifyd report [--since 24h] [--format table|csv|json]` prints the delivery report.
+// `notifyd report [--since 24h] [--format table|csv|json]` prints the delivery report;
+// `notifyd tail -user U [-cursor N] [-url URL]` prints what one user receives, live.
 package main
 
 import (
@@ -40,12 +41,14 @@ func run(ctx context.Context, args []string) error {
 			return runToken(args[1:], os.Stdout)
 		case "report":
 			return runReport(ctx, args[1:], os.Getenv, os.Stdout)
+		case "tail":
+			return runTail(ctx, args[1:], os.Getenv, os.Stdout)
 		case "serve":
 			args = args[1:]
 		}
 	}
 	if len(args) > 0 {
-		return fmt.Errorf("unknown command %q (want serve, token or report)", args[0])
+		return fmt.Errorf("unknown command %q (want serve, token, report or tail)", args[0])
 	}
 	cfg, err := LoadConfig(os.Getenv)
 	if err != nil {

@@ -6,6 +6,7 @@ package main
 // without a restart. Every certificate is made here, self-signed.
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -25,6 +26,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -247,6 +249,10 @@ func TestTLSSSEOverHTTP2(t *testing.T) {
 	}
 	if st := s.statsNow(t); st.ByTransport["sse"] != 2 {
 		t.Fatalf("sse sessions %d, want 2", st.ByTransport["sse"])
+	}
+	// Both through the SSE library, none hijacked.
+	if n, h := libraryStreams(), sseGoroutines(); n != 2 || h != 0 {
+		t.Fatalf("%d streams through the library and %d hijacked goroutines, want 2 and 0", n, h)
 	}
 }
 
@@ -557,4 +563,18 @@ func TestTLSShutdownOverHTTP2(t *testing.T) {
 	if err := <-closed; err != nil {
 		t.Fatalf("close: %v", err)
 	}
+}
+
+// libraryStreams counts the event streams this process serves through the
+// SSE library (handlers/sse_h2.go), so a test can tell which path a stream took.
+func libraryStreams() int {
+	var buf bytes.Buffer
+	_ = pprof.Lookup("goroutine").WriteTo(&buf, 2)
+	n := 0
+	for _, g := range strings.Split(buf.String(), "\n\n") {
+		if strings.Contains(g, "handlers.(*sseStreams).serve(") {
+			n++
+		}
+	}
+	return n
 }
