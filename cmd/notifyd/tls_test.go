@@ -465,8 +465,9 @@ func servedCert(t testing.TB, addr string, pool *x509.CertPool) string {
 }
 
 // TestTLSCertificateReload: new certificate files are served from the next
-// handshake on, after a reload call and after SIGHUP; a pair that does not
-// load leaves the last good one in place.
+// handshake on, after a reload call, after SIGHUP, and once the watch sees
+// the files change; a pair that does not load leaves the last good one in
+// place.
 func TestTLSCertificateReload(t *testing.T) {
 	s := startTLSServer(t)
 	second, third := newTestCert(t, "notifyd test 2"), newTestCert(t, "notifyd test 3")
@@ -506,6 +507,14 @@ func TestTLSCertificateReload(t *testing.T) {
 	}
 	eventually(t, 5*time.Second, "the third certificate served", func() bool {
 		return servedCert(t, s.Addr(), s.pool) == "notifyd test 3"
+	})
+
+	// New files alone, no signal: the watch sees them change.
+	fourth := newTestCert(t, "notifyd test 4")
+	s.pool.AddCert(fourth.cert)
+	fourth.write(t, s.certFile, s.keyFile)
+	eventually(t, 3*certWatchEvery, "the fourth certificate served", func() bool {
+		return servedCert(t, s.Addr(), s.pool) == "notifyd test 4"
 	})
 }
 
@@ -577,4 +586,34 @@ func libraryStreams() int {
 		}
 	}
 	return n
+}
+
+// TestTLSStreamsOutliveReadTimeout: NOTIFY_READ_TIMEOUT bounds ordinary
+// requests, not an SSE stream or a waiting poll on HTTP/2 (which take no
+// connection over to clear it).
+func TestTLSStreamsOutliveReadTimeout(t *testing.T) {
+	s := startTLSServer(t, func(c *Config) { c.ReadTimeout = time.Second })
+	c := s.dialSSEH2(t, "h2-long", nil)
+	c.expect(t, "hello")
+	c.expect(t, "synced")
+	token := s.token(t, "h2-long")
+	first := s.pollH2(t, token, url.Values{})
+	answered := make(chan pollReply, 1)
+	go func() {
+		answered <- s.pollH2(t, token, url.Values{"session": {first.Session},
+			"cursor": {strconv.FormatInt(first.Cursor, 10)}, "wait": {"5"}})
+	}()
+	time.Sleep(2500 * time.Millisecond)
+	p := s.publish(t, "h2-long", "late", nil)
+	if m := c.expect(t, "notification"); m.Seq != p.Seq {
+		t.Fatalf("stream got %+v", m)
+	}
+	select {
+	case r := <-answered:
+		if len(r.Messages) != 1 || r.Messages[0].Seq != p.Seq {
+			t.Fatalf("poll answer %+v", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the poll was not answered")
+	}
 }
