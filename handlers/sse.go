@@ -61,7 +61,7 @@ func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
 		"X-Accel-Buffering": "no", // nginx: do not buffer this response
 	})
 	conn, err := hijack(w)
-	if errors.Is(err, http.ErrNotSupported) {
+	if _, flushes := w.(http.Flusher); flushes && errors.Is(err, http.ErrNotSupported) {
 		// An HTTP/2 stream cannot be taken over: the SSE library serves it.
 		a.sseStreams.serve(w, r, s, cr.cursor)
 		return

@@ -277,10 +277,11 @@ func (w *sseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // longer than byeWait), the clean way LIBRARIES.md gives: cancel its
 // request, and cut the write the library is stuck in (cancel alone leaves
 // it there), so the library unsubscribes and the stream is removed. The
-// session ends as a slow consumer unless it ended already. After the
+// session ends as client_close, no bye, unless it ended already: as on
+// the hijacked path, where the write that times out fails. After the
 // response is over it changes nothing.
 func (st *sseStream) evict() {
-	st.t.api.Hub.End(st.s, realtime.ReasonSlowConsumer)
+	st.t.api.Hub.End(st.s, realtime.ReasonClientClose)
 	st.cancel()
 	st.mu.Lock()
 	defer st.mu.Unlock()
