@@ -180,8 +180,14 @@ func (s *tlsTestServer) dialSSEH2(t testing.TB, user string, header http.Header)
 // bye.
 func TestTLSSSEOverHTTP2(t *testing.T) {
 	s := startTLSServer(t)
-	a := s.dialSSEH2(t, "h2-alice", nil)
+	a := s.dialSSEH2(t, "h2-alice", http.Header{"Origin": {s.URL}})
 	b := s.dialSSEH2(t, "h2-bob", nil)
+	// What the middleware set for a browser, and the stream's own headers.
+	h := a.resp.Header
+	if h.Get("Access-Control-Allow-Origin") != s.URL || h.Get("Cache-Control") != "no-cache, no-transform" ||
+		h.Get("X-Accel-Buffering") != "no" || h.Get("Connection") != "" {
+		t.Fatalf("stream headers %v", h)
+	}
 	for _, c := range []*sseClient{a, b} {
 		if h := c.expect(t, "hello"); h.Transport != "sse" {
 			t.Fatalf("hello %+v", h)
@@ -339,8 +345,8 @@ func TestTLSSSEHTTP2StalledClientEvicted(t *testing.T) {
 	}
 	// Of the library's goroutines only the live stream's are left.
 	eventually(t, 5*time.Second, "the stalled stream's goroutines gone", func() bool {
-		return libraryStreams() == 1 && libraryGoroutines("r3labs/sse/v2.(*Stream).run") == 1 &&
-			libraryGoroutines("r3labs/sse/v2.(*Server).ServeHTTP.func1") == 1
+		return libraryStreams() == 1 && goroutinesNaming("r3labs/sse/v2.(*Stream).run") == 1 &&
+			goroutinesNaming("r3labs/sse/v2.(*Server).ServeHTTP.func1") == 1
 	})
 	next := s.publish(t, "h2-live", "still", nil)
 	if m := live.expect(t, "notification"); m.Seq != next.Seq {
@@ -397,7 +403,13 @@ func TestTLSLongPollOverHTTP2(t *testing.T) {
 		}
 		return len(s.sessionsOf(t, "h2-poller")) == 1
 	})
-	time.Sleep(200 * time.Millisecond) // the poll is inside its wait
+	// It waits in its handler, not parked on a connection taken over.
+	eventually(t, 5*time.Second, "the poll waiting in its handler", func() bool {
+		return goroutinesNaming("handlers.(*pollExchange).wait") == 1
+	})
+	if n := goroutinesNaming("handlers.(*pollTransport).park"); n != 0 {
+		t.Fatalf("%d polls parked over HTTP/2", n)
+	}
 	p := s.publish(t, "h2-poller", "t", map[string]int{"n": 1})
 	var got pollReply
 	select {
@@ -582,10 +594,10 @@ func TestTLSShutdownOverHTTP2(t *testing.T) {
 
 // libraryStreams counts the event streams this process serves through the
 // SSE library (handlers/sse_h2.go), so a test can tell which path a stream took.
-func libraryStreams() int { return libraryGoroutines("handlers.(*sseStreams).serve(") }
+func libraryStreams() int { return goroutinesNaming("handlers.(*sseStreams).serve(") }
 
-// libraryGoroutines counts the goroutines whose stack names fn.
-func libraryGoroutines(fn string) int {
+// goroutinesNaming counts the goroutines whose stack names fn.
+func goroutinesNaming(fn string) int {
 	var buf bytes.Buffer
 	_ = pprof.Lookup("goroutine").WriteTo(&buf, 2)
 	n := 0
@@ -624,5 +636,68 @@ func TestTLSStreamsOutliveReadTimeout(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the poll was not answered")
+	}
+}
+
+// TestTLSHTTP1StreamsHijacked: a client that asks for HTTP/1.1 on the TLS
+// port gets the lean paths: its SSE stream and its waiting poll take their
+// (TLS) connection over, as without TLS, and deliver.
+func TestTLSHTTP1StreamsHijacked(t *testing.T) {
+	s := startTLSServer(t)
+	h1 := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: s.pool},
+		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{}}} // no ALPN h2
+	defer h1.CloseIdleConnections()
+	token := s.token(t, "tls-h1")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", s.sseURL(url.Values{"token": {token}}), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := h1.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK || resp.ProtoMajor != 1 || !resp.Close {
+		t.Fatalf("sse over TLS/1.1: %d %s close=%v", resp.StatusCode, resp.Proto, resp.Close)
+	}
+	c := &sseClient{httpSession: newHTTPSession(s.testServer, token), resp: resp, cancel: cancel}
+	go c.read()
+	c.expect(t, "hello")
+	c.expect(t, "synced")
+	if n, h := libraryStreams(), sseGoroutines(); n != 0 || h == 0 {
+		t.Fatalf("%d streams through the library, %d hijacked goroutines: want 0 and some", n, h)
+	}
+	p := s.publish(t, "tls-h1", "t", nil)
+	if m := c.expect(t, "notification"); m.Seq != p.Seq {
+		t.Fatalf("got %+v", m)
+	}
+
+	ptoken := s.token(t, "tls-h1-poll")
+	ts := &testServer{URL: s.URL}
+	_, first, _, err := ts.pollOnceClient(context.Background(), h1, ptoken, url.Values{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	answered := make(chan error, 1)
+	var got pollReply
+	go func() {
+		q := url.Values{"session": {first.Session}, "cursor": {strconv.FormatInt(first.Cursor, 10)}, "wait": {"10"}}
+		var err error
+		_, got, _, err = ts.pollOnceClient(context.Background(), h1, ptoken, q)
+		answered <- err
+	}()
+	// The waiting poll is parked on its own connection (poll.go's park).
+	eventually(t, 5*time.Second, "the poll parked", func() bool {
+		return goroutinesNaming("handlers.(*pollTransport).park") == 1
+	})
+	pp := s.publish(t, "tls-h1-poll", "t", nil)
+	select {
+	case err := <-answered:
+		if err != nil || len(got.Messages) != 1 || got.Messages[0].Seq != pp.Seq {
+			t.Fatalf("waited poll: %+v, %v", got, err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the waiting poll was not answered")
 	}
 }
