@@ -15,13 +15,9 @@ import (
 // Config is the server's configuration, read from the environment
 // (PROTOCOL.md, Running; README, Configuration).
 type Config struct {
-	DatabaseURL string
-	Addr        string
-	DebugAddr   string
-	// TLSCertFile and TLSKeyFile (NOTIFY_TLS_CERT_FILE, NOTIFY_TLS_KEY_FILE), both or
-	// neither, serve HTTPS with HTTP/2 on Addr; the pair is reloaded on SIGHUP and on change (tls.go).
-	TLSCertFile        string
-	TLSKeyFile         string
+	DatabaseURL        string
+	Addr               string
+	DebugAddr          string
 	JWTSecret          string
 	APIKey             string
 	AllowedOrigins     []string
@@ -42,6 +38,9 @@ type Config struct {
 	LogLevel           string
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
 	TrustedProxies []netip.Prefix
+	// TLSCertFile and TLSKeyFile (NOTIFY_TLS_CERT_FILE, NOTIFY_TLS_KEY_FILE), both or neither,
+	// serve HTTPS with HTTP/2 on Addr; the pair is reloaded on SIGHUP and on change (tls.go).
+	TLSCertFile, TLSKeyFile string
 
 	// Connection and rate limits (limits.go). Zero values limit nothing.
 	ReadTimeout        time.Duration   // NOTIFY_READ_TIMEOUT: an ordinary request's headers and body
