@@ -611,9 +611,13 @@ func goroutinesNaming(fn string) int {
 
 // TestTLSStreamsOutliveReadTimeout: NOTIFY_READ_TIMEOUT bounds ordinary
 // requests, not an SSE stream or a waiting poll on HTTP/2 (which take no
-// connection over to clear it).
+// connection over to clear it); the idle HTTP/2 stream gets its keep-alive
+// comments (every ping interval, here 1 s).
 func TestTLSStreamsOutliveReadTimeout(t *testing.T) {
-	s := startTLSServer(t, func(c *Config) { c.ReadTimeout = time.Second })
+	s := startTLSServer(t, func(c *Config) {
+		c.ReadTimeout = time.Second
+		c.PingInterval, c.PingTimeout = time.Second, 10*time.Second
+	})
 	c := s.dialSSEH2(t, "h2-long", nil)
 	c.expect(t, "hello")
 	c.expect(t, "synced")
@@ -625,6 +629,9 @@ func TestTLSStreamsOutliveReadTimeout(t *testing.T) {
 			"cursor": {strconv.FormatInt(first.Cursor, 10)}, "wait": {"5"}})
 	}()
 	time.Sleep(2500 * time.Millisecond)
+	if n := c.comments.Load(); n < 1 {
+		t.Fatalf("%d keep-alive comments in 2.5 s of an idle stream", n)
+	}
 	p := s.publish(t, "h2-long", "late", nil)
 	if m := c.expect(t, "notification"); m.Seq != p.Seq {
 		t.Fatalf("stream got %+v", m)
