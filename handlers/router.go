@@ -101,6 +101,8 @@ type API struct {
 	readLocks [64]sync.Mutex
 	// publishBudget bounds the publish bodies in flight (Limits.PublishInflightBytes).
 	publishBudget *publishBudget
+	// sseStreams serves event streams that cannot be hijacked (HTTP/2).
+	sseStreams *sseStreams
 }
 
 // New returns the router with every endpoint of PROTOCOL.md.
@@ -109,6 +111,7 @@ func New(opt Options) http.Handler {
 		opt.Log = slog.Default()
 	}
 	a := &API{Options: opt, publishBudget: &publishBudget{max: opt.Limits.PublishInflightBytes}}
+	a.sseStreams = newSSEStreams(a)
 	r := chi.NewRouter()
 	r.Use(middleware.Recoverer, a.logRequests, noSniff, opt.Auth.Origins)
 

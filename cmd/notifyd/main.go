@@ -1,6 +1,7 @@
 // Command notifyd is the notification server. `notifyd` serves (configured by
 // the environment, see README); `notifyd token -user U` prints a client token;
-// `notifyd report [--since 24h] [--format table|csv|json]` prints the delivery report.
+// `notifyd report [--since 24h] [--format table|csv|json]` prints the delivery report;
+// `notifyd tail -user U [-cursor N] [-url URL]` prints what one user receives, live.
 package main
 
 import (
@@ -41,12 +42,14 @@ func run(ctx context.Context, args []string) error {
 			return runToken(args[1:], os.Stdout)
 		case "report":
 			return runReport(ctx, args[1:], os.Getenv, os.Stdout)
+		case "tail":
+			return runTail(ctx, args[1:], os.Getenv, os.Stdout)
 		case "serve":
 			args = args[1:]
 		}
 	}
 	if len(args) > 0 {
-		return fmt.Errorf("unknown command %q (want serve, token or report)", args[0])
+		return fmt.Errorf("unknown command %q (want serve, token, report or tail)", args[0])
 	}
 	cfg, err := LoadConfig(os.Getenv)
 	if err != nil {
@@ -102,6 +105,7 @@ type Main struct {
 	debugSrv   *http.Server
 	ln         net.Listener
 	conns      *connlimit.Listener // ln, with the connection caps
+	certs      *certReloader       // the TLS certificate; nil when serving plain HTTP
 	cancel     context.CancelFunc
 	background sync.WaitGroup
 }
@@ -232,6 +236,13 @@ func (m *Main) Start(ctx context.Context) error {
 		Draining:      m.draining.Load,
 		Presence:      presence,
 	})
+	if cfg.TLSCertFile != "" {
+		if m.certs, err = newCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile, log); err != nil {
+			cancel()
+			st.Close()
+			return err
+		}
+	}
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		cancel()
@@ -260,7 +271,15 @@ func (m *Main) Start(ctx context.Context) error {
 	}
 	m.srv = &http.Server{Handler: handler, ReadHeaderTimeout: headerTimeout, ReadTimeout: cfg.ReadTimeout,
 		IdleTimeout: 120 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
-	go func() { _ = m.srv.Serve(conns) }()
+	if m.certs != nil {
+		// TLS goes on top of the connection caps, so a refused connection
+		// costs no handshake; ALPN picks HTTP/2 or HTTP/1.1 (tls.go).
+		m.srv.TLSConfig = tlsConfig(m.certs)
+		m.goBackground(func() { m.certs.watch(bg) })
+		go func() { _ = m.srv.ServeTLS(conns, "", "") }()
+	} else {
+		go func() { _ = m.srv.Serve(conns) }()
+	}
 	if cfg.DebugAddr != "" {
 		var debugMetrics http.Handler
 		if cfg.Metrics == metricsDebug {
@@ -268,7 +287,7 @@ func (m *Main) Start(ctx context.Context) error {
 		}
 		m.startDebug(cfg.DebugAddr, debugMetrics)
 	}
-	log.Info("notifyd listening", "addr", ln.Addr().String(), "dev", cfg.Dev,
+	log.Info("notifyd listening", "addr", ln.Addr().String(), "tls", m.certs != nil, "dev", cfg.Dev,
 		"max_conns", cfg.MaxConns, "max_conns_per_ip", cfg.MaxConnsPerIP, "read_timeout", cfg.ReadTimeout)
 	if cfg.Dev {
 		log.Warn("DEV MODE: anyone who can reach this server gets tokens for any user (/v1/dev/token) and the API key; it listens on loopback only",
