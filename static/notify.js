@@ -288,16 +288,23 @@ class PollConn extends Conn {
 
 const CONN = { websocket: WSConn, sse: SSEConn, longpoll: PollConn };
 
+/** ms between a leading tab's heartbeats, and the silence after which a following tab takes the lead. */
+const SHARE_BEAT = 1000;
+const SHARE_SILENCE = 3000;
+
 /**
  * One connection per browser profile, server and user, shared by the tabs.
  * The tab that holds the Web Lock named for them leads: its client connects
- * and posts every server message and state change on a BroadcastChannel of
- * the same name. The others follow: they run those messages through their own
- * client (each keeps its own seen ids, cursor and unread count) and queue for
- * the lock. A closed tab's lock is released by the browser, so the next tab
- * in the queue leads at once and connects with its own cursor (and the shared
- * session); a freezing tab releases it itself (the `freeze` event).
- * Invariant: only a tab holding the lock has a connection.
+ * and posts every server message and state change, and a heartbeat each
+ * second, on a BroadcastChannel of the same name. The others follow: they run
+ * those messages through their own client (each keeps its own seen ids,
+ * cursor and unread count) and queue for the lock. A closed tab's lock is
+ * released by the browser, so the next tab in the queue leads at once and
+ * connects with its own cursor (and the shared session); a freezing tab
+ * gives the lead up itself (the `freeze` event), and a leader that falls
+ * silent (frozen without that event, or hung) has its lock stolen after
+ * SHARE_SILENCE; it steps down when it runs again.
+ * Invariant: only a tab whose lock callback is running has a connection.
  */
 class TabShare {
   /** Whether this browser has what sharing needs. */
@@ -313,6 +320,7 @@ class TabShare {
   constructor(client, name) {
     this.client = client;
     this.name = name;
+    this.id = Math.random().toString(36).slice(2);
     this.leader = false;
     /** Whether this tab has followed another one (its lead is then a takeover). */
     this.followed = false;
@@ -320,14 +328,20 @@ class TabShare {
     /** @type {(() => void)|null} releases the lock while this tab leads */
     this.release = null;
     this.abort = new AbortController();
+    this.heard = Date.now();
+    /** @type {ReturnType<typeof setInterval>|null} the heartbeat (leading) or the watch on the leader (following) */
+    this.timer = null;
     this.ch = new BroadcastChannel(name);
     this.ch.onmessage = (e) => {
-      if (this.left || !e.data) return;
+      const m = e.data;
+      if (this.left || !m) return;
       if (this.leader) {
-        if (e.data.t === 'join') this.client._shareState();
-      } else {
-        this.client._onShared(e.data);
+        if (m.t === 'join') this.client._shareState();
+        else if (m.t === 'beat' && m.from !== this.id) this.stepDown(); // its lock was stolen while it was silent
+        return;
       }
+      this.heard = Date.now();
+      if (m.t !== 'beat') this.client._onShared(m);
     };
   }
 
@@ -341,18 +355,62 @@ class TabShare {
     navigator.locks.request(this.name, opts, (lock) => {
       if (this.left) return undefined;
       if (!lock) {
-        this.followed = true;
-        this.client._follow();
-        this.post({ t: 'join' });
-        this.request({ signal: this.abort.signal });
+        this.follow();
         return undefined;
       }
       return new Promise((resolve) => {
-        this.release = () => resolve(undefined);
-        this.leader = true;
-        this.client._lead(this.followed);
+        this.release = () => { this.release = null; resolve(undefined); };
+        this.lead();
       });
-    }).catch(() => { /* aborted: this tab left the queue */ });
+    }).catch(() => {
+      // Aborted (this tab left the queue or steals), or stolen from this tab while it led.
+      if (this.leader) this.stepDown();
+    });
+  }
+
+  follow() {
+    this.followed = true;
+    this.heard = Date.now();
+    this.client._follow();
+    this.post({ t: 'join' });
+    this.request({ signal: this.abort.signal });
+    this.setTimer(() => {
+      const silence = SHARE_SILENCE + Math.random() * SHARE_BEAT / 2; // so that the followers do not all steal at once
+      if (Date.now() - this.heard > silence) this.steal();
+    });
+  }
+
+  lead() {
+    this.leader = true;
+    this.setTimer(() => this.post({ t: 'beat', from: this.id }));
+    this.post({ t: 'beat', from: this.id });
+    this.client._lead(this.followed);
+  }
+
+  /** Takes the lock from a leader that has fallen silent. */
+  steal() {
+    if (this.left || this.leader) return;
+    this.abort.abort(); // out of the queue
+    this.abort = new AbortController();
+    this.heard = Date.now();
+    this.request({ steal: true });
+  }
+
+  /** Another tab leads: drops the connection, follows again. */
+  stepDown() {
+    if (this.left) return;
+    this.leader = false;
+    if (this.release) this.release();
+    this.client._steppedDown();
+    this.follow();
+  }
+
+  /**
+   * @param {() => void} fn
+   */
+  setTimer(fn) {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = setInterval(fn, SHARE_BEAT);
   }
 
   /**
@@ -367,6 +425,7 @@ class TabShare {
   leave() {
     if (this.left) return;
     this.left = true;
+    if (this.timer) clearInterval(this.timer);
     this.abort.abort();
     if (this.release) this.release();
     this.leader = false;
@@ -787,15 +846,26 @@ export class NotifyClient {
     }
   }
 
-  /** The page froze (or went into the back/forward cache): the next tab leads. */
-  _freeze() {
-    if (!this._share || !this._wantOpen) return;
-    this._record({ event: 'share', role: 'freeze' });
+  /** Drops this tab's connections without ending the session (another tab carries it on). */
+  _dropConns() {
     this._pass++;
     for (const k of Object.keys(this._timers)) this._clear(k);
     if (this._probe) { this._probe.close(); this._probe = null; }
     if (this._attemptConn) { this._attemptConn.close(); this._attemptConn = null; }
     if (this._conn) { this._conn.close(); this._conn = null; }
+  }
+
+  /** Called by TabShare: another tab took the lead from this one. */
+  _steppedDown() {
+    this._record({ event: 'share', role: 'step_down' });
+    this._dropConns();
+  }
+
+  /** The page froze (or went into the back/forward cache): the next tab leads. */
+  _freeze() {
+    if (!this._share || !this._wantOpen) return;
+    this._record({ event: 'share', role: 'freeze' });
+    this._dropConns();
     this._leaveShare();
     this._frozen = true;
   }

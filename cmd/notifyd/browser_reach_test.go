@@ -349,10 +349,19 @@ func TestBrowserSharedTabs(t *testing.T) {
 		newLead, _ = followers(t, b, remaining)
 		return len(newLead) == 1 && b.demo(newLead[0]).State == "connected", fmt.Sprint(newLead)
 	})
-	t.Logf("E2E-TIMING case=shared-takeover new_leader_connected_after=%s", time.Since(closedAt).Round(time.Millisecond))
-	if _, _, ok := stateEntry(b.demo(newLead[0]), "takeover"); !ok {
-		t.Errorf("the new leader's history has no takeover: %s", b.demo(newLead[0]).brief())
+	nl := b.demo(newLead[0])
+	takeoverAt, _, ok := stateEntry(nl, "takeover")
+	if !ok {
+		t.Errorf("the new leader's history has no takeover: %s", nl.brief())
 	}
+	connectedAt := 0.0
+	for _, e := range nl.History {
+		if e.Event == "state" && e.State == "connected" && e.T >= takeoverAt && connectedAt == 0 {
+			connectedAt = e.T
+		}
+	}
+	t.Logf("E2E-TIMING case=shared-takeover seen_leading_after=%s takeover_to_connected=%.0fms",
+		time.Since(closedAt).Round(time.Millisecond), connectedAt-takeoverAt)
 	wg.Wait()
 	want := append(ids(pre...), sent...)
 	for _, p := range remaining {
@@ -390,5 +399,134 @@ func TestBrowserSharedTabs(t *testing.T) {
 	}
 	for _, p := range remaining {
 		noConsoleErrors(t, b, p)
+	}
+}
+
+// TestBrowserUnsharedTabs: with share=0 each tab holds a long-poll of its own
+// (the server sees one session per tab), and six of them take every
+// connection Chromium allows per host: another tab's application request
+// waits. This is what TestBrowserSharedTabs' ninth tab would meet without
+// sharing.
+func TestBrowserUnsharedTabs(t *testing.T) {
+	t.Parallel()
+	requireE2E(t)
+	e2eSlot(t)
+	ts := e2eServer(t)
+	cp := startCountingProxy(t, ts.Addr())
+	pre := publishN(t, ts, "solo", 1)
+
+	b := startBrowser(t)
+	b.launch("a", "")
+	// Opened first: once the polls hold every connection, even loading a page of this host waits.
+	b.open("a", "app", cp.URL+"/readyz")
+	opts := url.Values{"transports": {"longpoll"}, "share": {"0"}, "helloTimeout": {"8000"}}
+	pages := openTabs(t, b, "a", "solo", cp.URL, "solo", 6, opts, "longpoll")
+	for _, p := range pages {
+		waitExactly(t, b, p, ids(pre...), 10*time.Second)
+	}
+	if _, follow := followers(t, b, pages); len(follow) != 0 {
+		t.Errorf("tabs %v follow another tab with share=0", follow)
+	}
+	waitFor(t, 10*time.Second, "six polls waiting", func() (bool, string) {
+		c := cp.counts()
+		return c.NewSessions == 6 && c.PollsNow == 6, fmt.Sprintf("%+v", c)
+	})
+	if trs := userSessions(t, ts, "solo"); len(trs) != 6 {
+		t.Errorf("presence shows sessions %v, want one per tab", trs)
+	}
+	var app struct {
+		OK      bool    `json:"ok"`
+		Aborted bool    `json:"aborted"`
+		Ms      float64 `json:"ms"`
+	}
+	b.eval("app", `(async () => { const t0 = performance.now(); const ac = new AbortController(); setTimeout(() => ac.abort(), 3000);
+		try { const r = await fetch('/readyz', { cache: 'no-store', signal: ac.signal }); return { ok: r.ok, aborted: false, ms: performance.now() - t0 }; }
+		catch { return { ok: false, aborted: true, ms: performance.now() - t0 }; } })()`, &app)
+	if !app.Aborted {
+		t.Errorf("the application request got through in %.0f ms (ok=%v) with six unshared polls waiting, want it stuck for 3 s", app.Ms, app.OK)
+	}
+	if c := cp.counts(); c.WSUpgrades != 0 || c.SSEStreams != 0 {
+		t.Errorf("the server saw %+v, want long-poll only", c)
+	}
+}
+
+// TestBrowserSharedFreeze: the leading tab freezes (the page lifecycle
+// `freeze` event, which Chromium fires before it freezes a background tab; the
+// test dispatches it, as headless Chromium freezes no page): it gives the lead
+// up at once, another tab takes over and the active tabs keep getting every
+// notification; on `resume` the tab follows and catches up, each notification
+// once.
+func TestBrowserSharedFreeze(t *testing.T) {
+	t.Parallel()
+	requireE2E(t)
+	e2eSlot(t)
+	testSharedLeaderGone(t, "frost", `document.dispatchEvent(new Event('freeze'))`, `document.dispatchEvent(new Event('resume'))`, 2*time.Second)
+}
+
+// TestBrowserSharedHungLeader: the leading tab hangs for 6 s (a busy loop; its
+// heartbeats stop as a frozen tab's do): a following tab steals the lock
+// within a few seconds and carries on; when the hung tab runs again it steps
+// down, follows and catches up, each notification once.
+func TestBrowserSharedHungLeader(t *testing.T) {
+	t.Parallel()
+	requireE2E(t)
+	e2eSlot(t)
+	testSharedLeaderGone(t, "hung", `setTimeout(() => { const end = Date.now() + 6000; while (Date.now() < end) { /* hung */ } }, 0)`, "", 6*time.Second)
+}
+
+// testSharedLeaderGone runs three tabs of user on long-poll, takes the
+// leader away with the script gone (and brings it back with back, or by
+// waiting), and checks the lead moves within within and nothing is lost or
+// shown twice in any tab.
+func testSharedLeaderGone(t *testing.T, user, gone, back string, within time.Duration) {
+	ts := e2eServer(t)
+	cp := startCountingProxy(t, ts.Addr())
+	pre := publishN(t, ts, user, 1)
+
+	b := startBrowser(t)
+	b.launch("a", "")
+	opts := url.Values{"transports": {"longpoll"}}
+	pages := openTabs(t, b, "a", user, cp.URL, user, 3, opts, "longpoll")
+	for _, p := range pages {
+		waitExactly(t, b, p, ids(pre...), 10*time.Second)
+	}
+	lead, _ := followers(t, b, pages)
+	if len(lead) != 1 {
+		t.Fatalf("leading tabs %v, want one", lead)
+	}
+	old := lead[0]
+	b.eval(old, gone, nil)
+	goneAt := time.Now()
+	active := slices.DeleteFunc(slices.Clone(pages), func(p string) bool { return p == old })
+	waitFor(t, within, "an active tab leads", func() (bool, string) {
+		l, _ := followers(t, b, active)
+		return len(l) == 1 && b.demo(l[0]).State == "connected", fmt.Sprint(l)
+	})
+	t.Logf("E2E-TIMING case=shared-%s new_leader_after=%s", user, time.Since(goneAt).Round(time.Millisecond))
+	during := publishN(t, ts, user, 3)
+	for _, p := range active {
+		waitExactly(t, b, p, ids(append(pre, during...)...), 10*time.Second)
+	}
+	if back != "" {
+		b.eval(old, back, nil)
+	}
+	after := publishN(t, ts, user, 2)
+	all := ids(slices.Concat(pre, during, after)...)
+	for _, p := range pages {
+		s := waitExactly(t, b, p, all, 15*time.Second)
+		if s.State != "connected" || s.Transport != "longpoll" {
+			t.Errorf("%s ended %s over %s, want connected over longpoll", p, s.State, s.Transport)
+		}
+	}
+	if l, _ := followers(t, b, pages); len(l) != 1 || l[0] == old {
+		t.Errorf("leading tabs %v once the old leader is back, want one, not the old leader", l)
+	}
+	waitFor(t, 10*time.Second, "one poll waiting, one session", func() (bool, string) {
+		c := cp.counts()
+		trs := userSessions(t, ts, user)
+		return c.PollsNow == 1 && slices.Equal(trs, []string{"longpoll"}), fmt.Sprintf("%+v %v", c, trs)
+	})
+	if c := cp.counts(); c.WSUpgrades != 0 || c.SSEStreams != 0 {
+		t.Errorf("the server saw %+v, want long-poll only", c)
 	}
 }

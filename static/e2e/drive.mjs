@@ -11,7 +11,6 @@
 //   {"cmd":"screenshot","page":"p","path":"/abs/file.png"}
 //   {"cmd":"console","page":"p"}                                  console errors and page errors so far
 //   {"cmd":"close","page":"p"}                                    closes the page (a tab closed by its user)
-//   {"cmd":"lifecycle","page":"p","state":"frozen"|"active"}      freezes or resumes the page (CDP Page.setWebLifecycleState)
 //   {"cmd":"closectx","ctx":"a"}
 //   {"cmd":"quit"}
 import { chromium } from 'playwright-core';
@@ -72,13 +71,6 @@ async function closePage({ page: name }) {
   return true;
 }
 
-async function lifecycle({ page: name, state }) {
-  const p = pageOf(name);
-  if (!p.cdp) p.cdp = await p.page.context().newCDPSession(p.page);
-  await p.cdp.send('Page.setWebLifecycleState', { state });
-  return true;
-}
-
 async function closectx({ ctx }) {
   const c = contexts.get(ctx);
   if (!c) return false;
@@ -98,7 +90,6 @@ const handlers = {
   screenshot: ({ page, path }) => pageOf(page).page.screenshot({ path, fullPage: true }).then(() => path),
   console: ({ page }) => pageOf(page).errors.slice(),
   close: closePage,
-  lifecycle,
   closectx,
   quit: async () => {
     for (const name of [...contexts.keys()]) await closectx({ ctx: name });
