@@ -329,6 +329,9 @@ class TabShare {
     this.release = null;
     this.abort = new AbortController();
     this.heard = Date.now();
+    /** The number of the latest lock request, and of the one that holds the lock (0: none). */
+    this.requests = 0;
+    this.holding = 0;
     /** @type {ReturnType<typeof setInterval>|null} the heartbeat (leading) or the watch on the leader (following) */
     this.timer = null;
     this.ch = new BroadcastChannel(name);
@@ -336,10 +339,12 @@ class TabShare {
       const m = e.data;
       if (this.left || !m) return;
       if (this.leader) {
+        // A leader whose lock was stolen while it was silent may still post for a moment (until the
+        // rejection of its request reaches it): what it posts repeats what the new leader posts.
         if (m.t === 'join') this.client._shareState();
-        else if (m.t === 'beat' && m.from !== this.id) this.stepDown(); // its lock was stolen while it was silent
         return;
       }
+      if (m.t === 'join') return;
       this.heard = Date.now();
       if (m.t !== 'beat') this.client._onShared(m);
     };
@@ -352,6 +357,7 @@ class TabShare {
    * @param {LockOptions} opts
    */
   request(opts) {
+    const n = ++this.requests;
     navigator.locks.request(this.name, opts, (lock) => {
       if (this.left) return undefined;
       if (!lock) {
@@ -359,12 +365,13 @@ class TabShare {
         return undefined;
       }
       return new Promise((resolve) => {
+        this.holding = n;
         this.release = () => { this.release = null; resolve(undefined); };
         this.lead();
       });
     }).catch(() => {
-      // Aborted (this tab left the queue or steals), or stolen from this tab while it led.
-      if (this.leader) this.stepDown();
+      // Aborted (this tab left the queue, or steals), or stolen from this tab while it led.
+      if (this.leader && this.holding === n) this.stepDown();
     });
   }
 
@@ -400,6 +407,7 @@ class TabShare {
   stepDown() {
     if (this.left) return;
     this.leader = false;
+    this.holding = 0;
     if (this.release) this.release();
     this.client._steppedDown();
     this.follow();

@@ -362,6 +362,7 @@ func TestBrowserSharedTabs(t *testing.T) {
 	}
 	t.Logf("E2E-TIMING case=shared-takeover seen_leading_after=%s takeover_to_connected=%.0fms",
 		time.Since(closedAt).Round(time.Millisecond), connectedAt-takeoverAt)
+	t.Logf("the new leader: %s", nl.brief())
 	wg.Wait()
 	want := append(ids(pre...), sent...)
 	for _, p := range remaining {
