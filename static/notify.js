@@ -7,11 +7,14 @@
 //
 // It tries WebSocket, then SSE, then long-poll (or the order GET /v1/negotiate
 // learned for this network and browser); a step that does not deliver `hello`
-// within helloTimeout is abandoned. On a fallback it probes the better
-// transports now and then and moves up when one works. Reconnects use
-// exponential backoff with full jitter and honour `bye.retry_ms`; the cursor
-// and the session are sent on reconnect; duplicates are dropped by id; live
-// seq gaps are filled from the inbox API. Types: notify.d.ts beside this file.
+// within helloTimeout is abandoned. Below the top of its ladder it probes the
+// better transports soon after `synced`, then less often while they fail
+// (probeDelays), and moves up when one works. Reconnects use exponential
+// backoff with full jitter and honour `bye.retry_ms`; the cursor and the
+// session are sent on reconnect; duplicates are dropped by id; live seq gaps
+// are filled from the inbox API. The tabs of a browser share one connection
+// (TabShare). States and reasons are closed sets (REASONS). Types: notify.d.ts
+// beside this file.
 
 // The types are notify.d.ts's (a module path ending in .js resolves to the .d.ts beside it).
 /** @typedef {import('./notify.js').Transport} Transport */

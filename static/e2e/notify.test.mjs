@@ -5,7 +5,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { NotifyClient, PROBE_DELAYS, probeDelay } from '../notify.js';
+import { readFileSync } from 'node:fs';
+import { NotifyClient, PROBE_DELAYS, REASONS, probeDelay } from '../notify.js';
 
 const closedPort = 'http://127.0.0.1:1';
 
@@ -93,6 +94,9 @@ test('state events fire only when the state or the transport changes', async (t)
   assert.deepEqual(events.map((ev) => `${ev.state}/${ev.transport}/${ev.reason}`),
     ['connecting/null/connect', 'connected/longpoll/connected', 'reconnecting/null/shutdown', 'closed/null/client']);
   assert.equal(events[2].message, 'bye shutdown');
+  for (const h of n.history) {
+    if (h.event === 'state') assert.ok(Object.hasOwn(REASONS, h.reason), `state reason ${h.reason} is not one of REASONS`);
+  }
   // The history keeps every step, repeats included.
   assert.ok(n.history.filter((h) => h.event === 'state' && h.state === 'reconnecting').length >= 7);
 });
@@ -185,4 +189,23 @@ test('a client on the top of its ladder never probes', async (t) => {
   await new Promise((r) => setTimeout(r, 200));
   n.close();
   assert.equal(n.history.filter((h) => h.event === 'probe_scheduled' || h.role === 'probe').length, 0);
+});
+
+/** The string literals of a union type alias of notify.d.ts, following the aliases it names. */
+function unionOf(dts, name) {
+  const m = dts.match(new RegExp(`export type ${name} =([^;]+);`));
+  assert.ok(m, `notify.d.ts declares ${name}`);
+  const out = [];
+  for (const part of m[1].split('|').map((x) => x.trim()).filter(Boolean)) {
+    if (part.startsWith("'")) out.push(part.slice(1, -1));
+    else out.push(...unionOf(dts, part));
+  }
+  return out;
+}
+
+test('the reasons are a closed set: notify.d.ts declares exactly those REASONS has text for', () => {
+  const dts = readFileSync(new URL('../notify.d.ts', import.meta.url), 'utf8');
+  assert.deepEqual(unionOf(dts, 'Reason').sort(), Object.keys(REASONS).sort());
+  assert.deepEqual(unionOf(dts, 'State').sort(), ['closed', 'connected', 'connecting', 'idle', 'reconnecting']);
+  for (const [code, text] of Object.entries(REASONS)) assert.ok(text.length > 0, `${code} has no text`);
 });
