@@ -384,9 +384,19 @@ class TabShare {
     this.client._follow();
     this.post({ t: 'join' });
     this.request({ signal: this.abort.signal });
+    let tick = Date.now();
     this.setTimer(() => {
+      const at = Date.now();
+      const late = at - tick > 2 * SHARE_BEAT;
+      tick = at;
+      // A tab whose own timer ran late is throttled (hidden) or was frozen itself: the leader's
+      // silence may be the same throttling, so only a tab that runs on time steals.
+      if (late) {
+        this.heard = at;
+        return;
+      }
       const silence = SHARE_SILENCE + Math.random() * SHARE_BEAT / 2; // so that the followers do not all steal at once
-      if (Date.now() - this.heard > silence) this.steal();
+      if (at - this.heard > silence) this.steal();
     });
   }
 
@@ -790,7 +800,7 @@ export class NotifyClient {
   _shareState(extra) {
     if (!this._share || !this._share.leader) return;
     this._share.post({ t: 'state', state: this.state, transport: this.transport, reason: this._lastReason, message: this._lastMessage,
-      session: this.session, user: this.user, delay: extra && extra.delay });
+      session: this.session, user: this.user, delay: extra && extra.delay, negotiated: this._negotiateOK });
   }
 
   _leaveShare() {
@@ -810,6 +820,7 @@ export class NotifyClient {
         if (m.user) this.user = m.user;
         this.session = m.session;
         if (m.transport) this._lastGood = m.transport; // a takeover starts on what works
+        if (m.negotiated) this._negotiateOK = true; // and reports to the same endpoint
         if (m.state === 'closed') {
           if (m.reason === 'client') return; // that tab closed: the next one takes over
           this._wantOpen = false;
