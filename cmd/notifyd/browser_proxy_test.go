@@ -200,7 +200,7 @@ func TestBrowserProbeUpgrade(t *testing.T) {
 	s = waitExactly(t, b, "p", sent, 10*time.Second)
 	upgraded := false
 	for _, e := range s.History {
-		upgraded = upgraded || (e.Event == "state" && e.Reason == "upgrade from sse")
+		upgraded = upgraded || (e.Event == "state" && e.Reason == "upgrade" && e.Message == "upgrade from sse")
 	}
 	if !upgraded {
 		t.Errorf("no upgrade from sse in the history: %s", s.brief())

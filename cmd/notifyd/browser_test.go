@@ -300,7 +300,7 @@ func TestBrowserServerRestart(t *testing.T) {
 	// The bye's retry_ms was honoured: the next try came no sooner.
 	byeAt, next := -1, -1
 	for i, e := range s.History {
-		if e.Event == "state" && e.Reason == "bye shutdown" && byeAt < 0 {
+		if e.Event == "state" && e.Reason == "shutdown" && e.Message == "bye shutdown" && byeAt < 0 {
 			byeAt = i
 		} else if byeAt >= 0 && e.Event == "state" && e.Reason == "retry" {
 			next = i

@@ -283,6 +283,7 @@ type demoState struct {
 		State     string  `json:"state"`
 		Transport string  `json:"transport"`
 		Reason    string  `json:"reason"`
+		Message   string  `json:"message"`
 		Role      string  `json:"role"`
 		OK        bool    `json:"ok"`
 		Ms        float64 `json:"ms"`
@@ -336,7 +337,7 @@ func (s demoState) brief() string {
 		case "attempt":
 			h = append(h, fmt.Sprintf("%s %s ok=%v %s %.0fms", e.Role, e.Transport, e.OK, e.Reason, e.Ms))
 		case "state":
-			h = append(h, fmt.Sprintf("[%s %s: %s]", e.State, e.Transport, e.Reason))
+			h = append(h, fmt.Sprintf("[%s %s: %s %q]", e.State, e.Transport, e.Reason, e.Message))
 		default:
 			h = append(h, e.Event)
 		}
