@@ -66,6 +66,7 @@ func (a *API) openSession(r *http.Request, cr connectRequest, tr realtime.Transp
 		User: cr.id.User, Device: cr.id.Device, Transport: tr,
 		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()), Network: a.sessionNetwork(r),
 	}, cr.cursor)
+	a.replaceRemote(r.Context(), cr.resume, cr.id.User)
 	if err := a.Hub.Register(s, cr.resume); err != nil {
 		if errors.Is(err, realtime.ErrTooManySessions) {
 			return nil, errorf(http.StatusTooManyRequests, "too_many_sessions", "this user has too many live sessions")

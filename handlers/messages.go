@@ -3,7 +3,6 @@ package handlers
 import (
 	"context"
 	"errors"
-	"hash/maphash"
 	"io"
 	"net/http"
 	"time"
@@ -15,8 +14,8 @@ import (
 )
 
 // handleMessages applies client messages of session s, on any transport, and
-// returns the replies a WebSocket would carry (pong, error). A read is
-// broadcast to every session of the user, s included.
+// returns the replies a WebSocket would carry (pong, error). A read reaches
+// every session of the user, s included, through the read trigger (applyRead).
 func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []realtime.ClientMessage) []realtime.Frame {
 	var replies []realtime.Frame
 	for _, m := range msgs {
@@ -40,27 +39,23 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 	return replies
 }
 
-// applyRead marks notifications read and tells every session of the user.
-// Reads of one user are serialized from the database write to the broadcast,
-// so the `unread` counts that devices see arrive in commit order and the last
-// one is the true count: badges never drift.
+// applyRead marks notifications read. The commit's NOTIFY from the read
+// trigger (migration 007) tells every session of the user on every node,
+// this one's too, as it does for a read made by an application's own SQL:
+// one path for every source. The trigger serializes the reads of one user
+// in Postgres and computes the unread count under that lock, so the counts
+// devices see arrive in commit order and the last one is the true count:
+// badges never drift.
 func (a *API) applyRead(ctx context.Context, user string, ids []string, upToSeq int64) ([]string, int64, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	mu := &a.readLocks[maphash.String(readLockSeed, user)%uint64(len(a.readLocks))]
-	mu.Lock()
-	defer mu.Unlock()
 	changed, unread, err := a.Store.MarkRead(ctx, user, ids, upToSeq)
 	if err != nil {
 		a.Log.Warn("mark read failed", "user", user, "err", err)
 		return nil, 0, err
 	}
-	a.Hub.BroadcastRead(user, changed, unread)
 	return changed, unread, nil
 }
-
-// readLockSeed spreads users over API.readLocks.
-var readLockSeed = maphash.MakeSeed()
 
 // readBody reads a request body of at most limit bytes.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
@@ -102,9 +97,21 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s, ok := a.Hub.Session(chi.URLParam(r, "session"))
+	sid := chi.URLParam(r, "session")
+	s, ok := a.Hub.Session(sid)
+	remote := false
+	if !ok {
+		// Held by another node, maybe (handlers/control.go).
+		user, found, err := a.remoteSessionUser(r, sid)
+		if err != nil {
+			a.Log.Warn("messages: session lookup failed", "session", sid, "err", err)
+			writeError(w, err)
+			return
+		}
+		ok, remote = found && user == id.User, true
+	}
 	// Another user's session answers as an unknown one: session ids are not probed.
-	if !ok || s.User != id.User {
+	if !ok || (!remote && s.User != id.User) {
 		writeError(w, errorf(http.StatusNotFound, "unknown_session", "no live session with this id"))
 		return
 	}
@@ -113,7 +120,9 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	a.Hub.Touch(s)
+	if !remote {
+		a.Hub.Touch(s)
+	}
 	msgs, err := realtime.ParseClientMessages(body)
 	if err != nil {
 		// Malformed input is an HTTP error; nothing of it is applied.
@@ -124,7 +133,12 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	replies := a.handleMessages(r.Context(), s, msgs)
+	var replies []realtime.Frame
+	if remote {
+		replies = a.handleRemoteMessages(r.Context(), id.User, sid, msgs)
+	} else {
+		replies = a.handleMessages(r.Context(), s, msgs)
+	}
 	out := messagesReply{Messages: make([]jsonFrame, len(replies))}
 	for i, f := range replies {
 		out.Messages[i] = f.JSON

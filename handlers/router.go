@@ -9,7 +9,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -69,6 +68,9 @@ type Options struct {
 	Negotiate *Negotiator
 	// MetricsAccess says who may read GET /metrics here (the API key by default).
 	MetricsAccess MetricsAccess
+	// Control reaches sessions held by other nodes (kick, resume, messages); nil
+	// knows only this node's.
+	Control Control
 }
 
 // MetricsAccess says who may read GET /metrics on the API listener.
@@ -86,8 +88,6 @@ const (
 // API holds the dependencies of every handler.
 type API struct {
 	Options
-	// readLocks serialize the reads of one user (see applyRead).
-	readLocks [64]sync.Mutex
 }
 
 // New returns the router with every endpoint of PROTOCOL.md.
