@@ -22,8 +22,7 @@ type controlLog struct {
 func listenControl(t *testing.T, s *store.Store) (*listening, *controlLog) {
 	t.Helper()
 	cl := &controlLog{}
-	var lst *listening
-	lst = startListener(t, s, func(l *store.Listener) {
+	lst := startListener(t, s, func(l *store.Listener) {
 		l.OnControl = func(ms []store.ControlMessage) {
 			cl.mu.Lock()
 			cl.msgs = append(cl.msgs, ms...)

@@ -50,10 +50,10 @@ func expectRead(t *testing.T, c transportClient, ids []string, unread int64) {
 
 // TestClusterReadReachesEveryNode: a read through node A (the API, a
 // session's read message) and an application's plain SQL UPDATE of read_at
-// reach the user's devices on both nodes, over every transport, as one
+// reach the user's devices on all three nodes, over every transport, as one
 // `read` each with the authoritative unread count, in commit order.
 func TestClusterReadReachesEveryNode(t *testing.T) {
-	nodes := startCluster(t, 2)
+	nodes := startCluster(t, 3)
 	a, b := nodes[0], nodes[1]
 	const user = "cluster-reader"
 	// One WebSocket on A (it sends a read itself), a device of every transport on B.
@@ -67,9 +67,10 @@ func TestClusterReadReachesEveryNode(t *testing.T) {
 		c.expect(t, "synced")
 		devices = append(devices, c)
 	}
+	devices = append(devices, nodes[2].liveWS(t, user))
 	var ps []publishedNote
 	for i := range 4 {
-		ps = append(ps, nodes[i%2].publish(t, user, "t", nil))
+		ps = append(ps, nodes[i%3].publish(t, user, "t", nil))
 	}
 	for _, c := range devices {
 		for _, p := range ps {
