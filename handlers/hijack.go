@@ -61,25 +61,3 @@ func responseHead(h http.Header, set map[string]string) []byte {
 	b.WriteString("\r\n")
 	return b.Bytes()
 }
-
-// growStack grows the calling goroutine's stack to 16 KiB at once, while the
-// stack is still shallow. A connect runs deep call chains (the token's JSON
-// decoding above all) on net/http's connection goroutine, which starts small:
-// the runtime starts goroutines at the average stack in use, and the idle
-// connections' goroutines use little. Grown on demand, the stack is copied
-// two or three times with every frame of the deep chain adjusted each time;
-// BenchmarkAuthClientConnect measures a connect with and without it. The
-// goroutine ends when the connect is done and takes the stack with it; only
-// transports whose handler returns then (WebSocket, SSE) call this.
-//
-//go:noinline
-func growStack() {
-	var pad [12 << 10]byte
-	touchStack(pad[:])
-}
-
-// touchStack reads b, so that growStack's frame is really made (a call the
-// compiler may not drop, reading memory it cannot prove unused).
-//
-//go:noinline
-func touchStack(b []byte) byte { return b[len(b)-1] }

@@ -28,6 +28,9 @@ type Metrics struct {
 	// WithLabelValues hashes its labels and takes the vector's lock on every call, and Written
 	// runs for every write to a client.
 	byTransport map[realtime.Transport]transportMetrics
+	// node and draining are set by RegisterNode.
+	node     string
+	draining func() bool
 }
 
 // transportMetrics are one transport's children of Metrics' vectors.
@@ -128,6 +131,26 @@ func (m *Metrics) RegisterDispatch(d DispatchStats) {
 	}
 }
 
+// RegisterNode exposes the node's identity (notifyd_node_info{node="..."} 1, and "node" in
+// /v1/stats) and whether it is draining (notifyd_draining, "draining" in /v1/stats). Call it
+// before the server serves.
+func (m *Metrics) RegisterNode(id string, draining func() bool) {
+	m.node, m.draining = id, draining
+	m.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_node_info",
+			Help: "Always 1; its node label is this node's id (NOTIFY_NODE_ID).", ConstLabels: prometheus.Labels{"node": id}},
+			func() float64 { return 1 }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_draining",
+			Help: "1 while the node drains after SIGTERM (/readyz answers 503), else 0."},
+			func() float64 {
+				if draining() {
+					return 1
+				}
+				return 0
+			}),
+	)
+}
+
 // Handler serves /metrics.
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
@@ -175,9 +198,13 @@ func (m *Metrics) Ended(reason realtime.Reason) { m.ended.WithLabelValues(string
 
 func (m *Metrics) statsExtra() map[string]any {
 	p50, p95, p99 := m.recent.percentiles()
-	return map[string]any{
+	out := map[string]any{
 		"latency_ms": map[string]float64{"p50": p50, "p95": p95, "p99": p99},
 	}
+	if m.draining != nil {
+		out["node"], out["draining"] = m.node, m.draining()
+	}
+	return out
 }
 
 // latencyRing keeps the last few thousand live delivery latencies for the

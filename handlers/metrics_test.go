@@ -55,3 +55,45 @@ func TestMetricsWritten(t *testing.T) {
 		t.Errorf("recent p50 = %v ms, want about 1000", p50)
 	}
 }
+
+// TestMetricsNode: RegisterNode exposes the node id as notifyd_node_info's label, the draining
+// state as notifyd_draining, and both in the figures /v1/stats adds.
+func TestMetricsNode(t *testing.T) {
+	m := NewMetrics(realtime.NewHub(realtime.Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, realtime.Hooks{}))
+	if _, ok := m.statsExtra()["node"]; ok {
+		t.Fatal("node in the stats before RegisterNode")
+	}
+	var draining bool
+	m.RegisterNode("web-7", func() bool { return draining })
+	gauge := func(name string) (float64, string) {
+		fams, err := m.Registry.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range fams {
+			if f.GetName() == name {
+				mt := f.GetMetric()[0]
+				labels := ""
+				for _, l := range mt.GetLabel() {
+					labels += l.GetName() + "=" + l.GetValue()
+				}
+				return mt.GetGauge().GetValue(), labels
+			}
+		}
+		t.Fatalf("no %s", name)
+		return 0, ""
+	}
+	if v, l := gauge("notifyd_node_info"); v != 1 || l != "node=web-7" {
+		t.Errorf("notifyd_node_info = %v {%s}", v, l)
+	}
+	if v, _ := gauge("notifyd_draining"); v != 0 {
+		t.Errorf("notifyd_draining = %v before the drain", v)
+	}
+	draining = true
+	if v, _ := gauge("notifyd_draining"); v != 1 {
+		t.Errorf("notifyd_draining = %v while draining", v)
+	}
+	if x := m.statsExtra(); x["node"] != "web-7" || x["draining"] != true {
+		t.Errorf("stats = %v", x)
+	}
+}

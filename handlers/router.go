@@ -68,6 +68,9 @@ type Options struct {
 	Negotiate *Negotiator
 	// MetricsAccess says who may read GET /metrics here (the API key by default).
 	MetricsAccess MetricsAccess
+	// Draining reports that the node is draining: /readyz answers 503 while everything else is
+	// served as before (the grace after SIGTERM); nil never drains.
+	Draining func() bool
 	// Control reaches sessions held by other nodes (kick, resume, messages); nil
 	// knows only this node's.
 	Control Control
@@ -145,7 +148,7 @@ func New(opt Options) http.Handler {
 func (a *API) readyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
-	if a.Hub.Closing() {
+	if a.Hub.Closing() || (a.Draining != nil && a.Draining()) {
 		writeError(w, errShuttingDown)
 		return
 	}

@@ -18,9 +18,8 @@ const (
 // frameWriter is the single writer of a session on a connection that keeps
 // no idle writer goroutine (WebSocket, and SSE on its hijacked connection):
 // a goroutine runs only while the session has frames queued, and the same
-// goroutine finishes the connection when the session ends. An idle
-// connection thus costs one goroutine, its reader, which is most of the
-// memory saved per idle session.
+// goroutine finishes the connection when the session ends. Who may write
+// when is the idle WebSocket's invariant (idlews.go); SSE follows it too.
 type frameWriter struct {
 	s   *realtime.Session
 	hub *realtime.Hub

@@ -53,31 +53,3 @@ func TestAppendTextFrameReadByGorilla(t *testing.T) {
 		t.Fatalf("after the messages: %v, want the close frame", err)
 	}
 }
-
-// isPingFrame knows the client's ping under any mask, and nothing else: not
-// another payload, an unmasked or non-final frame, or another opcode.
-func TestIsPingFrame(t *testing.T) {
-	frame := func(b0, b1 byte, mask [4]byte, payload string) []byte {
-		b := []byte{b0, b1, mask[0], mask[1], mask[2], mask[3]}
-		for i := range len(payload) {
-			b = append(b, payload[i]^mask[i%4])
-		}
-		return b
-	}
-	for _, mask := range [][4]byte{{0, 0, 0, 0}, {1, 2, 3, 4}, {0xff, 0x80, 0x7f, 0x01}} {
-		if !isPingFrame(frame(0x81, 0x8f, mask, `{"type":"ping"}`)) {
-			t.Fatalf("the ping under mask %v not known", mask)
-		}
-		for name, b := range map[string][]byte{
-			"other payload": frame(0x81, 0x8f, mask, `{"type":"pong"}`),
-			"not final":     frame(0x01, 0x8f, mask, `{"type":"ping"}`),
-			"binary":        frame(0x82, 0x8f, mask, `{"type":"ping"}`),
-			"unmasked":      frame(0x81, 0x0f, mask, `{"type":"ping"}`),
-			"close":         frame(0x88, 0x8f, mask, `{"type":"ping"}`),
-		} {
-			if len(b) == wsPingFrame && isPingFrame(b) {
-				t.Fatalf("%s (mask %v) taken for a ping", name, mask)
-			}
-		}
-	}
-}

@@ -13,38 +13,18 @@
 // and the session are sent on reconnect; duplicates are dropped by id; live
 // seq gaps are filled from the inbox API. Types: notify.d.ts beside this file.
 
-/** @typedef {'websocket'|'sse'|'longpoll'} Transport */
-/** @typedef {'idle'|'connecting'|'connected'|'reconnecting'|'closed'} State */
-
-/**
- * @typedef {object} Options
- * @property {string|(() => string|Promise<string>)} token the client JWT, or a function that returns a fresh one
- * @property {Transport[]} [transports] the ladder steps allowed, in preference order (default all three)
- * @property {number} [helloTimeout] ms a step has to deliver `hello` before it is abandoned (3000)
- * @property {boolean} [negotiate] ask GET /v1/negotiate for the order and report outcomes (true)
- * @property {number} [probeInterval] ms between probes for a better transport while on a fallback (60000)
- * @property {number} [backoffBase] ms, first reconnect delay bound (500)
- * @property {number} [backoffMax] ms, largest reconnect delay bound (30000)
- * @property {number} [pollWait] seconds a long-poll waits on the server (25)
- * @property {number} [pongTimeout] ms to wait for a pong before the connection counts as dead (10000)
- * @property {number} [cursor] the highest seq the app already holds (0)
- * @property {boolean} [autoConnect] connect at once (true)
- */
-
-/**
- * @typedef {object} Notification
- * @property {string} id
- * @property {number} seq
- * @property {string} topic
- * @property {any} data
- * @property {string} created_at
- * @property {boolean} replayed sent from the backlog on (re)connect
- * @property {boolean} [recovered] fetched from the inbox after a live seq gap
- */
+// The types are notify.d.ts's (a module path ending in .js resolves to the .d.ts beside it).
+/** @typedef {import('./notify.js').Transport} Transport */
+/** @typedef {import('./notify.js').State} State */
+/** @typedef {import('./notify.js').Options} Options */
+/** @typedef {import('./notify.js').Notification} Notification */
+/** @typedef {import('./notify.js').EventMap} EventMap */
+/** @typedef {import('./notify.js').NotifyClient} NotifyClientAPI */
 
 /** The ladder, best first. */
 export const TRANSPORTS = /** @type {Transport[]} */ (['websocket', 'sse', 'longpoll']);
 
+/** @type {Record<number, string>} */
 const CLOSE_REASONS = { 1012: 'shutdown', 4000: 'heartbeat_timeout', 4001: 'replaced', 4002: 'kicked', 4003: 'slow_consumer', 1011: 'server_error', 1009: 'message_too_big', 1008: 'policy' };
 const SEEN_LIMIT = 10000;
 const HISTORY_LIMIT = 300;
@@ -74,14 +54,29 @@ class Conn {
     this.session = null;
     this.startedAt = now();
     this.ended = false;
+    /** @type {((ok: boolean, reason: string) => void)|null} the attempt's outcome, while it is one */
+    this.settle = null;
   }
+
+  /** Opens the connection (each transport has its own). */
+  start() {}
+
+  /**
+   * Sends client messages upstream.
+   * @param {object[]} msgs
+   * @returns {Promise<void>}
+   */
+  send(msgs) { return Promise.resolve(); }
+
+  /** Releases what the transport holds (socket, stream, pending poll). */
+  teardown() {}
 
   /** @param {any} m */
   deliver(m) {
     if (this.role !== 'dead') this.client._onMessage(this, m);
   }
 
-  /** @param {{reason: string, retryMs?: number, status?: number}} info */
+  /** @param {{reason: string, retryMs?: number, status?: number, bye?: boolean}} info */
   end(info) {
     if (this.ended) return;
     this.ended = true;
@@ -98,6 +93,10 @@ class Conn {
     }
   }
 
+  /**
+   * @param {Record<string, string|number>} [extra] more query parameters
+   * @returns {string}
+   */
   query(extra) {
     const q = new URLSearchParams({ token: this.token });
     if (this.cursor > 0) q.set('cursor', String(this.cursor));
@@ -106,7 +105,10 @@ class Conn {
     return q.toString();
   }
 
-  /** POST /v1/sessions/{session}/messages (SSE and long-poll upstream). */
+  /**
+   * POST /v1/sessions/{session}/messages (SSE and long-poll upstream).
+   * @param {object[]} msgs
+   */
   async post(msgs) {
     if (!this.session) return;
     const resp = await fetch(`${this.client.url}/v1/sessions/${encodeURIComponent(this.session)}/messages`, {
@@ -137,6 +139,9 @@ class WSConn extends Conn {
     ws.onerror = () => {};
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) {
       for (const m of msgs) this.ws.send(JSON.stringify(m));
@@ -157,6 +162,7 @@ class SSEConn extends Conn {
   start() {
     const es = new EventSource(`${this.client.url}/v1/sse?${this.query()}`);
     this.es = es;
+    /** @param {MessageEvent} e */
     const onData = (e) => {
       let m;
       try { m = JSON.parse(e.data); } catch { return; }
@@ -165,11 +171,14 @@ class SSEConn extends Conn {
     for (const t of ['hello', 'notification', 'synced', 'pong', 'read', 'bye', 'message']) es.addEventListener(t, onData);
     // `event: error` from the server and the EventSource's own failure share a name.
     es.addEventListener('error', (e) => {
-      if (typeof (/** @type {any} */ (e).data) === 'string') onData(e);
+      if (e instanceof MessageEvent && typeof e.data === 'string') onData(e);
       else this.end({ reason: 'stream_error' });
     });
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) { return this.post(msgs); }
 
   teardown() {
@@ -221,6 +230,9 @@ class PollConn extends Conn {
     }
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) { return this.post(msgs); }
 
   teardown() {
@@ -234,6 +246,7 @@ const CONN = { websocket: WSConn, sse: SSEConn, longpoll: PollConn };
  * A notifyd client. Events: `state`, `connect`, `disconnect`, `notification`,
  * `read`, `unread`, `synced`, `error`, `attempt` (see notify.d.ts).
  */
+/** @implements {NotifyClientAPI} */
 export class NotifyClient {
   /**
    * @param {string} url notifyd's base URL ('' or undefined: this page's origin)
@@ -264,9 +277,13 @@ export class NotifyClient {
     /** Timings in ms since the page's time origin: start, hello, firstNotification. */
     this.timings = { start: 0, hello: 0, firstNotification: 0 };
     /** The recent state changes and attempts, oldest first (for debugging and tests). */
+    /** @type {Array<Record<string, unknown>>} */
     this.history = [];
 
+    /** @type {Map<string, Set<(arg: any) => void>>} the listeners of each event */
     this._listeners = new Map();
+    /** @type {WeakMap<(arg: any) => void, (arg: any) => void>} once()'s wrappers: wrapper -> the listener given */
+    this._onceOf = new WeakMap();
     this._seen = new Map();
     this._maxSeq = Math.max(0, Number(this.opts.cursor) || 0);
     /** @type {Array<[number, number]>} live seq ranges missing, being fetched */
@@ -283,7 +300,9 @@ export class NotifyClient {
     /** @type {Transport|null} */
     this._lastGood = null;
     this._negotiateOK = false;
+    /** @type {Record<string, ReturnType<typeof setTimeout>>} the pending timers and intervals, by name */
     this._timers = {};
+    /** @type {string[]} ids waiting to be acknowledged */
     this._acks = [];
     this._localReads = new Set();
     this._localAll = 0;
@@ -307,25 +326,45 @@ export class NotifyClient {
 
   /**
    * Subscribes to an event; returns this for chaining.
-   * @param {string} event
-   * @param {(arg: any) => void} fn
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} fn
+   * @returns {this}
    */
   on(event, fn) {
-    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
-    this._listeners.get(event).add(fn);
+    let set = this._listeners.get(event);
+    if (!set) this._listeners.set(event, (set = new Set()));
+    set.add(fn);
     return this;
   }
 
-  /** Unsubscribes fn (or every listener of event). */
+  /**
+   * Unsubscribes fn, also when once() added it (or every listener of event).
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} [fn]
+   * @returns {this}
+   */
   off(event, fn) {
+    const set = this._listeners.get(event);
     if (!fn) this._listeners.delete(event);
-    else if (this._listeners.has(event)) this._listeners.get(event).delete(fn);
+    else if (set) {
+      for (const l of set) if (l === fn || this._onceOf.get(l) === fn) set.delete(l);
+    }
     return this;
   }
 
-  /** Subscribes for one call. */
+  /**
+   * Subscribes for one call.
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} fn
+   * @returns {this}
+   */
   once(event, fn) {
+    /** @param {EventMap[K]} arg */
     const wrap = (arg) => { this.off(event, wrap); fn(arg); };
+    this._onceOf.set(wrap, fn);
     return this.on(event, wrap);
   }
 
@@ -391,6 +430,10 @@ export class NotifyClient {
 
   // ---- events and state ----------------------------------------------------
 
+  /**
+   * @param {string} event
+   * @param {any} arg
+   */
   _emit(event, arg) {
     const set = this._listeners.get(event);
     if (!set) return;
@@ -399,6 +442,9 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * @param {Record<string, unknown>} entry
+   */
   _record(entry) {
     this.history.push({ t: Math.round(now()), ...entry });
     if (this.history.length > HISTORY_LIMIT) this.history.shift();
@@ -408,16 +454,23 @@ export class NotifyClient {
    * @param {State} state
    * @param {Transport|null} transport
    * @param {string} reason
+   * @param {{delay?: number}} [extra]
+   *
+   * Every call is kept in the history; a `state` event fires only when the
+   * state or the transport changes.
    */
   _setState(state, transport, reason, extra) {
     const previous = { state: this.state, transport: this.transport };
     this.state = state;
     this.transport = transport;
-    const ev = { state, transport, reason, previous, ...extra };
     this._record({ event: 'state', state, transport, reason, ...extra });
-    this._emit('state', ev);
+    if (previous.state === state && previous.transport === transport) return;
+    this._emit('state', { state, transport, reason, previous, ...extra });
   }
 
+  /**
+   * @param {string} name a key of _timers
+   */
   _clear(name) {
     if (this._timers[name]) {
       clearTimeout(this._timers[name]);
@@ -433,7 +486,10 @@ export class NotifyClient {
 
   // ---- the ladder ------------------------------------------------------------
 
-  /** One pass down the ladder; on failure, schedules the next pass. */
+  /**
+   * One pass down the ladder; on failure, schedules the next pass.
+   * @param {string} reason
+   */
   async _runLadder(reason) {
     const pass = this._pass;
     const live = () => this._wantOpen && pass === this._pass;
@@ -497,6 +553,10 @@ export class NotifyClient {
    * Opens one transport and waits for its hello (or failure, or helloTimeout).
    * On hello the connection is promoted synchronously, so the messages after
    * hello in the same batch already go to the new primary.
+   * @param {Transport} transport
+   * @param {string} token
+   * @param {string|null} session the session to resume
+   * @param {'attempt'|'probe'} role
    * @returns {Promise<{ok: boolean, reason: string, conn?: Conn}>}
    */
   _attempt(transport, token, session, role) {
@@ -504,6 +564,7 @@ export class NotifyClient {
       const conn = new CONN[transport](this, transport, { token, cursor: this.cursor, session, role });
       const timer = setTimeout(() => done(false, 'timeout'), this.opts.helloTimeout);
       let settled = false;
+      /** @param {boolean} ok @param {string} reason */
       const done = (ok, reason) => {
         if (settled) return;
         settled = true;
@@ -526,7 +587,11 @@ export class NotifyClient {
     });
   }
 
-  /** GET /v1/negotiate: the learned order, null when unreachable. */
+  /**
+   * GET /v1/negotiate: the learned order, null when unreachable.
+   * @param {string} token
+   * @returns {Promise<{order: Transport[], learned?: boolean}|'unauthorized'|null>}
+   */
   async _negotiate(token) {
     const ac = new AbortController();
     const timer = setTimeout(() => ac.abort(), 1500);
@@ -547,7 +612,11 @@ export class NotifyClient {
     }
   }
 
-  /** POST /v1/negotiate: what worked and what did not (fire and forget). */
+  /**
+   * POST /v1/negotiate: what worked and what did not (fire and forget).
+   * @param {string} token
+   * @param {Array<{transport: Transport, ok: boolean, reason: string}>} outcomes
+   */
   _report(token, outcomes) {
     if (!this.opts.negotiate || !this._negotiateOK || outcomes.length === 0) return;
     fetch(`${this.url}/v1/negotiate`, {
@@ -605,6 +674,9 @@ export class NotifyClient {
     }, delay);
   }
 
+  /**
+   * @param {string} reason
+   */
   _reconnectNow(reason) {
     this._clear('reconnect');
     this._pass++;
@@ -614,7 +686,7 @@ export class NotifyClient {
   // ---- probing for a better transport ---------------------------------------
 
   _better() {
-    const cur = this.opts.transports.indexOf(this.transport);
+    const cur = this.transport ? this.opts.transports.indexOf(this.transport) : -1;
     return cur > 0 ? this.opts.transports.slice(0, cur) : [];
   }
 
@@ -652,7 +724,11 @@ export class NotifyClient {
 
   // ---- connection events ------------------------------------------------------
 
-  /** Makes conn the primary on its hello. */
+  /**
+   * Makes conn the primary on its hello.
+   * @param {Conn} conn
+   * @param {any} hello the hello message
+   */
   _promote(conn, hello) {
     if (!this._wantOpen) {
       conn.close();
@@ -693,6 +769,9 @@ export class NotifyClient {
     this._acks = [];
   }
 
+  /**
+   * @param {Conn} conn
+   */
   _ping(conn) {
     if (conn !== this._conn) return;
     if (!this._timers.pong) {
@@ -705,7 +784,11 @@ export class NotifyClient {
     conn.send([{ type: 'ping' }]).catch(() => {});
   }
 
-  /** A message from conn. */
+  /**
+   * A message from conn.
+   * @param {Conn} conn
+   * @param {any} m a server message
+   */
   _onMessage(conn, m) {
     if (!m || typeof m.type !== 'string') return;
     if (m.type === 'hello') {
@@ -733,7 +816,11 @@ export class NotifyClient {
     }
   }
 
-  /** conn ended (failed, closed by the server or the network). */
+  /**
+   * conn ended (failed, closed by the server or the network).
+   * @param {Conn} conn
+   * @param {{reason: string, retryMs?: number, status?: number, bye?: boolean}} info
+   */
   _onEnd(conn, info) {
     if (conn.role === 'attempt' || conn.role === 'probe') {
       if (conn.settle) conn.settle(false, info.reason);
@@ -754,11 +841,17 @@ export class NotifyClient {
     this._scheduleReconnect(info.retryMs ?? null, info.bye ? `bye ${info.reason}` : info.reason);
   }
 
+  /**
+   * @param {string} id
+   */
   _remember(id) {
     this._seen.set(id, true);
     if (this._seen.size > SEEN_LIMIT) this._seen.delete(this._seen.keys().next().value);
   }
 
+  /**
+   * @param {Notification} m
+   */
   _onNotification(m) {
     this._queueAck(m.id);
     const live = this._synced && !m.replayed;
@@ -775,6 +868,9 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * @param {{cursor: number, unread: number, truncated?: boolean}} m
+   */
   _onSynced(m) {
     this._synced = true;
     // The replay covered everything unread above the cursor this connection sent.
@@ -785,6 +881,9 @@ export class NotifyClient {
     this._emit('unread', this.unread);
   }
 
+  /**
+   * @param {{ids?: string[], unread?: number}} m
+   */
   _onRead(m) {
     const ids = m.ids || [];
     const local = this._localAll > 0 || (ids.length > 0 && ids.every((id) => this._localReads.has(id)));
@@ -832,6 +931,8 @@ export class NotifyClient {
    * Fetches the unread notifications with seq in [from, to] from the inbox
    * (seqs are dense per user: a live jump means something was missed; read
    * ones are skipped, as a replay skips them). The connection stays up.
+   * @param {number} from
+   * @param {number} to
    */
   async _fillGap(from, to) {
     const gap = /** @type {[number, number]} */ ([from, to]);
@@ -851,6 +952,7 @@ export class NotifyClient {
         if (!resp.ok) throw new Error(`inbox: HTTP ${resp.status}`);
         const body = await resp.json();
         unread = body.unread;
+        /** @type {Array<{id: string, seq: number, topic: string, data: unknown, created_at: string}>} */
         const items = body.notifications || [];
         for (const n of items) if (n.seq >= from && n.seq <= to) found.push(n);
         if (items.length < limit && !body.truncated) break; // truncated: cut by bytes, more below
@@ -877,8 +979,14 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * @param {string} id
+   */
   _queueAck(id) { this._queueAcks([id]); }
 
+  /**
+   * @param {string[]} ids
+   */
   _queueAcks(ids) {
     const c = this._conn;
     // A poll acknowledges everything up to its cursor: no ack messages there.
@@ -896,6 +1004,10 @@ export class NotifyClient {
     }, 25);
   }
 
+  /**
+   * @param {{ids: string[]}|{up_to_seq: number}} body
+   * @returns {Promise<{ids: string[], unread: number}>}
+   */
   async _read(body) {
     const token = await this._token();
     const user = this.user || userOfToken(token);
@@ -914,6 +1026,10 @@ export class NotifyClient {
     return out;
   }
 
+  /**
+   * @param {string} session
+   * @param {string} token
+   */
   _kickSession(session, token) {
     fetch(`${this.url}/v1/sessions/${encodeURIComponent(session)}`, {
       method: 'DELETE', cache: 'no-store', keepalive: true, headers: { Authorization: `Bearer ${token}` },
@@ -921,7 +1037,11 @@ export class NotifyClient {
   }
 }
 
-/** The `sub` of a JWT, without checking it (the server does). */
+/**
+ * The `sub` of a JWT, without checking it (the server does).
+ * @param {string} token
+ * @returns {string}
+ */
 function userOfToken(token) {
   try {
     const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');

@@ -51,6 +51,7 @@ func (cl *controlLog) wait(t *testing.T, n int) []store.ControlMessage {
 }
 
 func TestControlParseFormatRoundTrip(t *testing.T) {
+	t.Parallel()
 	msgs := []store.ControlMessage{
 		{Kind: store.ControlRead, User: "u\twith tab", Unread: 3, IDs: []string{"a", "b"}},
 		{Kind: store.ControlRead, User: "v", Unread: 0},
@@ -139,6 +140,7 @@ func FuzzParseControl(f *testing.F) {
 // order) and the authoritative unread count; marking unread again announces
 // the count alone; an UPDATE of another column announces nothing.
 func TestReadTriggerSQLUpdate(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	ps := mustPublish(t, s, note("alice"), note("alice"), note("alice"), note("bob"))
@@ -181,6 +183,7 @@ func TestReadTriggerSQLUpdate(t *testing.T) {
 // TestReadTriggerLargeRead: a read of more ids than a payload holds is sent
 // as a range, which ReadIDs resolves to exactly the ids read, in seq order.
 func TestReadTriggerLargeRead(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	var batch []store.NewNotification
@@ -212,6 +215,7 @@ func TestReadTriggerLargeRead(t *testing.T) {
 // in its own transaction: the count of the read announced last is the true
 // final count (the trigger serializes them on the user's counter row).
 func TestReadTriggerConcurrentCounts(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	var batch []store.NewNotification
@@ -242,6 +246,7 @@ func TestReadTriggerConcurrentCounts(t *testing.T) {
 // history row and sends its message to every node; unknown sessions, ended
 // ones and other users' are not found.
 func TestControlKickReplaceTouch(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	app := connect(t, s)

@@ -31,6 +31,7 @@ func seqs(ns []store.Notification) []int64 {
 }
 
 func TestReplay(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	ps := publishN(t, s, "u", 10) // seqs 1..10
@@ -81,6 +82,7 @@ func TestReplay(t *testing.T) {
 // statements, and each still gets exactly its own user's rows above its own
 // cursor, its own count and its own truncation.
 func TestReplayConcurrentShareStatements(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	const users = 40
@@ -132,6 +134,7 @@ func TestReplayConcurrentShareStatements(t *testing.T) {
 }
 
 func TestMarkRead(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	ps := publishN(t, s, "u", 6)
@@ -173,6 +176,7 @@ func TestMarkRead(t *testing.T) {
 }
 
 func TestInbox(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	ps := publishN(t, s, "u", 25)
@@ -214,6 +218,7 @@ func TestInbox(t *testing.T) {
 }
 
 func TestFetchAndAfter(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	publishN(t, s, "b", 5)
@@ -252,6 +257,7 @@ func TestFetchAndAfter(t *testing.T) {
 }
 
 func TestEndStaleSessions(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	now := time.Now().Truncate(time.Microsecond)
@@ -261,15 +267,29 @@ func TestEndStaleSessions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := s.EndStaleSessions(ctx, "crash")
-	if err != nil || n != 2 {
+	// Rows of this node and of no node are its own; another node's open row is left alone.
+	if _, err := s.Pool().Exec(ctx, `INSERT INTO session_history (id, session_id, user_id, transport, connected_at, node_id)
+		VALUES ($1, 's4', 'u', 'sse', $3, 'me'), ($2, 'other', 'u', 'sse', $3, 'other-node')`,
+		uuid.NewString(), uuid.NewString(), now.Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	n, err := s.EndStaleSessions(ctx, "me", "crash")
+	if err != nil || n != 3 {
 		t.Fatalf("ended %d, %v", n, err)
+	}
+	var otherOpen bool
+	if err := s.Pool().QueryRow(ctx, `SELECT ended_at IS NULL FROM session_history WHERE session_id = 'other'`).Scan(&otherOpen); err != nil || !otherOpen {
+		t.Fatalf("the other node's row was closed (%v, %v)", otherOpen, err)
+	}
+	if _, err := s.Pool().Exec(ctx, `DELETE FROM session_history WHERE session_id = 'other'`); err != nil {
+		t.Fatal(err)
 	}
 	var bad int
 	if err := s.Pool().QueryRow(ctx, `SELECT count(*) FROM session_history WHERE ended_at IS NULL
 		OR (session_id = 's1' AND (ended_at <> connected_at OR end_reason <> 'crash'))
 		OR (session_id = 's2' AND ended_at <> last_seen_at)
-		OR (session_id = 's3' AND end_reason IS NOT NULL)`).Scan(&bad); err != nil || bad != 0 {
+		OR (session_id = 's3' AND end_reason IS NOT NULL)
+		OR (session_id = 's4' AND end_reason <> 'crash')`).Scan(&bad); err != nil || bad != 0 {
 		t.Fatalf("bad rows %d, %v", bad, err)
 	}
 }

@@ -80,47 +80,9 @@ type RecorderOptions struct {
 	// MaxBatch is the most records written in one flush (one implicit transaction);
 	// a queue reaching it triggers a flush early.
 	MaxBatch int
-}
-
-type recKind uint8
-
-const (
-	kindDelivery recKind = iota
-	kindAck
-	kindStart
-	kindEnd
-)
-
-// recQueue is a FIFO of records: order holds the kinds in arrival order, the typed slices the
-// records of each kind in arrival order (so no record is boxed).
-type recQueue struct {
-	order  []recKind
-	deliv  []Delivery
-	acks   []Ack
-	starts []SessionStart
-	ends   []SessionEnd
-}
-
-// popFront removes and returns the first n records (all if fewer).
-func (q *recQueue) popFront(n int) recQueue {
-	n = min(n, len(q.order))
-	var cnt [4]int
-	for _, k := range q.order[:n] {
-		cnt[k]++
-	}
-	head := recQueue{
-		order:  q.order[:n:n],
-		deliv:  q.deliv[:cnt[kindDelivery]:cnt[kindDelivery]],
-		acks:   q.acks[:cnt[kindAck]:cnt[kindAck]],
-		starts: q.starts[:cnt[kindStart]:cnt[kindStart]],
-		ends:   q.ends[:cnt[kindEnd]:cnt[kindEnd]],
-	}
-	q.order = q.order[n:]
-	q.deliv = q.deliv[cnt[kindDelivery]:]
-	q.acks = q.acks[cnt[kindAck]:]
-	q.starts = q.starts[cnt[kindStart]:]
-	q.ends = q.ends[cnt[kindEnd]:]
-	return head
+	// NodeID is written into every session_history row it starts (the node serving the
+	// session); empty leaves node_id NULL.
+	NodeID string
 }
 
 // Recorder writes delivery records and session history off the hot path: the recording
@@ -131,7 +93,7 @@ type Recorder struct {
 	opt RecorderOptions
 
 	mu      sync.Mutex
-	q       recQueue
+	q       []any // Delivery, Ack, SessionStart and SessionEnd records, in arrival order
 	closed  bool
 	running bool
 
@@ -178,7 +140,7 @@ func (r *Recorder) Delivered(d Delivery) {
 	if d.At.IsZero() {
 		d.At = time.Now()
 	}
-	r.enqueue(kindDelivery, func(q *recQueue) { q.deliv = append(q.deliv, d) })
+	r.enqueue(d)
 }
 
 // Acked queues an ack (sets acked_at of the delivery). It never blocks; see Delivered.
@@ -186,7 +148,7 @@ func (r *Recorder) Acked(a Ack) {
 	if a.At.IsZero() {
 		a.At = time.Now()
 	}
-	r.enqueue(kindAck, func(q *recQueue) { q.acks = append(q.acks, a) })
+	r.enqueue(a)
 }
 
 // SessionStarted queues a session_history row. It never blocks; see Delivered.
@@ -194,7 +156,7 @@ func (r *Recorder) SessionStarted(s SessionStart) {
 	if s.ConnectedAt.IsZero() {
 		s.ConnectedAt = time.Now()
 	}
-	r.enqueue(kindStart, func(q *recQueue) { q.starts = append(q.starts, s) })
+	r.enqueue(s)
 }
 
 // SessionEnded queues the end of a session_history row. It never blocks; see Delivered.
@@ -202,19 +164,21 @@ func (r *Recorder) SessionEnded(e SessionEnd) {
 	if e.EndedAt.IsZero() {
 		e.EndedAt = time.Now()
 	}
-	r.enqueue(kindEnd, func(q *recQueue) { q.ends = append(q.ends, e) })
+	r.enqueue(e)
 }
 
-func (r *Recorder) enqueue(k recKind, add func(*recQueue)) {
+// enqueue queues one record. The queue holds each record boxed, which
+// BenchmarkRecorderQueue shows cheaper than a typed slice per kind: those
+// slices of large structs regrow after every flush.
+func (r *Recorder) enqueue(rec any) {
 	r.mu.Lock()
-	if r.closed || len(r.q.order) >= r.opt.Buffer {
+	if r.closed || len(r.q) >= r.opt.Buffer {
 		r.mu.Unlock()
 		r.drop(1, "buffer full")
 		return
 	}
-	r.q.order = append(r.q.order, k)
-	add(&r.q)
-	n := len(r.q.order)
+	r.q = append(r.q, rec)
+	n := len(r.q)
 	r.mu.Unlock()
 	if n >= r.opt.MaxBatch {
 		select {
@@ -301,12 +265,14 @@ func (r *Recorder) flushAll(ctx context.Context) {
 	defer r.flushMu.Unlock()
 	for {
 		r.mu.Lock()
-		chunk := r.q.popFront(r.opt.MaxBatch)
-		if len(r.q.order) == 0 {
-			r.q = recQueue{} // release the backing arrays
+		n := min(r.opt.MaxBatch, len(r.q))
+		chunk := r.q[:n:n]
+		r.q = r.q[n:]
+		if len(r.q) == 0 {
+			r.q = nil // release the backing array
 		}
 		r.mu.Unlock()
-		if len(chunk.order) == 0 && len(r.carry) == 0 {
+		if len(chunk) == 0 && len(r.carry) == 0 {
 			return
 		}
 		r.flush(ctx, chunk)
@@ -317,10 +283,10 @@ func (r *Recorder) flushAll(ctx context.Context) {
 // queue before the delivery it acknowledges (the client answers while the transport is still
 // reporting what it wrote), so an ack that matched no delivery gets a second try with the next
 // chunk; after that it is counted as unmatched (Unmatched), not as dropped.
-func (r *Recorder) flush(ctx context.Context, q recQueue) {
+func (r *Recorder) flush(ctx context.Context, q []any) {
 	carried := r.carry
 	r.carry = nil
-	b := &recorderBatch{delivered: r.delivered}
+	b := &recorderBatch{delivered: r.delivered, node: r.opt.NodeID}
 	n, invalid := b.build(q, carried)
 	if invalid > 0 {
 		r.drop(invalid, "invalid records")
@@ -404,6 +370,7 @@ type ackKey struct{ nid, sid string }
 // chunk are folded into it (no UPDATE).
 type recorderBatch struct {
 	delivered map[string]int64 // highest seq recorded per session (read only here)
+	node      string           // RecorderOptions.NodeID
 
 	startIDs, startSids, startUsers, startDevices, startTransports, startAddrs, startAgents []string
 	startAt                                                                                 []time.Time
@@ -440,8 +407,12 @@ func (b *recorderBatch) dayRange() (time.Time, time.Time) {
 
 // build fills b from q and the carried acks; it returns the number of valid records of q and
 // of invalid ones (bad uuids) left out.
-func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
-	for _, s := range q.starts {
+func (b *recorderBatch) build(q []any, carried []Ack) (n, invalid int) {
+	for _, rec := range q {
+		s, ok := rec.(SessionStart)
+		if !ok {
+			continue
+		}
 		if !validUUID(s.RowID) {
 			invalid++
 			continue
@@ -460,8 +431,12 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 	// Deliveries, the first of a (notification, session) only. A session is sent its seqs in
 	// increasing order, each once, so a delivery at or below the highest seq recorded for its
 	// session before is a repeat; so is a second one in this chunk.
-	first := make(map[ackKey]int, len(q.deliv))
-	for _, d := range q.deliv {
+	first := make(map[ackKey]int, len(q))
+	for _, rec := range q {
+		d, ok := rec.(Delivery)
+		if !ok {
+			continue
+		}
 		if !validUUID(d.NotificationID) {
 			invalid++
 			continue
@@ -499,7 +474,12 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 		}
 	}
 
-	all := append(carried[:len(carried):len(carried)], q.acks...)
+	all := carried[:len(carried):len(carried)]
+	for _, rec := range q {
+		if a, ok := rec.(Ack); ok {
+			all = append(all, a)
+		}
+	}
 	for i, a := range all {
 		isNew := i >= len(carried)
 		if !validUUID(a.NotificationID) {
@@ -518,7 +498,11 @@ func (b *recorderBatch) build(q recQueue, carried []Ack) (n, invalid int) {
 		b.ackWasCarried = append(b.ackWasCarried, !isNew)
 	}
 
-	for _, e := range q.ends {
+	for _, rec := range q {
+		e, ok := rec.(SessionEnd)
+		if !ok {
+			continue
+		}
 		if !validUUID(e.RowID) {
 			invalid++
 			continue
@@ -554,12 +538,12 @@ func (b *recorderBatch) batch(matched map[ackKey]bool) *pgx.Batch {
 	// millisecond per flush) are costed for the arrays at hand and the tables as they are.
 	pb.Queue(customPlanSQL)
 	if len(b.startIDs) > 0 {
-		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at)
-			SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at
+		pb.Queue(`INSERT INTO session_history (id, session_id, user_id, device, transport, remote_addr, user_agent, connected_at, node_id)
+			SELECT id::uuid, sid, uid, dev, tr, nullif(addr, ''), nullif(ua, ''), at, nullif($9, '')
 			FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
 				AS t(id, sid, uid, dev, tr, addr, ua, at)
 			ON CONFLICT (id) DO NOTHING`,
-			b.startIDs, b.startSids, b.startUsers, b.startDevices, b.startTransports, b.startAddrs, b.startAgents, b.startAt)
+			b.startIDs, b.startSids, b.startUsers, b.startDevices, b.startTransports, b.startAddrs, b.startAgents, b.startAt, b.node)
 	}
 	if len(b.delNids) > 0 {
 		// One row per notification and session: build drops repeats (by the session's highest

@@ -35,6 +35,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 }
 
 func TestRecorderRecords(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ps := publishN(t, s, "u", 20)
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: 20 * time.Millisecond, MaxBatch: 7})
@@ -88,6 +89,7 @@ func TestRecorderRecords(t *testing.T) {
 }
 
 func TestRecorderCloseFlushes(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ps := publishN(t, s, "u", 50)
 	for _, mode := range []string{"running", "ctx-ended", "never-ran"} {
@@ -136,6 +138,7 @@ func (h *countingHandler) Handle(ctx context.Context, rec slog.Record) error {
 }
 
 func TestRecorderFullBufferDrops(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	p := publishN(t, s, "u", 1)[0]
 	h := &countingHandler{Handler: slog.DiscardHandler}
@@ -167,6 +170,7 @@ func TestRecorderFullBufferDrops(t *testing.T) {
 }
 
 func TestRecorderFailedFlushDrops(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	h := &countingHandler{Handler: slog.DiscardHandler}
 	r := store.NewRecorder(s, slog.New(h), store.RecorderOptions{FlushEvery: time.Hour})

@@ -57,7 +57,7 @@ var reportQueries = []struct{ name, title, sql string }{
 		FROM report_read_latency($1, interval '1 day', $2)`},
 	{"sessions", "Connections by transport: durations (s) and how they ended", `
 		SELECT transport, sessions, open, p50_s, p90_s, max_s, client_close, heartbeat_timeout, kicked, replaced,
-			slow_consumer, shutdown, error, restart
+			slow_consumer, shutdown, error, restart, node_lost
 		FROM report_sessions($1, $2)`},
 	{"transports", "Transports users end up on (their latest connection)", `
 		SELECT transport, users, pct_users::float8, never_websocket

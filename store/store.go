@@ -250,14 +250,17 @@ func (s *Store) Close() {
 	s.pool.Close()
 }
 
-// EndStaleSessions marks session_history rows that never ended (a crash, a kill) as ended at
-// their last sign of life (last_seen_at, else connected_at) with the given reason. Call it at
-// startup, before sessions are accepted. It returns the number of rows changed.
-func (s *Store) EndStaleSessions(ctx context.Context, reason string) (int64, error) {
+// EndStaleSessions marks the session_history rows of node nodeID that never ended (a crash,
+// a kill) as ended at their last sign of life (last_seen_at, else connected_at) with the given
+// reason; rows without a node (written before nodes existed) count as its own. Other nodes'
+// rows are left alone: they are live, or closed by ReapDead once their node's lease lapses.
+// Call it at startup, after the node registered and before sessions are accepted. It returns
+// the number of rows changed.
+func (s *Store) EndStaleSessions(ctx context.Context, nodeID, reason string) (int64, error) {
 	tag, err := s.pool.Exec(ctx, `
 		UPDATE session_history
-		SET ended_at = coalesce(last_seen_at, connected_at), end_reason = $1
-		WHERE ended_at IS NULL`, reason)
+		SET ended_at = coalesce(last_seen_at, connected_at), end_reason = $2
+		WHERE ended_at IS NULL AND (node_id = $1 OR node_id IS NULL)`, nodeID, reason)
 	if err != nil {
 		return 0, fmt.Errorf("store: end stale sessions: %w", err)
 	}

@@ -21,9 +21,13 @@ mkdir -p "$OUT/bin"
 .ci/pg-up
 $GO build -o "$OUT/bin/" ./cmd/notifyd ./cmd/notifybench
 
-# The Go benchmarks that carry a target (sweep cost at 1M sessions) and the
-# store's publish paths; BENCH_GO_ALL=1 runs every package's benchmarks
-# (cmd/notifyd's alone take several minutes).
+# The Go benchmarks that carry a target (sweep cost at 1M sessions), the
+# store's publish paths, and the side-by-side benchmarks of the low-level
+# tricks, each with and without it in one run: the sweep's read-ahead
+# (BenchmarkSweepReadAhead, in the Sweep run), the recorder's queue
+# (BenchmarkRecorderQueue, in the store run) and growStack
+# (BenchmarkAuthClientConnect). BENCH_GO_ALL=1 runs every package's
+# benchmarks (cmd/notifyd's alone take several minutes).
 if [ "$GOBENCH" = 1 ]; then
   echo "== Go benchmarks" >&2
   if [ "${BENCH_GO_ALL:-0}" = 1 ]; then
@@ -34,7 +38,8 @@ if [ "$GOBENCH" = 1 ]; then
     # of the sweep, since at a million sessions one run moves with whatever
     # else the machine does (report the median).
     { $GO test -run '^$' -bench 'Sweep' -benchtime 30x -benchmem -count=3 -timeout 10m ./handlers/realtime
-      $GO test -run '^$' -bench . -benchtime 20x -benchmem -count=1 -timeout 10m ./store; } | tee "$OUT/gobench.txt"
+      $GO test -run '^$' -bench . -benchtime 20x -benchmem -count=1 -timeout 10m ./store
+      $GO test -run '^$' -bench 'AuthClientConnect' -benchmem -count=3 -timeout 10m ./handlers; } | tee "$OUT/gobench.txt"
   fi
 fi
 

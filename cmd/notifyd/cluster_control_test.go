@@ -14,16 +14,15 @@ import (
 	"github.com/notifyd/notifyd/store/storetest"
 )
 
-// startCluster starts n whole notifyd nodes on one Postgres schema, as
-// several processes behind a load balancer share one database. They are
-// started one after the other before any session connects (a starting node
-// closes the session history left open in its schema).
+// startCluster starts n whole notifyd nodes (node-0, node-1, …) on one
+// Postgres schema, as several processes behind a load balancer share one
+// database.
 func startCluster(t *testing.T, n int) []*testServer {
 	t.Helper()
 	dbURL := storetest.URL(t)
 	nodes := make([]*testServer, n)
 	for i := range nodes {
-		nodes[i] = startServerOn(t, dbURL)
+		nodes[i] = startServerOn(t, dbURL, func(c *Config) { c.NodeID = fmt.Sprintf("node-%d", i) })
 	}
 	return nodes
 }
@@ -53,6 +52,7 @@ func expectRead(t *testing.T, c transportClient, ids []string, unread int64) {
 // reach the user's devices on all three nodes, over every transport, as one
 // `read` each with the authoritative unread count, in commit order.
 func TestClusterReadReachesEveryNode(t *testing.T) {
+	t.Parallel()
 	nodes := startCluster(t, 3)
 	a, b := nodes[0], nodes[1]
 	const user = "cluster-reader"
@@ -120,6 +120,7 @@ func TestClusterReadReachesEveryNode(t *testing.T) {
 // device sees the reads in commit order, so the last count it gets is the
 // true one.
 func TestClusterReadOrder(t *testing.T) {
+	t.Parallel()
 	nodes := startCluster(t, 2)
 	const user = "cluster-order"
 	var devices []*wsClient
@@ -164,6 +165,7 @@ func TestClusterReadOrder(t *testing.T) {
 // A, over every transport: `bye kicked`, WebSocket close 4002, gone from A's
 // presence; another user's token and unknown ids answer 404.
 func TestClusterKick(t *testing.T) {
+	t.Parallel()
 	nodes := startCluster(t, 2)
 	a, b := nodes[0], nodes[1]
 	for _, tr := range allTransports {
@@ -215,6 +217,7 @@ func TestClusterKick(t *testing.T) {
 // says it) and gets the replay above its cursor, and the device is counted
 // once: by the nodes' presence and by the open history rows.
 func TestClusterResume(t *testing.T) {
+	t.Parallel()
 	nodes := startCluster(t, 2)
 	a, b := nodes[0], nodes[1]
 	for _, from := range allTransports {
@@ -290,6 +293,7 @@ func TestClusterResume(t *testing.T) {
 // is recorded, read reaches the device; another user's token and unknown
 // ids answer 404.
 func TestClusterMessages(t *testing.T) {
+	t.Parallel()
 	nodes := startCluster(t, 2)
 	a, b := nodes[0], nodes[1]
 	const user = "cluster-messages"

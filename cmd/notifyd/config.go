@@ -1,6 +1,8 @@
 package main
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -56,6 +58,15 @@ type Config struct {
 	MaxTokenTTL time.Duration
 	// Metrics says who may read /metrics (NOTIFY_METRICS): "api-key" (the default), "debug" or "public".
 	Metrics string
+	// NodeID names this node of the cluster (NOTIFY_NODE_ID); empty: Main.Start makes one of the
+	// hostname and a random suffix (defaultNodeID), new for every process.
+	NodeID string
+	// NodeLease is how long the node's lease in Postgres lasts after each renewal (renewed every
+	// fifth of it); a node that stops renewing is declared dead after about 1.2 times it.
+	NodeLease time.Duration
+	// DrainGrace is how long a node keeps serving after SIGTERM with /readyz answering 503,
+	// before it ends its sessions; zero skips it. ShutdownTimeout runs after it.
+	DrainGrace time.Duration
 }
 
 // defaults holds the value of every setting the environment leaves unset; it is the one place
@@ -88,6 +99,8 @@ var defaults = Config{
 	InboxMaxBytes:      4 << 20,
 	MaxTokenTTL:        DefaultMaxTokenTTL,
 	Metrics:            metricsAPIKey,
+	NodeLease:          store.DefaultNodeLease,
+	DrainGrace:         5 * time.Second,
 }
 
 // maxSessionFrames bounds QueueLimit + ReplayLimit, the frames one session may have queued
@@ -128,6 +141,13 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		}
 		return d
 	}
+	// durOrZero is dur that also takes 0 (off).
+	durOrZero := func(name string, def time.Duration) time.Duration {
+		if v := strings.TrimSpace(getenv(name)); v == "0" || v == "0s" {
+			return 0
+		}
+		return dur(name, def)
+	}
 	num := func(name string, def int) int {
 		v := getenv(name)
 		if v == "" {
@@ -160,6 +180,12 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		RetentionDelivery:  dur("NOTIFY_RETENTION_DELIVERIES", d.RetentionDelivery),
 		RetentionEvery:     dur("NOTIFY_RETENTION_EVERY", d.RetentionEvery),
 		LogLevel:           str("NOTIFY_LOG_LEVEL", d.LogLevel),
+		NodeID:             str("NOTIFY_NODE_ID", d.NodeID),
+		NodeLease:          dur("NOTIFY_NODE_LEASE", d.NodeLease),
+		DrainGrace:         durOrZero("NOTIFY_DRAIN_GRACE", d.DrainGrace),
+	}
+	if c.NodeID != "" && !store.ValidNodeID(c.NodeID) {
+		errs = append(errs, fmt.Errorf("NOTIFY_NODE_ID=%q: want 1 to 64 letters, digits, '.', '_' or '-'", c.NodeID))
 	}
 	c.ReplayMaxBytes = num("NOTIFY_REPLAY_MAX_BYTES", d.ReplayMaxBytes)
 	c.InboxMaxBytes = num("NOTIFY_INBOX_MAX_BYTES", d.InboxMaxBytes)
@@ -251,4 +277,27 @@ func metricsAccess(setting string) handlers.MetricsAccess {
 		return handlers.MetricsOff
 	}
 	return handlers.MetricsAPIKey
+}
+
+// defaultNodeID is the node id of a process started without NOTIFY_NODE_ID: the hostname (its
+// characters a node id cannot hold made '-', cut to leave room) and 6 random hex digits, so
+// that two processes on one host, or a restarted container, never share an id.
+func defaultNodeID(hostname string) string {
+	var b strings.Builder
+	for _, r := range hostname {
+		if b.Len() == 57 {
+			break
+		}
+		if r < 128 && store.ValidNodeID(string(r)) {
+			b.WriteRune(r)
+		} else {
+			b.WriteByte('-')
+		}
+	}
+	if b.Len() == 0 {
+		b.WriteString("notifyd")
+	}
+	var suffix [3]byte
+	_, _ = rand.Read(suffix[:])
+	return b.String() + "-" + hex.EncodeToString(suffix[:])
 }

@@ -44,6 +44,13 @@ func TestConfigDefaultsAgree(t *testing.T) {
 		t.Errorf("retention %s/%s, store's %s/%s", defaults.RetentionRead, defaults.RetentionDelivery,
 			store.DefaultRetentionRead, store.DefaultRetentionDeliveries)
 	}
+	if defaults.NodeLease != store.DefaultNodeLease {
+		t.Errorf("node lease %s, store's %s", defaults.NodeLease, store.DefaultNodeLease)
+	}
+	// haproxy checks every 2 s by default, and a balancer takes one failed check or more.
+	if defaults.DrainGrace < 3*time.Second {
+		t.Errorf("drain grace %s: want more than a usual health check interval and its answer", defaults.DrainGrace)
+	}
 	if err := errorsOf(defaults.checkRelations()); err != "" {
 		t.Errorf("the defaults do not fit together: %s", err)
 	}
@@ -72,6 +79,13 @@ func TestConfigLoad(t *testing.T) {
 					c.ReplayLimit == 20 && c.RecordOff && reflect.DeepEqual(c.AllowedOrigins, []string{"https://a.example", "*"}) &&
 					len(c.TrustedProxies) == 1 && c.TrustedProxies[0].String() == "10.0.0.0/8" && c.LogLevel == "debug"
 			}},
+		{name: "node settings read", env: env("NOTIFY_NODE_ID", "web-1.eu", "NOTIFY_NODE_LEASE", "4s", "NOTIFY_DRAIN_GRACE", "250ms"),
+			ok: func(c Config) bool {
+				return c.NodeID == "web-1.eu" && c.NodeLease == 4*time.Second && c.DrainGrace == 250*time.Millisecond
+			}},
+		{name: "drain grace off", env: env("NOTIFY_DRAIN_GRACE", "0"), ok: func(c Config) bool { return c.DrainGrace == 0 }},
+		{name: "bad node id", env: env("NOTIFY_NODE_ID", "web 1"), want: []string{`NOTIFY_NODE_ID="web 1": want 1 to 64`}},
+		{name: "negative drain grace", env: env("NOTIFY_DRAIN_GRACE", "-1s"), want: []string{`NOTIFY_DRAIN_GRACE="-1s"`}},
 		{name: "frames at the bound", env: env("NOTIFY_QUEUE_LIMIT", "1048000", "NOTIFY_REPLAY_LIMIT", "576"),
 			ok: func(c Config) bool { return c.QueueLimit+c.ReplayLimit == maxSessionFrames }},
 		{name: "dev makes secrets", env: env("NOTIFY_DEV", "1", "NOTIFY_JWT_SECRET", "", "NOTIFY_API_KEY", ""),
@@ -126,5 +140,19 @@ func TestConfigLoad(t *testing.T) {
 				t.Errorf("%d errors, want %d: %v", n, len(tt.want), err)
 			}
 		})
+	}
+}
+
+// A node id made from the hostname is valid whatever the hostname holds, and differs per process.
+func TestDefaultNodeID(t *testing.T) {
+	for _, host := range []string{"web-1", "ip-10-0-0-1.eu-west-1.compute.internal", "", "naïve host/1",
+		strings.Repeat("h", 300)} {
+		a, b := defaultNodeID(host), defaultNodeID(host)
+		if !store.ValidNodeID(a) || !store.ValidNodeID(b) || a == b {
+			t.Errorf("defaultNodeID(%q) = %q, %q: want two different valid ids", host, a, b)
+		}
+	}
+	if id := defaultNodeID("web-1"); !strings.HasPrefix(id, "web-1-") || len(id) != len("web-1-")+6 {
+		t.Errorf("defaultNodeID(web-1) = %q, want web-1-<6 hex digits>", id)
 	}
 }

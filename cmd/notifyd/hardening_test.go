@@ -165,13 +165,14 @@ func TestSlowBodiesAreCutAndConnectionsCapped(t *testing.T) {
 	}
 }
 
-// get returns the body of a GET on a connection of its own.
+// get returns the body of a GET on a connection of its own, made with the API key.
 func get(t *testing.T, u string) string {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodGet, u, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	req.Header.Set("Authorization", "Bearer "+testAPIKey) // /metrics wants the API key
 	req.Close = true
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

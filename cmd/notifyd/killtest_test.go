@@ -80,8 +80,8 @@ func freeAddr(t testing.TB) string {
 	return addr
 }
 
-// startProc runs bin on dbURL and waits until it answers /healthz.
-func startProc(t testing.TB, bin, dbURL string) *procServer {
+// startProc runs bin on dbURL and waits until it answers /healthz; env adds NAME=value settings.
+func startProc(t testing.TB, bin, dbURL string, env ...string) *procServer {
 	t.Helper()
 	addr := freeAddr(t)
 	cmd := exec.Command(bin)
@@ -89,6 +89,7 @@ func startProc(t testing.TB, bin, dbURL string) *procServer {
 		"DATABASE_URL="+dbURL, "NOTIFY_ADDR="+addr,
 		"NOTIFY_JWT_SECRET="+testSecret, "NOTIFY_API_KEY="+testAPIKey,
 		"NOTIFY_LOG_LEVEL=warn", "NOTIFY_DEV=false")
+	cmd.Env = append(cmd.Env, env...)
 	out := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -219,6 +220,7 @@ func (p *pumps) end() <-chan publishOutcome {
 
 // TestServerProcess runs the built binary: kill -9 and SIGTERM (one build for both).
 func TestServerProcess(t *testing.T) {
+	t.Parallel()
 	bin := buildNotifyd(t)
 	t.Run("kill -9 keeps what was answered 201", func(t *testing.T) { testKill9KeepsCommitted(t, bin) })
 	t.Run("SIGTERM drains", func(t *testing.T) { testSIGTERMDrains(t, bin) })

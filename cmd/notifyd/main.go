@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -59,6 +60,16 @@ func run(ctx context.Context, args []string) error {
 		m.printDevBanner(os.Stdout)
 	}
 	<-ctx.Done()
+	// A second SIGTERM or SIGINT cuts the grace short.
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(again)
+	m.Drain(cfg.DrainGrace)
+	select {
+	case <-time.After(cfg.DrainGrace):
+	case <-again:
+		m.Log.Info("second signal: the drain grace is cut short")
+	}
 	m.Log.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
@@ -83,6 +94,8 @@ type Main struct {
 	Static fs.FS
 
 	store      *store.Store
+	node       *store.Node
+	draining   atomic.Bool
 	recorder   *store.Recorder
 	hub        *realtime.Hub
 	srv        *http.Server
@@ -94,9 +107,16 @@ type Main struct {
 }
 
 // Start connects to Postgres (creating the database if missing), applies the
-// migrations, starts listening for commits, the sweeper, the recorder and the
-// HTTP server. It returns once the server accepts connections.
+// migrations, registers the node (its lease, then the close of its own leftover
+// session history), starts listening for commits, the sweeper, the recorder and
+// the HTTP server. It returns once the server accepts connections. The node id
+// (Config.NodeID, made when empty) is on every log line of m.Log from here on.
 func (m *Main) Start(ctx context.Context) error {
+	if m.Config.NodeID == "" {
+		host, _ := os.Hostname()
+		m.Config.NodeID = defaultNodeID(host)
+	}
+	m.Log = m.Log.With("node", m.Config.NodeID)
 	cfg, log := m.Config, m.Log
 	if err := store.EnsureDatabase(ctx, cfg.DatabaseURL); err != nil {
 		return fmt.Errorf("database: %w", err)
@@ -110,7 +130,17 @@ func (m *Main) Start(ctx context.Context) error {
 		st.Close()
 		return fmt.Errorf("migrations: %w", err)
 	}
-	if n, err := st.EndStaleSessions(ctx, "restart"); err != nil {
+	// The lease first: from here on no other node takes this node's rows for a dead node's.
+	node, err := st.NewNode(store.NodeOptions{ID: cfg.NodeID, Addr: cfg.Addr, Lease: cfg.NodeLease, Log: log})
+	if err == nil {
+		err = node.Start(ctx)
+	}
+	if err != nil {
+		st.Close()
+		return fmt.Errorf("node: %w", err)
+	}
+	m.node = node
+	if n, err := st.EndStaleSessions(ctx, cfg.NodeID, "restart"); err != nil {
 		log.Warn("could not close the history of sessions left by an earlier run", "err", err)
 	} else if n > 0 {
 		log.Info("closed the history of sessions left by an earlier run", "sessions", n)
@@ -118,7 +148,7 @@ func (m *Main) Start(ctx context.Context) error {
 
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	m.cancel = cancel
-	m.recorder = store.NewRecorder(st, log, store.RecorderOptions{})
+	m.recorder = store.NewRecorder(st, log, store.RecorderOptions{NodeID: cfg.NodeID})
 	var metrics *handlers.Metrics
 	m.hub = realtime.NewHub(realtime.Config{
 		PingInterval: cfg.PingInterval, PingTimeout: cfg.PingTimeout,
@@ -144,6 +174,7 @@ func (m *Main) Start(ctx context.Context) error {
 	})
 	metrics = handlers.NewMetrics(m.hub)
 	metrics.RegisterStore(st, m.recorder)
+	metrics.RegisterNode(cfg.NodeID, m.draining.Load)
 
 	// The publish path: a publish (handlers/publish.go) stores its rows
 	// (store/publish.go), telling the dispatcher before and after through the
@@ -169,10 +200,12 @@ func (m *Main) Start(ctx context.Context) error {
 	case <-ready:
 	case <-time.After(15 * time.Second):
 		cancel()
+		m.abortNode()
 		st.Close()
 		return errors.New("database: LISTEN did not start within 15s")
 	case <-ctx.Done():
 		cancel()
+		m.abortNode()
 		st.Close()
 		return ctx.Err()
 	}
@@ -196,11 +229,13 @@ func (m *Main) Start(ctx context.Context) error {
 		Negotiate:     handlers.NewNegotiator(st, cfg.TrustedProxies, log),
 		ConnectLimits: connectLimits,
 		MetricsAccess: metricsAccess(cfg.Metrics),
+		Draining:      m.draining.Load,
 		Control:       control,
 	})
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		cancel()
+		m.abortNode()
 		st.Close()
 		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
 	}
@@ -297,12 +332,41 @@ func (m *Main) startRetention(ctx, bg context.Context) {
 	m.goBackground(func() { m.store.RunRetention(bg, every, opt, m.Log) })
 }
 
+// abortNode stops the node of a Start that failed (its row goes, like on a clean stop).
+func (m *Main) abortNode() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := m.node.Stop(ctx); err != nil {
+		m.Log.Warn("could not remove the node's row; it goes once its lease lapses", "err", err)
+	}
+}
+
+// Drain begins a shutdown that load balancers see: /readyz answers 503 and the node's row is
+// marked draining, while every other request (new connects and publishes included) is served
+// as before. Close ends the drain; run waits Config.DrainGrace between the two, so that health
+// checks notice before the listener closes.
+func (m *Main) Drain(grace time.Duration) {
+	if m.draining.Swap(true) {
+		return
+	}
+	m.Log.Info("draining: /readyz answers 503, still serving", "grace", grace)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := m.node.Drain(ctx); err != nil {
+		m.Log.Warn("could not mark the node draining", "err", err)
+	}
+}
+
+// NodeID is the node's id (NOTIFY_NODE_ID, or the one Start made).
+func (m *Main) NodeID() string { return m.Config.NodeID }
+
 // Addr is the address the server listens on.
 func (m *Main) Addr() string { return m.ln.Addr().String() }
 
 // Close drains the server: new connections are refused, every session gets
 // `bye shutdown`, in-flight requests (publishes) finish, queued publishes and
-// delivery records are flushed, then the database is closed.
+// delivery records are flushed, the node's row is removed, then the database
+// is closed.
 func (m *Main) Close(ctx context.Context) error {
 	var errs []error
 	if err := m.hub.Shutdown(ctx); err != nil {
@@ -318,6 +382,9 @@ func (m *Main) Close(ctx context.Context) error {
 	m.background.Wait()
 	if err := m.recorder.Close(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("recorder: %w", err))
+	}
+	if err := m.node.Stop(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("node: %w", err))
 	}
 	m.store.Close()
 	return errors.Join(errs...)

@@ -29,7 +29,9 @@ func TestMetricsRegistered(t *testing.T) {
 	// until the delivery is counted (bounded).
 	const delivered = `notifyd_deliveries_total{replayed="false",transport="websocket"} 1`
 	for deadline := time.Now().Add(5 * time.Second); ; {
-		resp, err := http.Get(ts.URL + "/metrics")
+		req, _ := http.NewRequest(http.MethodGet, ts.URL+"/metrics", nil)
+		req.Header.Set("Authorization", "Bearer "+testAPIKey)
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}

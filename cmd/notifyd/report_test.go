@@ -156,6 +156,7 @@ func wantPercentiles(t *testing.T, what string, row map[string]any, cols []strin
 // eviction, a shutdown) and checks
 // the exact numbers every reporting view returns, then `notifyd report` in its three formats.
 func TestReportViews(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) {
 		c.PingInterval = 300 * time.Millisecond
 		c.PingTimeout = 1500 * time.Millisecond
@@ -327,11 +328,11 @@ func TestReportViews(t *testing.T) {
 
 	sessions := queryMaps(t, st, `SELECT * FROM report_sessions($1)`, since)
 	wantRows(t, "report_sessions", sessions,
-		[]string{"transport", "sessions", "open", "client_close", "heartbeat_timeout", "kicked", "replaced", "slow_consumer", "shutdown", "error", "restart"},
+		[]string{"transport", "sessions", "open", "client_close", "heartbeat_timeout", "kicked", "replaced", "slow_consumer", "shutdown", "error", "restart", "node_lost"},
 		[][]any{
-			{"longpoll", 1, 0, 0, 0, 0, 0, 0, 1, 0, 0},
-			{"sse", 1, 0, 0, 0, 0, 0, 0, 1, 0, 0},
-			{"websocket", 6, 0, 1, 1, 1, 1, 0, 2, 0, 0},
+			{"longpoll", 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0},
+			{"sse", 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0},
+			{"websocket", 6, 0, 1, 1, 1, 1, 0, 2, 0, 0, 0},
 		})
 	for _, r := range sessions {
 		wantPercentiles(t, "session durations", r, []string{"p50_s", "p90_s", "max_s"}, 0, 120)
