@@ -254,11 +254,19 @@ func (c *Control) controlChannel(ctx context.Context) (string, error) {
 	return ch, nil
 }
 
+// liveSessionRow is the condition on a session_history row s of a session
+// some live node holds: open, and written by a node whose lease runs (or by
+// a node from before leases: no node id). A session of a node whose lease
+// lapsed is no one's, though its row stays open until a survivor closes it
+// as node_lost.
+const liveSessionRow = `s.ended_at IS NULL AND (s.node_id IS NULL OR EXISTS (
+	SELECT 1 FROM nodes n WHERE n.node_id = s.node_id AND n.lease_until > now()))`
+
 // SessionUser returns the user of the open session with this id anywhere in
 // the cluster (its open session_history row); ok is false when there is none.
 func (c *Control) SessionUser(ctx context.Context, id string) (user string, ok bool, err error) {
-	err = c.s.pool.QueryRow(ctx, `SELECT user_id FROM session_history
-		WHERE session_id = $1 AND ended_at IS NULL ORDER BY connected_at DESC LIMIT 1`, id).Scan(&user)
+	err = c.s.pool.QueryRow(ctx, `SELECT s.user_id FROM session_history s
+		WHERE s.session_id = $1 AND `+liveSessionRow+` ORDER BY s.connected_at DESC LIMIT 1`, id).Scan(&user)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return "", false, nil
 	}
@@ -280,8 +288,8 @@ func (c *Control) Kick(ctx context.Context, id, user string) (bool, error) {
 	var n int64
 	err = c.s.pool.QueryRow(ctx, `SELECT count(*) FROM (
 			SELECT pg_notify($1, 'kick' || E'\t' || s.session_id || E'\t' || s.user_id)
-			FROM (SELECT session_id, user_id FROM session_history
-				WHERE session_id = $2 AND ended_at IS NULL AND ($3 = '' OR user_id = $3) LIMIT 1) s
+			FROM (SELECT s.session_id, s.user_id FROM session_history s
+				WHERE s.session_id = $2 AND ($3 = '' OR s.user_id = $3) AND `+liveSessionRow+` LIMIT 1) s
 		) x`, ch, id, user).Scan(&n)
 	if err != nil {
 		return false, DBError("store: kick session", err)
@@ -304,8 +312,8 @@ func (c *Control) Replace(ctx context.Context, id, user string) (bool, error) {
 	payload := string(ControlMessage{Kind: ControlReplace, Session: id, User: user}.appendLine(nil))
 	var n int64
 	err = c.s.pool.QueryRow(ctx, `WITH closed AS (
-			UPDATE session_history SET ended_at = now(), end_reason = 'replaced'
-			WHERE session_id = $2 AND user_id = $3 AND ended_at IS NULL
+			UPDATE session_history s SET ended_at = now(), end_reason = 'replaced'
+			WHERE s.session_id = $2 AND s.user_id = $3 AND `+liveSessionRow+`
 			RETURNING 1
 		)
 		SELECT count(*) FROM (SELECT pg_notify($1, $4) FROM (SELECT 1 FROM closed LIMIT 1) one) x`,

@@ -263,6 +263,23 @@ func TestControlKickReplaceTouch(t *testing.T) {
 	if _, ok, err := c.SessionUser(ctx, "nope"); err != nil || ok {
 		t.Fatalf("unknown session found: %v %v", ok, err)
 	}
+	// A session of a node whose lease lapsed is no one's; one of a live node is found.
+	if _, err := app.Exec(ctx, `INSERT INTO nodes (node_id, instance, lease_until) VALUES
+			('dead', gen_random_uuid(), now() - interval '1 second'), ('alive', gen_random_uuid(), now() + interval '1 hour');
+		INSERT INTO session_history (id, session_id, user_id, transport, connected_at, node_id) VALUES
+			(gen_random_uuid(), 'on-dead', 'ann', 'websocket', now(), 'dead'),
+			(gen_random_uuid(), 'on-alive', 'ann', 'websocket', now(), 'alive')`); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := c.SessionUser(ctx, "on-dead"); err != nil || ok {
+		t.Fatalf("session of a dead node found: %v %v", ok, err)
+	}
+	if ok, err := c.Kick(ctx, "on-dead", ""); err != nil || ok {
+		t.Fatalf("session of a dead node kicked: %v %v", ok, err)
+	}
+	if u, ok, err := c.SessionUser(ctx, "on-alive"); err != nil || !ok || u != "ann" {
+		t.Fatalf("session of a live node: %q %v %v", u, ok, err)
+	}
 	for _, tc := range []struct {
 		id, user string
 		want     bool
