@@ -227,7 +227,6 @@ func (s *Store) ReadIDs(ctx context.Context, m ControlMessage) ([]string, error)
 type Control struct {
 	s       *Store
 	log     *slog.Logger
-	channel atomic.Pointer[string]
 	touches chan string
 	dropped atomic.Uint64
 }
@@ -240,19 +239,8 @@ func (s *Store) NewControl(log *slog.Logger) *Control {
 	return &Control{s: s, log: log, touches: make(chan string, 4096)}
 }
 
-// controlChannel is the channel of the pool's schema (one query, then remembered).
-func (c *Control) controlChannel(ctx context.Context) (string, error) {
-	if ch := c.channel.Load(); ch != nil {
-		return *ch, nil
-	}
-	var schema string
-	if err := c.s.pool.QueryRow(ctx, "SELECT current_schema()").Scan(&schema); err != nil {
-		return "", DBError("store: control channel", err)
-	}
-	ch := ControlChannelPrefix + schema
-	c.channel.Store(&ch)
-	return ch, nil
-}
+// controlChannelSQL is the control channel of the connection's schema, in SQL.
+const controlChannelSQL = `'` + ControlChannelPrefix + `' || current_schema()`
 
 // liveSessionRow is the condition on a session_history row s of a session
 // some live node holds: open, and written by a node whose lease runs (or by
@@ -280,17 +268,13 @@ func (c *Control) SessionUser(ctx context.Context, id string) (user string, ok b
 // when not empty, must be the session's user. It reports whether an open
 // session was found (and told). One round trip.
 func (c *Control) Kick(ctx context.Context, id, user string) (bool, error) {
-	ch, err := c.controlChannel(ctx)
-	if err != nil {
-		return false, err
-	}
 	// The payload is ControlKick's wire form, the user taken from the row.
 	var n int64
-	err = c.s.pool.QueryRow(ctx, `SELECT count(*) FROM (
-			SELECT pg_notify($1, 'kick' || E'\t' || s.session_id || E'\t' || s.user_id)
+	err := c.s.pool.QueryRow(ctx, `SELECT count(*) FROM (
+			SELECT pg_notify(`+controlChannelSQL+`, 'kick' || E'\t' || s.session_id || E'\t' || s.user_id)
 			FROM (SELECT s.session_id, s.user_id FROM session_history s
-				WHERE s.session_id = $2 AND ($3 = '' OR s.user_id = $3) AND `+liveSessionRow+` LIMIT 1) s
-		) x`, ch, id, user).Scan(&n)
+				WHERE s.session_id = $1 AND ($2 = '' OR s.user_id = $2) AND `+liveSessionRow+` LIMIT 1) s
+		) x`, id, user).Scan(&n)
 	if err != nil {
 		return false, DBError("store: kick session", err)
 	}
@@ -302,22 +286,18 @@ func (c *Control) Kick(ctx context.Context, id, user string) (bool, error) {
 // as replaced in the same statement, so that the cluster's record never shows
 // the device twice. It reports whether an open session was found.
 func (c *Control) Replace(ctx context.Context, id, user string) (bool, error) {
-	ch, err := c.controlChannel(ctx)
-	if err != nil {
-		return false, err
-	}
 	if strings.ContainsAny(id, "\t\n,") || strings.ContainsRune(user, '\n') {
 		return false, nil // no session id of ours; and the payload would not parse
 	}
 	payload := string(ControlMessage{Kind: ControlReplace, Session: id, User: user}.appendLine(nil))
 	var n int64
-	err = c.s.pool.QueryRow(ctx, `WITH closed AS (
+	err := c.s.pool.QueryRow(ctx, `WITH closed AS (
 			UPDATE session_history s SET ended_at = now(), end_reason = 'replaced'
-			WHERE s.session_id = $2 AND s.user_id = $3 AND `+liveSessionRow+`
+			WHERE s.session_id = $1 AND s.user_id = $2 AND `+liveSessionRow+`
 			RETURNING 1
 		)
-		SELECT count(*) FROM (SELECT pg_notify($1, $4) FROM (SELECT 1 FROM closed LIMIT 1) one) x`,
-		ch, id, user, payload).Scan(&n)
+		SELECT count(*) FROM (SELECT pg_notify(`+controlChannelSQL+`, $3) FROM (SELECT 1 FROM closed LIMIT 1) one) x`,
+		id, user, payload).Scan(&n)
 	if err != nil {
 		return false, DBError("store: replace session", err)
 	}
@@ -389,12 +369,8 @@ func (c *Control) send(ctx context.Context, msgs []ControlMessage) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	ch, err := c.controlChannel(ctx)
-	if err != nil {
-		return err
-	}
 	payloads := FormatControl(msgs)
-	if _, err := c.s.pool.Exec(ctx, `SELECT pg_notify($1, p) FROM unnest($2::text[]) AS t(p)`, ch, payloads); err != nil {
+	if _, err := c.s.pool.Exec(ctx, `SELECT pg_notify(`+controlChannelSQL+`, p) FROM unnest($1::text[]) AS t(p)`, payloads); err != nil {
 		return DBError("store: send control", err)
 	}
 	return nil
