@@ -45,17 +45,33 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 // one path for every source. The trigger serializes the reads of one user
 // in Postgres and computes the unread count under that lock, so the counts
 // devices see arrive in commit order and the last one is the true count:
-// badges never drift.
+// badges never drift. The answer waits (readApplyWait at most) until this
+// node has applied the NOTIFY, so that a session that connects here after
+// the answer is not sent the read after its replay, out of date; with no
+// Control (no listener for it) there is nothing to wait for.
 func (a *API) applyRead(ctx context.Context, user string, ids []string, upToSeq int64) ([]string, int64, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
+	wait := a.Hub.ExpectRead(user)
+	defer wait.Done()
 	changed, unread, err := a.Store.MarkRead(ctx, user, ids, upToSeq)
 	if err != nil {
 		a.Log.Warn("mark read failed", "user", user, "err", err)
 		return nil, 0, err
 	}
+	if len(changed) > 0 && a.Control != nil {
+		// Answer once this node's sessions have the read: a device that
+		// connects after the answer replays a snapshot that holds it already.
+		wctx, cancel := context.WithTimeout(ctx, readApplyWait)
+		defer cancel()
+		wait.Wait(wctx, changed[0])
+	}
 	return changed, unread, nil
 }
+
+// readApplyWait bounds how long a read waits for this node to apply its
+// NOTIFY (longer only while the listener is disconnected).
+const readApplyWait = time.Second
 
 // readBody reads a request body of at most limit bytes.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {

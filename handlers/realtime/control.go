@@ -3,6 +3,7 @@ package realtime
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/notifyd/notifyd/store"
@@ -44,7 +45,7 @@ func (c *Control) Apply(msgs []store.ControlMessage) {
 	for _, m := range msgs {
 		switch m.Kind {
 		case store.ControlRead, store.ControlReadRange:
-			if c.hub.tracker.Online(m.User) {
+			if c.hub.tracker.Online(m.User) || c.hub.reads.waiting(m.User) {
 				reads = append(reads, m)
 			}
 		case store.ControlKick:
@@ -78,6 +79,7 @@ func (c *Control) broadcastReads(ctx context.Context, reads []store.ControlMessa
 			}
 			ids = got
 		}
+		c.hub.reads.applied(m.User, ids)
 		if len(ids) == 0 {
 			c.hub.BroadcastRead(m.User, []string{}, m.Unread)
 		}
@@ -99,4 +101,102 @@ func (h *Hub) endIfUser(id, user string, reason Reason) bool {
 	}
 	h.End(s, reason)
 	return true
+}
+
+// ExpectRead prepares to wait for this node to apply a read of user that
+// the caller is about to commit (the API or a session's read message): call
+// it before the commit, then Wait with an id the read changed. Once Wait
+// returns, every local session of the user has been sent the `read`, so a
+// session that connects after the caller answers (and replays a snapshot
+// that holds the read) is not sent it again, out of date. Done must be
+// called when the caller is finished with it.
+func (h *Hub) ExpectRead(user string) *ReadWait {
+	return h.reads.add(user)
+}
+
+// ReadWait is one read awaiting its NOTIFY (Hub.ExpectRead).
+type ReadWait struct {
+	r    *readWaiters
+	user string
+	mu   sync.Mutex
+	seen map[string]bool // ids of the user's reads applied since ExpectRead
+	wake chan struct{}
+}
+
+// Wait waits until a read naming id has been applied here, or ctx ends; it
+// reports whether it was applied.
+func (w *ReadWait) Wait(ctx context.Context, id string) bool {
+	for {
+		w.mu.Lock()
+		ok := w.seen[id]
+		w.mu.Unlock()
+		if ok {
+			return true
+		}
+		select {
+		case <-w.wake:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// Done unregisters w.
+func (w *ReadWait) Done() { w.r.remove(w) }
+
+// readWaiters are the ReadWaits of a hub, by user.
+type readWaiters struct {
+	mu sync.Mutex
+	m  map[string][]*ReadWait
+}
+
+func (r *readWaiters) add(user string) *ReadWait {
+	w := &ReadWait{r: r, user: user, seen: make(map[string]bool), wake: make(chan struct{}, 1)}
+	r.mu.Lock()
+	if r.m == nil {
+		r.m = make(map[string][]*ReadWait)
+	}
+	r.m[user] = append(r.m[user], w)
+	r.mu.Unlock()
+	return w
+}
+
+func (r *readWaiters) remove(w *ReadWait) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	list := r.m[w.user]
+	for i, x := range list {
+		if x == w {
+			list = append(list[:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(r.m, w.user)
+	} else {
+		r.m[w.user] = list
+	}
+}
+
+func (r *readWaiters) waiting(user string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.m[user]) > 0
+}
+
+// applied tells the user's waiters that ids were read.
+func (r *readWaiters) applied(user string, ids []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, w := range r.m[user] {
+		w.mu.Lock()
+		for _, id := range ids {
+			w.seen[id] = true
+		}
+		w.mu.Unlock()
+		select {
+		case w.wake <- struct{}{}:
+		default:
+		}
+	}
 }

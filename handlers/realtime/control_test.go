@@ -124,3 +124,32 @@ func TestControlEndsAndTouchesLocalSessions(t *testing.T) {
 		t.Fatalf("reason %q, %d sessions left", r.Reason(), len(h.UserSessions("ann")))
 	}
 }
+
+// TestExpectReadWaitsForTheNotify: a read awaited by this node is applied
+// even when the user has no session here (one may connect meanwhile), and
+// Wait returns once a read naming the id has been applied.
+func TestExpectReadWaitsForTheNotify(t *testing.T) {
+	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
+	d := NewDispatcher(h, &countingSource{}, nil, 100)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go d.Run(ctx)
+	c := NewControl(h, d, nil, nil)
+	w := h.ExpectRead("offline")
+	defer w.Done()
+	c.Apply([]store.ControlMessage{{Kind: store.ControlRead, User: "offline", Unread: 1, IDs: []string{"a", "b"}}})
+	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer wcancel()
+	if !w.Wait(wctx, "b") {
+		t.Fatal("the read was not applied")
+	}
+	short, scancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer scancel()
+	if w.Wait(short, "never-read") {
+		t.Fatal("Wait returned for an id no read named")
+	}
+	w.Done()
+	if h.reads.waiting("offline") {
+		t.Fatal("waiter still registered after Done")
+	}
+}
