@@ -79,16 +79,17 @@ func (c *Control) broadcastReads(ctx context.Context, reads []store.ControlMessa
 			}
 			ids = got
 		}
-		c.hub.reads.applied(m.User, ids)
 		if len(ids) == 0 {
 			c.hub.BroadcastRead(m.User, []string{}, m.Unread)
 		}
 		// A frame carries at most as many ids as a client may send in one read.
-		for len(ids) > 0 {
-			n := min(len(ids), MaxIDsPerMessage)
-			c.hub.BroadcastRead(m.User, ids[:n], m.Unread)
-			ids = ids[n:]
+		for rest := ids; len(rest) > 0; {
+			n := min(len(rest), MaxIDsPerMessage)
+			c.hub.BroadcastRead(m.User, rest[:n], m.Unread)
+			rest = rest[n:]
 		}
+		// Only now: a waiter's answer must not overtake the frames.
+		c.hub.reads.applied(m.User, ids)
 	}
 }
 
