@@ -350,3 +350,26 @@ func TestClusterMessages(t *testing.T) {
 		t.Fatalf("bad message through B: %d", st)
 	}
 }
+
+// BenchmarkClusterRead: a read through the API of node A until a device on
+// node B has its `read` (the trigger, the NOTIFY, A's wait for its own
+// NOTIFY, B's dispatcher). The publishes it reads are made outside the timer.
+func BenchmarkClusterRead(b *testing.B) {
+	dbURL := storetest.URL(b)
+	a := startServerOn(b, dbURL, func(c *Config) { c.NodeID = "bench-a" })
+	nb := startServerOn(b, dbURL, func(c *Config) { c.NodeID = "bench-b" })
+	const user = "bench-reader"
+	dev := nb.liveWS(b, user)
+	for b.Loop() {
+		b.StopTimer()
+		p := a.publish(b, user, "t", nil)
+		dev.expect(b, "notification")
+		b.StartTimer()
+		if st := a.do(b, "POST", "/v1/users/"+user+"/read", testAPIKey, map[string]any{"ids": []string{p.ID}}, nil); st != http.StatusOK {
+			b.Fatalf("read: %d", st)
+		}
+		if m := dev.expect(b, "read"); len(m.IDs) != 1 || m.IDs[0] != p.ID {
+			b.Fatalf("read = %+v", m)
+		}
+	}
+}
