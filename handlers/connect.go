@@ -88,6 +88,7 @@ func (a *API) openSession(r *http.Request, cr connectRequest, tr realtime.Transp
 		User: cr.id.User, Device: cr.id.Device, Transport: tr,
 		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()), Network: a.sessionNetwork(r),
 	}, cr.cursor)
+	a.replaceRemote(r.Context(), cr.resume, cr.id.User)
 	if err := a.Hub.RegisterCounted(s, cr.resume, a.sessionsElsewhere(r.Context(), cr)); err != nil {
 		return nil, err // ErrTooManySessions carries its code: 429 too_many_sessions
 	}

@@ -3,7 +3,6 @@ package handlers
 import (
 	"context"
 	"errors"
-	"hash/maphash"
 	"io"
 	"net/http"
 	"time"
@@ -15,8 +14,8 @@ import (
 )
 
 // handleMessages applies client messages of session s, on any transport, and
-// returns the replies a WebSocket would carry (pong, error). A read is
-// broadcast to every session of the user, s included.
+// returns the replies a WebSocket would carry (pong, error). A read reaches
+// every session of the user, s included, through the read trigger (applyRead).
 func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []realtime.ClientMessage) []realtime.Frame {
 	var replies []realtime.Frame
 	for _, m := range msgs {
@@ -57,27 +56,39 @@ func (a *API) applyAcks(s *realtime.Session, ids []string) {
 	}
 }
 
-// applyRead marks notifications read and tells every session of the user.
-// Reads of one user are serialized from the database write to the broadcast,
-// so the `unread` counts that devices see arrive in commit order and the last
-// one is the true count: badges never drift.
+// applyRead marks notifications read. The commit's NOTIFY from the read
+// trigger (migration 007) tells every session of the user on every node,
+// this one's too, as it does for a read made by an application's own SQL:
+// one path for every source. The trigger serializes the reads of one user
+// in Postgres and computes the unread count under that lock, so the counts
+// devices see arrive in commit order and the last one is the true count:
+// badges never drift. The answer waits (readApplyWait at most) until this
+// node has applied the NOTIFY, so that a session that connects here after
+// the answer is not sent the read after its replay, out of date; with no
+// Control (no listener for it) there is nothing to wait for.
 func (a *API) applyRead(ctx context.Context, user string, ids []string, upToSeq int64) ([]string, int64, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	mu := &a.readLocks[maphash.String(readLockSeed, user)%uint64(len(a.readLocks))]
-	mu.Lock()
-	defer mu.Unlock()
+	wait := a.Hub.ExpectRead(user)
+	defer wait.Done()
 	changed, unread, err := a.Store.MarkRead(ctx, user, ids, upToSeq)
 	if err != nil {
 		a.Log.Warn("mark read failed", "user", user, "err", err)
 		return nil, 0, err
 	}
-	a.Hub.BroadcastRead(user, changed, unread)
+	if len(changed) > 0 && a.Control != nil {
+		// Answer once this node's sessions have the read: a device that
+		// connects after the answer replays a snapshot that holds it already.
+		wctx, cancel := context.WithTimeout(ctx, readApplyWait)
+		defer cancel()
+		wait.Wait(wctx, changed[0])
+	}
 	return changed, unread, nil
 }
 
-// readLockSeed spreads users over API.readLocks.
-var readLockSeed = maphash.MakeSeed()
+// readApplyWait bounds how long a read waits for this node to apply its
+// NOTIFY (longer only while the listener is disconnected).
+const readApplyWait = time.Second
 
 // readBody reads a request body of at most limit bytes.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
@@ -119,9 +130,21 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s, ok := a.Hub.Session(chi.URLParam(r, "session"))
+	sid := chi.URLParam(r, "session")
+	s, ok := a.Hub.Session(sid)
+	remote := false
+	if !ok {
+		// Held by another node, maybe (handlers/control.go).
+		user, found, err := a.remoteSessionUser(r, sid)
+		if err != nil {
+			a.Log.Warn("messages: session lookup failed", "session", sid, "err", err)
+			writeError(w, err)
+			return
+		}
+		ok, remote = found && user == id.User, true
+	}
 	// Another user's session answers as an unknown one: session ids are not probed.
-	if !ok || s.User != id.User {
+	if !ok || (!remote && s.User != id.User) {
 		writeError(w, errorf(http.StatusNotFound, "unknown_session", "no live session with this id"))
 		return
 	}
@@ -130,7 +153,9 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	a.Hub.Touch(s)
+	if !remote {
+		a.Hub.Touch(s)
+	}
 	msgs, err := realtime.ParseClientMessages(body)
 	if err != nil {
 		// Malformed input is an HTTP error; nothing of it is applied.
@@ -141,7 +166,12 @@ func (a *API) postMessages(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	replies := a.handleMessages(r.Context(), s, msgs)
+	var replies []realtime.Frame
+	if remote {
+		replies = a.handleRemoteMessages(r.Context(), id.User, sid, msgs)
+	} else {
+		replies = a.handleMessages(r.Context(), s, msgs)
+	}
 	out := messagesReply{Messages: make([]jsonFrame, len(replies))}
 	for i, f := range replies {
 		out.Messages[i] = f.JSON

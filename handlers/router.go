@@ -9,7 +9,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -80,6 +79,9 @@ type Options struct {
 	// Presence adds the other nodes' sessions to presence, stats and the per-user session cap;
 	// nil serves this node's alone.
 	Presence Presence
+	// Control reaches sessions held by other nodes (kick, resume, messages); nil
+	// knows only this node's.
+	Control Control
 }
 
 // MetricsAccess says who may read GET /metrics on the API listener.
@@ -97,8 +99,6 @@ const (
 // API holds the dependencies of every handler.
 type API struct {
 	Options
-	// readLocks serialize the reads of one user (see applyRead).
-	readLocks [64]sync.Mutex
 	// publishBudget bounds the publish bodies in flight (Limits.PublishInflightBytes).
 	publishBudget *publishBudget
 	// sseStreams serves event streams that cannot be hijacked (HTTP/2).

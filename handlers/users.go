@@ -289,17 +289,29 @@ func (a *API) readFailed(w http.ResponseWriter, r *http.Request, err error) {
 func (a *API) kick(w http.ResponseWriter, r *http.Request) {
 	id := chi.URLParam(r, "session")
 	s, ok := a.Hub.Session(id)
+	user := "" // the user the session must belong to; "" for the API key
 	if !a.Auth.Publisher(r) {
 		client, err := a.Auth.Client(r)
 		if err != nil {
 			writeError(w, err)
 			return
 		}
-		ok = ok && s.User == client.User // another user's session answers as an unknown one
+		user = client.User
+		ok = ok && s.User == user // another user's session answers as an unknown one
 	}
 	// A session that ended since the lookup is no longer live either; one
 	// that resumed in its place has the same id and the same user.
-	if !ok || !a.Hub.Kick(id) {
+	kicked := ok && a.Hub.Kick(id)
+	if s == nil {
+		// Not held here: the node that holds it ends it (handlers/control.go).
+		var err error
+		if kicked, err = a.kickRemote(r, id, user); err != nil {
+			a.Log.Warn("kick: session lookup failed", "session", id, "err", err)
+			writeError(w, err)
+			return
+		}
+	}
+	if !kicked {
 		writeError(w, errorf(http.StatusNotFound, "unknown_session", "no live session with this id"))
 		return
 	}

@@ -32,6 +32,10 @@ type Listener struct {
 	// AppName is the application_name of the connection (set before Run), to find its
 	// backend in pg_stat_activity. Default ListenerAppName.
 	AppName string
+	// OnControl, when set before Run, receives the parsed payloads of the control
+	// channel (ControlChannelPrefix + schema, store/control.go), from Run's goroutine,
+	// in arrival order with the commits.
+	OnControl func([]ControlMessage)
 }
 
 // NewListener returns a Listener using the store's connection settings. log may be nil.
@@ -90,7 +94,7 @@ func (l *Listener) Run(ctx context.Context, onReady func(), onCommit func([]SeqR
 }
 
 // connect opens a dedicated connection (not from the pool) and LISTENs on the channel of its
-// current schema.
+// current schema, and on its control channel when OnControl is set.
 func (l *Listener) connect(ctx context.Context) (*pgx.Conn, error) {
 	cfg := l.s.pool.Config().ConnConfig.Copy()
 	cfg.RuntimeParams["application_name"] = l.AppName
@@ -101,7 +105,12 @@ func (l *Listener) connect(ctx context.Context) (*pgx.Conn, error) {
 	var schema string
 	err = conn.QueryRow(ctx, "SELECT current_schema()").Scan(&schema)
 	if err == nil {
-		_, err = conn.Exec(ctx, "LISTEN "+pgx.Identifier{ChannelPrefix + schema}.Sanitize())
+		// One statement text for both channels: the connection's last query names them.
+		sql := "LISTEN " + pgx.Identifier{ChannelPrefix + schema}.Sanitize()
+		if l.OnControl != nil {
+			sql += "; LISTEN " + pgx.Identifier{ControlChannelPrefix + schema}.Sanitize()
+		}
+		_, err = conn.Exec(ctx, sql)
 	}
 	if err != nil {
 		_ = conn.Close(context.WithoutCancel(ctx))
@@ -131,6 +140,16 @@ func (l *Listener) listen(ctx context.Context, conn *pgx.Conn, onCommit func([]S
 		}
 		if err != nil {
 			return fmt.Errorf("store listener: wait: %w", err)
+		}
+		if strings.HasPrefix(n.Channel, ControlChannelPrefix) {
+			msgs, perr := ParseControl(n.Payload)
+			if perr != nil {
+				l.log.Warn("store listener: bad control lines skipped", "err", perr)
+			}
+			if len(msgs) > 0 {
+				l.OnControl(msgs)
+			}
+			continue
 		}
 		ranges, perr := ParsePayload(n.Payload)
 		if perr != nil {

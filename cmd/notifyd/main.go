@@ -191,6 +191,12 @@ func (m *Main) Start(ctx context.Context) error {
 	st.SetPublishHook(dispatcher.Expect)
 	ready := make(chan struct{})
 	listener := st.NewListener(log)
+	// Control across nodes (store/control.go, handlers/realtime/control.go):
+	// reads (the read trigger's NOTIFYs), kicks, replaces and touches of the
+	// control channel are applied to this node's sessions; reads go through
+	// the dispatcher's queue to keep their commit order.
+	control := st.NewControl(log)
+	listener.OnControl = realtime.NewControl(m.hub, dispatcher, st, log).Apply
 	m.goBackground(func() {
 		_ = listener.Run(bg, func() { close(ready) }, dispatcher.Changes, dispatcher.CatchUp)
 	})
@@ -208,6 +214,7 @@ func (m *Main) Start(ctx context.Context) error {
 		return ctx.Err()
 	}
 	m.goBackground(func() { dispatcher.Run(bg) })
+	m.goBackground(func() { control.Run(bg) })
 	m.goBackground(func() { m.hub.Run(bg) })
 	m.goBackground(func() { m.recorder.Run(bg) })
 	m.startRetention(ctx, bg)
@@ -235,6 +242,7 @@ func (m *Main) Start(ctx context.Context) error {
 		MetricsAccess: metricsAccess(cfg.Metrics),
 		Draining:      m.draining.Load,
 		Presence:      presence,
+		Control:       control,
 	})
 	if cfg.TLSCertFile != "" {
 		if m.certs, err = newCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile, log); err != nil {

@@ -33,7 +33,8 @@ type Dispatcher struct {
 	src     Source
 	log     *slog.Logger
 	limit   int
-	in      chan []store.SeqRange
+	in      chan signal
+	held    *signal // an ordered task merge took from in, run next
 	catchUp chan struct{}
 	recent  recent
 
@@ -56,12 +57,25 @@ func (d *Dispatcher) Stats() DispatchStats {
 // NewDispatcher returns a dispatcher; limit bounds a catch-up per user and round.
 func NewDispatcher(hub *Hub, src Source, log *slog.Logger, limit int) *Dispatcher {
 	return &Dispatcher{hub: hub, src: src, log: log, limit: limit,
-		in: make(chan []store.SeqRange, 4096), catchUp: make(chan struct{}, 1)}
+		in: make(chan signal, 4096), catchUp: make(chan struct{}, 1)}
+}
+
+// signal is one item of the dispatcher's queue: a commit's ranges, or a task
+// that must run after the deliveries of every commit signalled before it.
+type signal struct {
+	ranges []store.SeqRange
+	task   func(ctx context.Context)
 }
 
 // Changes hands over the ranges of one commit signal (the Listener's
 // onCommit). It blocks only when thousands of signals are already waiting.
-func (d *Dispatcher) Changes(rs []store.SeqRange) { d.in <- rs }
+func (d *Dispatcher) Changes(rs []store.SeqRange) { d.in <- signal{ranges: rs} }
+
+// InOrder runs task on the dispatcher's goroutine once every commit signalled
+// before it is delivered, and before any signalled after it: a `read` that
+// the listener received after a notification reaches sessions after it
+// (Control). It blocks as Changes does.
+func (d *Dispatcher) InOrder(task func(ctx context.Context)) { d.in <- signal{task: task} }
 
 // CatchUp asks for every online user to be brought up to date from the
 // tables: after the listener reconnects, NOTIFYs sent meanwhile are gone.
@@ -80,7 +94,7 @@ func (d *Dispatcher) Run(ctx context.Context) {
 			return
 		case <-d.catchUp:
 			d.runCatchUp(ctx)
-		case rs := <-d.in:
+		case sig := <-d.in:
 			// A catch-up asked for before this signal arrived goes first: the newer rows,
 			// delivered first, would move cursors past the rows the catch-up must bring.
 			select {
@@ -88,8 +102,24 @@ func (d *Dispatcher) Run(ctx context.Context) {
 				d.runCatchUp(ctx)
 			default:
 			}
-			d.dispatch(ctx, d.merge(rs))
+			d.handle(ctx, sig)
 		}
+	}
+}
+
+// handle runs one signal: its task, or its ranges merged with the range
+// signals waiting behind them, up to a task (held by merge and run next).
+func (d *Dispatcher) handle(ctx context.Context, sig signal) {
+	for {
+		if sig.task != nil {
+			sig.task(ctx)
+		} else {
+			d.dispatch(ctx, d.merge(sig.ranges))
+		}
+		if d.held == nil {
+			return
+		}
+		sig, d.held = *d.held, nil
 	}
 }
 
@@ -109,11 +139,17 @@ func (d *Dispatcher) merge(rs []store.SeqRange) []store.SeqRange {
 		}
 	}
 	add(rs)
-	// Stop at a pending catch-up: signals after it must wait until it has run.
+	// Stop at a pending catch-up: signals after it must wait until it has run. Stop at
+	// a task too (held, run right after these ranges are delivered).
 	for more := true; more && len(byUser) < 10000 && len(d.catchUp) == 0; {
 		select {
-		case rs := <-d.in:
-			add(rs)
+		case sig := <-d.in:
+			if sig.task != nil {
+				d.held = &sig
+				more = false
+				break
+			}
+			add(sig.ranges)
 		default:
 			more = false
 		}

@@ -63,6 +63,7 @@ type Hub struct {
 	writers    sync.WaitGroup
 	holdMu     sync.Mutex // orders Hold against Shutdown's wait
 	draining   bool
+	reads      readWaiters // reads of this node awaiting their NOTIFY (control.go)
 }
 
 // Stats are the hub's totals.
