@@ -258,7 +258,16 @@ func TestClusterResume(t *testing.T) {
 						t.Fatalf("old websocket closed with %v, want 4001", err)
 					}
 				}
-				eventually(t, 10*time.Second, "the replaced session gone from A", func() bool { return len(a.sessionsOf(t, user)) == 0 })
+				// A lists the whole cluster's sessions (B's new one among them once
+				// recorded): the replaced one must be gone from them.
+				eventually(t, 10*time.Second, "the replaced session gone from A", func() bool {
+					for _, s := range a.sessionsOf(t, user) {
+						if s.ID == h.Session {
+							return false
+						}
+					}
+					return true
+				})
 				if s := b.sessionsOf(t, user); len(s) != 1 || s[0].ID != hb.Session || s[0].Transport != to {
 					t.Fatalf("sessions on B after the resume: %+v", s)
 				}

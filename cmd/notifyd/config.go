@@ -67,6 +67,9 @@ type Config struct {
 	// NodeLease is how long the node's lease in Postgres lasts after each renewal (renewed every
 	// fifth of it); a node that stops renewing is declared dead after about 1.2 times it.
 	NodeLease time.Duration
+	// DBMaxConns is the size of the Postgres connection pool (NOTIFY_DB_MAX_CONNS); the LISTEN
+	// connection comes on top.
+	DBMaxConns int
 	// DrainGrace is how long a node keeps serving after SIGTERM with /readyz answering 503,
 	// before it ends its sessions; zero skips it. ShutdownTimeout runs after it.
 	DrainGrace time.Duration
@@ -108,6 +111,7 @@ var defaults = Config{
 	Metrics:            metricsAPIKey,
 	NodeLease:          store.DefaultNodeLease,
 	DrainGrace:         5 * time.Second,
+	DBMaxConns:         int(store.DefaultMaxConns),
 	// A client acks each notification once: a burst covers a whole replay, the rate far more
 	// than live traffic brings.
 	AckRate:              mustLimit("100/1s,1000"),
@@ -196,6 +200,7 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		NodeID:             str("NOTIFY_NODE_ID", d.NodeID),
 		NodeLease:          dur("NOTIFY_NODE_LEASE", d.NodeLease),
 		DrainGrace:         durOrZero("NOTIFY_DRAIN_GRACE", d.DrainGrace),
+		DBMaxConns:         num("NOTIFY_DB_MAX_CONNS", d.DBMaxConns),
 	}
 	if c.NodeID != "" && !store.ValidNodeID(c.NodeID) {
 		errs = append(errs, fmt.Errorf("NOTIFY_NODE_ID=%q: want 1 to 64 letters, digits, '.', '_' or '-'", c.NodeID))

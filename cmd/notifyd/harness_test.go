@@ -43,6 +43,9 @@ func testConfig(dbURL string) Config {
 		PingInterval: 20 * time.Second, PingTimeout: 60 * time.Second, ReplayLimit: 1000,
 		MaxMessageBytes: 64 << 10, MaxDataBytes: 64 << 10, MaxSessionsPerUser: 20, MaxBatch: 1000,
 		QueueLimit: 256, ShutdownTimeout: 5 * time.Second, LogLevel: "warn",
+		// Small pools: tests run in parallel, several nodes each, on one Postgres
+		// (100 connections by default).
+		DBMaxConns: 6,
 	}
 }
 

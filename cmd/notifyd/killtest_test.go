@@ -88,7 +88,7 @@ func startProc(t testing.TB, bin, dbURL string, env ...string) *procServer {
 	cmd.Env = append(os.Environ(),
 		"DATABASE_URL="+dbURL, "NOTIFY_ADDR="+addr,
 		"NOTIFY_JWT_SECRET="+testSecret, "NOTIFY_API_KEY="+testAPIKey,
-		"NOTIFY_LOG_LEVEL=warn", "NOTIFY_DEV=false")
+		"NOTIFY_LOG_LEVEL=warn", "NOTIFY_DEV=false", "NOTIFY_DB_MAX_CONNS=6")
 	cmd.Env = append(cmd.Env, env...)
 	out := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out

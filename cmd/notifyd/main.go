@@ -125,7 +125,7 @@ func (m *Main) Start(ctx context.Context) error {
 	if err := store.EnsureDatabase(ctx, cfg.DatabaseURL); err != nil {
 		return fmt.Errorf("database: %w", err)
 	}
-	st, err := store.Open(ctx, cfg.DatabaseURL, store.Options{})
+	st, err := store.Open(ctx, cfg.DatabaseURL, store.Options{MaxConns: int32(cfg.DBMaxConns)})
 	if err != nil {
 		return fmt.Errorf("database: %w", err)
 	}
