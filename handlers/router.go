@@ -72,6 +72,9 @@ type Options struct {
 	// Draining reports that the node is draining: /readyz answers 503 while everything else is
 	// served as before (the grace after SIGTERM); nil never drains.
 	Draining func() bool
+	// Moves carries long-poll sessions between the nodes of a cluster (pollmove.go); nil: a
+	// poll naming a session this node does not hold opens a new one.
+	Moves *Moves
 }
 
 // MetricsAccess says who may read GET /metrics on the API listener.

@@ -207,6 +207,8 @@ func (m *Main) Start(ctx context.Context) error {
 	m.goBackground(func() { m.hub.Run(bg) })
 	m.goBackground(func() { m.recorder.Run(bg) })
 	m.startRetention(ctx, bg)
+	moves := &handlers.Moves{Send: st.SendMove}
+	m.goBackground(func() { st.ListenMoves(bg, log, moves.Received) })
 
 	static := m.Static
 	if static == nil {
@@ -223,6 +225,7 @@ func (m *Main) Start(ctx context.Context) error {
 		ConnectLimits: connectLimits,
 		MetricsAccess: metricsAccess(cfg.Metrics),
 		Draining:      m.draining.Load,
+		Moves:         moves,
 	})
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
