@@ -3,6 +3,7 @@ package handlers
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"sync"
 	"time"
@@ -83,9 +84,16 @@ func (p *pollTransport) adoptable(cr connectRequest) bool {
 func (p *pollTransport) adopt(r *http.Request, cr connectRequest) (*longPoll, error) {
 	a := p.api
 	from := cr.resume
-	cr.resume = "" // a new id here: the old one lives on another node
-	s, err := a.openSession(r, cr, realtime.LongPoll)
-	if err != nil {
+	// Not a connect: the connect limits counted the session once, where it
+	// opened. A new id here: the old one lives on another node.
+	s := a.Hub.NewSession(realtime.SessionInfo{
+		User: cr.id.User, Device: cr.id.Device, Transport: realtime.LongPoll,
+		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()), Network: a.sessionNetwork(r),
+	}, cr.cursor)
+	if err := a.Hub.Register(s, ""); err != nil {
+		if errors.Is(err, realtime.ErrTooManySessions) {
+			return nil, errorf(http.StatusTooManyRequests, "too_many_sessions", "this user has too many live sessions")
+		}
 		return nil, err
 	}
 	lp := newLongPoll(a.Hub, a.Recorder, s, cr.cursor)
