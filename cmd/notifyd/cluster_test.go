@@ -151,7 +151,7 @@ func testClusterLongPoll(t *testing.T, bin string) {
 	if got := distinct(nodes); len(got) != 3 {
 		t.Errorf("the polls were answered by %v, want all three nodes", got)
 	}
-	t.Logf("%d polls over %v, one hello", len(nodes), distinct(nodes))
+	t.Logf("%d polls over %v, %d hello", len(nodes), distinct(nodes), hellos)
 
 	// Presence: the session is live on one node only (the one holding it now), listed once.
 	eventually(t, 5*time.Second, "the session listed once over the nodes", func() bool {
