@@ -21,7 +21,7 @@ pg-up:
 test: export NOTIFYD_E2E = 1
 test: pg-up e2e-deps lint test-go
 
-## e2e-deps: chromium, nginx, squid (Debian packages) and playwright-core (npm ci), each only when missing
+## e2e-deps: chromium, nginx, squid, haproxy (Debian packages) and playwright-core (npm ci), each only when missing
 e2e-deps:
 	@.ci/e2e-deps
 

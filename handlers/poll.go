@@ -53,9 +53,11 @@ func parseWait(v string) (time.Duration, error) {
 	return time.Duration(n) * time.Second, nil
 }
 
-// serve is GET /v1/poll. Without a long-poll session of this user to
-// continue it opens one (a session= of another transport is resumed) and
-// answers at once with hello, the replay and synced. Otherwise it
+// serve is GET /v1/poll. A poll naming a session another node holds
+// adopts it (pollmove.go): a session of this node, replayed from the cursor
+// without hello, answered like a continuing poll. Without a long-poll session
+// of this user to continue it opens one (a session= of another transport is
+// resumed) and answers at once with hello, the replay and synced. Otherwise it
 // acknowledges everything up to cursor, and answers with what was sent before
 // and not acknowledged plus what is queued, waiting up to wait for something
 // to send.
