@@ -244,16 +244,6 @@ func (c *cluster) waitInRotation(want int) {
 	}
 }
 
-// nodeIndex is the index of the node called name.
-func (c *cluster) nodeIndex(name string) int {
-	for i, n := range c.names {
-		if n == name {
-			return i
-		}
-	}
-	return -1
-}
-
 // ---- clients that reconnect through the load balancer --------------------------------------
 
 // clusterClient is one device of user on transport tr, connected through haproxy. It
