@@ -169,6 +169,33 @@ func testClusterLongPoll(t *testing.T, bin string) {
 			count(*) FILTER (WHERE end_reason = 'moved') FROM session_history WHERE user_id = 'alternate'`).Scan(&open, &moved)
 		return err == nil && open == 1 && moved >= 2
 	})
+
+	// Kicked on the node that holds it, by the id presence lists there (the client learns the
+	// session's id of each node from that node's answer; a kick through any node is the control
+	// channel's), the client gets bye kicked, and still no second hello.
+	eventually(t, 10*time.Second, "a kick on the node holding the session", func() bool {
+		for _, n := range c.nodes {
+			for _, s := range n.sessionsOf(t, "alternate") {
+				if n.do(t, "DELETE", "/v1/sessions/"+s.ID, testAPIKey, nil, nil) == http.StatusNoContent {
+					return true
+				}
+			}
+		}
+		return false
+	})
+	kickedAt := time.Now()
+	eventually(t, 10*time.Second, "bye kicked", cl.isKicked)
+	t.Logf("bye kicked %s after the kick", time.Since(kickedAt).Round(time.Millisecond))
+	if _, hellos, _ := cl.snapshot(); hellos != 1 {
+		t.Errorf("%d hellos by the kick, want 1", hellos)
+	}
+	eventually(t, 10*time.Second, "no session left on any node", func() bool {
+		total := 0
+		for _, n := range c.nodes {
+			total += len(n.sessionsOf(t, "alternate"))
+		}
+		return total == 0
+	})
 }
 
 // testClusterKill: kill -9 of a node: its clients on every transport reconnect through haproxy
