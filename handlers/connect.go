@@ -2,7 +2,6 @@ package handlers
 
 import (
 	"context"
-	"errors"
 	"net/http"
 	"strconv"
 	"time"
@@ -89,13 +88,34 @@ func (a *API) openSession(r *http.Request, cr connectRequest, tr realtime.Transp
 		User: cr.id.User, Device: cr.id.Device, Transport: tr,
 		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()), Network: a.sessionNetwork(r),
 	}, cr.cursor)
-	if err := a.Hub.Register(s, cr.resume); err != nil {
-		if errors.Is(err, realtime.ErrTooManySessions) {
-			return nil, errorf(http.StatusTooManyRequests, "too_many_sessions", "this user has too many live sessions")
-		}
-		return nil, err
+	if err := a.Hub.RegisterCounted(s, cr.resume, a.sessionsElsewhere(r.Context(), cr)); err != nil {
+		return nil, err // ErrTooManySessions carries its code: 429 too_many_sessions
 	}
 	return s, nil
+}
+
+// capQueryTimeout bounds the cluster part of the session cap on a connect's path.
+const capQueryTimeout = 2 * time.Second
+
+// sessionsElsewhere is how many open sessions cr's user has on the cluster's other nodes, for
+// the per-user session cap: at most one query on the connect's path, and none without a cap,
+// without a cluster (no other live node), or when the sessions here alone reach the cap (the
+// hub refuses then, or lets a resume of a session here replace it). When Postgres does not
+// answer, the connect is let through with the cap counted on this node alone.
+func (a *API) sessionsElsewhere(ctx context.Context, cr connectRequest) int {
+	limit := a.Hub.Config().MaxSessionsPerUser
+	if a.Presence == nil || limit <= 0 || !a.Presence.OthersLive() || a.Hub.UserSessionCount(cr.id.User) >= limit {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(ctx, capQueryTimeout)
+	defer cancel()
+	n, err := a.Presence.CountElsewhere(ctx, cr.id.User, cr.resume)
+	if err != nil {
+		a.Log.Warn("session cap: could not count the sessions on other nodes; counting this node's only",
+			"user", cr.id.User, "err", err)
+		return 0
+	}
+	return n
 }
 
 func truncateUA(ua string) string {
@@ -114,7 +134,8 @@ func (a *API) replay(s *realtime.Session, cursor int64) {
 	rows, unread, truncated, err := a.Store.Replay(ctx, s.User, cursor, a.Limits.ReplayLimit, a.Limits.ReplayMaxBytes)
 	if err != nil {
 		a.Log.Warn("replay failed", "session", s.ID, "user", s.User, "err", err)
-		s.Send(realtime.ErrorFrame("unavailable", "replay failed; reconnect later"))
+		e := apiError(err)
+		s.Send(realtime.ErrorFrame(e.Code, e.Message))
 		a.Hub.End(s, realtime.ReasonError)
 		return
 	}

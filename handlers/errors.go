@@ -45,13 +45,14 @@ type domainCode struct {
 // code. It is the one place these are decided: only a database failure is 503 unavailable,
 // a closing server is 503 shutting_down, and input Postgres refuses is 400.
 var domainCodes = map[string]domainCode{
-	store.EINVALID:      {http.StatusBadRequest, websocket.ClosePolicyViolation, "bad_request"},
-	store.ENOTFOUND:     {http.StatusNotFound, websocket.ClosePolicyViolation, "not_found"},
-	store.ECONFLICT:     {http.StatusConflict, websocket.ClosePolicyViolation, "conflict"},
-	store.ETOOLARGE:     {http.StatusRequestEntityTooLarge, websocket.CloseMessageTooBig, "too_large"},
-	store.EUNAVAILABLE:  {http.StatusServiceUnavailable, websocket.CloseInternalServerErr, "unavailable"},
-	store.ESHUTTINGDOWN: {http.StatusServiceUnavailable, websocket.CloseServiceRestart, "shutting_down"},
-	store.EINTERNAL:     {http.StatusInternalServerError, websocket.CloseInternalServerErr, "internal"},
+	store.EINVALID:         {http.StatusBadRequest, websocket.ClosePolicyViolation, "bad_request"},
+	store.ENOTFOUND:        {http.StatusNotFound, websocket.ClosePolicyViolation, "not_found"},
+	store.ECONFLICT:        {http.StatusConflict, websocket.ClosePolicyViolation, "conflict"},
+	store.ETOOLARGE:        {http.StatusRequestEntityTooLarge, websocket.CloseMessageTooBig, "too_large"},
+	store.ETOOMANYSESSIONS: {http.StatusTooManyRequests, websocket.ClosePolicyViolation, "too_many_sessions"},
+	store.EUNAVAILABLE:     {http.StatusServiceUnavailable, websocket.CloseInternalServerErr, "unavailable"},
+	store.ESHUTTINGDOWN:    {http.StatusServiceUnavailable, websocket.CloseServiceRestart, "shutting_down"},
+	store.EINTERNAL:        {http.StatusInternalServerError, websocket.CloseInternalServerErr, "internal"},
 }
 
 // lookupCode returns the table row of a domain code; an unknown code is EINTERNAL.
@@ -121,7 +122,19 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) erro
 	r.Body = http.MaxBytesReader(w, r.Body, limit)
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	return decoded(dec, dec.Decode(v))
+}
+
+// decoded is the answer to a body that dec decoded with the result err: an
+// *Error as it is, a body past its byte limit 413 too_large, any other
+// decoding error 400 naming the problem (jsonProblem), and data after the
+// one JSON value 400.
+func decoded(dec *json.Decoder, err error) error {
+	if err != nil {
+		var api *Error
+		if errors.As(err, &api) {
+			return api
+		}
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			return errorf(http.StatusRequestEntityTooLarge, "too_large", "request body is too large")

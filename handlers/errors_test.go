@@ -18,20 +18,21 @@ import (
 // their wire codes.
 func TestDomainCodes(t *testing.T) {
 	for code, want := range map[string]domainCode{
-		store.EINVALID:      {400, websocket.ClosePolicyViolation, "bad_request"},
-		store.ENOTFOUND:     {404, websocket.ClosePolicyViolation, "not_found"},
-		store.ECONFLICT:     {409, websocket.ClosePolicyViolation, "conflict"},
-		store.ETOOLARGE:     {413, websocket.CloseMessageTooBig, "too_large"},
-		store.EUNAVAILABLE:  {503, websocket.CloseInternalServerErr, "unavailable"},
-		store.ESHUTTINGDOWN: {503, websocket.CloseServiceRestart, "shutting_down"},
-		store.EINTERNAL:     {500, websocket.CloseInternalServerErr, "internal"},
-		"no such code":      {500, websocket.CloseInternalServerErr, "internal"},
+		store.EINVALID:         {400, websocket.ClosePolicyViolation, "bad_request"},
+		store.ENOTFOUND:        {404, websocket.ClosePolicyViolation, "not_found"},
+		store.ECONFLICT:        {409, websocket.ClosePolicyViolation, "conflict"},
+		store.ETOOLARGE:        {413, websocket.CloseMessageTooBig, "too_large"},
+		store.ETOOMANYSESSIONS: {429, websocket.ClosePolicyViolation, "too_many_sessions"},
+		store.EUNAVAILABLE:     {503, websocket.CloseInternalServerErr, "unavailable"},
+		store.ESHUTTINGDOWN:    {503, websocket.CloseServiceRestart, "shutting_down"},
+		store.EINTERNAL:        {500, websocket.CloseInternalServerErr, "internal"},
+		"no such code":         {500, websocket.CloseInternalServerErr, "internal"},
 	} {
 		if got := lookupCode(code); got != want || httpStatus(code) != want.status || closeCode(code) != want.close {
 			t.Errorf("%s: %+v, want %+v", code, got, want)
 		}
 	}
-	if len(domainCodes) != 7 {
+	if len(domainCodes) != 8 {
 		t.Errorf("domainCodes has %d rows; a new code needs its test row", len(domainCodes))
 	}
 }

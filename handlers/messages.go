@@ -24,13 +24,7 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 		case realtime.ClientPing:
 			replies = append(replies, realtime.PongFrame(time.Now()))
 		case realtime.ClientAck:
-			a.Negotiate.Delivered(s)
-			if a.Recorder != nil {
-				now := time.Now()
-				for _, id := range m.IDs {
-					a.Recorder.Acked(store.Ack{NotificationID: id, SessionID: s.ID, At: now})
-				}
-			}
+			a.applyAcks(s, m.IDs)
 		case realtime.ClientRead:
 			if _, _, err := a.applyRead(ctx, s.User, m.IDs, m.UpToSeq); err != nil {
 				replies = append(replies, realtime.ErrorFrame("unavailable", "could not mark read; retry"))
@@ -38,6 +32,29 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 		}
 	}
 	return replies
+}
+
+// applyAcks records the acks of ids that s was sent and had not acked; the
+// others (never sent to s, acked already, or past the session's ack rate) are
+// dropped and counted, never queued to the recorder, so one client's acks
+// cannot crowd out anyone's delivery records. Nothing is answered: a receipt
+// asks for no reply, and a refused one has nothing for the client to fix.
+func (a *API) applyAcks(s *realtime.Session, ids []string) {
+	now := time.Now()
+	admitted, limited, unknown := s.AdmitAcks(ids, a.Limits.AckRate, now)
+	a.Metrics.acksRefused(limited, unknown)
+	if len(admitted) == 0 {
+		return
+	}
+	// Only an ack of a notification this session was sent shows that its
+	// transport delivered: the negotiator learns from nothing else.
+	a.Negotiate.Delivered(s)
+	if a.Recorder == nil {
+		return
+	}
+	for _, id := range admitted {
+		a.Recorder.Acked(store.Ack{NotificationID: id, SessionID: s.ID, At: now})
+	}
 }
 
 // applyRead marks notifications read and tells every session of the user.

@@ -10,19 +10,22 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/notifyd/notifyd/handlers/connlimit"
 	"github.com/notifyd/notifyd/handlers/realtime"
 	"github.com/notifyd/notifyd/store"
 )
 
 // Metrics is notifyd's Prometheus registry and the few figures /v1/stats adds. Every metric is
-// registered in this file: NewMetrics registers the hub's and the delivery ones, RegisterStore
-// and RegisterDispatch those of the store, the recorder and the dispatcher.
+// registered in this file: NewMetrics registers the hub's and the delivery ones, RegisterStore,
+// RegisterDispatch, RegisterNode and RegisterLimits those of the store, the recorder, the
+// dispatcher, the node and the connection and connect limits.
 type Metrics struct {
 	Registry  *prometheus.Registry
 	published prometheus.Counter
 	delivered *prometheus.CounterVec
 	latency   *prometheus.HistogramVec
 	ended     *prometheus.CounterVec
+	refused   *prometheus.CounterVec // acks and publishes refused before they cost anything, by kind
 	recent    latencyRing
 	// byTransport holds each transport's children of delivered and latency, looked up once:
 	// WithLabelValues hashes its labels and takes the vector's lock on every call, and Written
@@ -54,7 +57,13 @@ func NewMetrics(hub *realtime.Hub) *Metrics {
 		ended: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "notifyd_sessions_ended_total",
 			Help: "Sessions ended, by reason."}, []string{"reason"}),
 	}
-	reg.MustRegister(m.published, m.delivered, m.latency, m.ended)
+	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "notifyd_refused_total",
+		Help: "Client acks dropped (ack_unknown: never sent to the session or acked already; ack_rate: past NOTIFY_ACK_RATE) and publishes refused (publish_busy: NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES in flight)."},
+		[]string{"reason"})
+	for _, reason := range []string{"ack_unknown", "ack_rate", "publish_busy"} {
+		m.refused.WithLabelValues(reason) // shown from the start, at 0
+	}
+	reg.MustRegister(m.published, m.delivered, m.latency, m.ended, m.refused)
 	m.byTransport = make(map[realtime.Transport]transportMetrics, len(realtime.Transports))
 	for _, tr := range realtime.Transports {
 		m.byTransport[tr] = m.children(tr)
@@ -193,6 +202,28 @@ func (m *Metrics) children(tr realtime.Transport) transportMetrics {
 		replayed: m.delivered.WithLabelValues(string(tr), "true")}
 }
 
+// acksRefused counts the acks dropped past the session's ack rate (limited)
+// and those of ids it was not sent or had acked (unknown). m may be nil.
+func (m *Metrics) acksRefused(limited, unknown int) {
+	if m == nil {
+		return
+	}
+	if limited > 0 {
+		m.refused.WithLabelValues("ack_rate").Add(float64(limited))
+	}
+	if unknown > 0 {
+		m.refused.WithLabelValues("ack_unknown").Add(float64(unknown))
+	}
+}
+
+// publishBusy counts a publish refused because the publish bodies in flight
+// reached their bound. m may be nil.
+func (m *Metrics) publishBusy() {
+	if m != nil {
+		m.refused.WithLabelValues("publish_busy").Inc()
+	}
+}
+
 // Ended counts a session's end.
 func (m *Metrics) Ended(reason realtime.Reason) { m.ended.WithLabelValues(string(reason)).Inc() }
 
@@ -237,4 +268,30 @@ func (r *latencyRing) percentiles() (p50, p95, p99 float64) {
 		return float64(xs[int(q*float64(len(xs)-1))].Microseconds()) / 1000
 	}
 	return at(.50), at(.95), at(.99)
+}
+
+const connRefusedHelp = "Connections refused at accept, by the cap that refused them: max (NOTIFY_MAX_CONNS) or per_ip (NOTIFY_MAX_CONNS_PER_IP)."
+
+// RegisterLimits exports the listener's connection caps and the connect rate limits' counts.
+func (m *Metrics) RegisterLimits(ln *connlimit.Listener, cl *ConnectLimits) {
+	m.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_connections_open",
+			Help: "TCP connections open on the main listener (streams included)."},
+			func() float64 { return float64(ln.Stats().Open) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connections_refused_total",
+			Help: connRefusedHelp, ConstLabels: prometheus.Labels{"limit": "max"}},
+			func() float64 { return float64(ln.Stats().RefusedMax) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connections_refused_total",
+			Help: connRefusedHelp, ConstLabels: prometheus.Labels{"limit": "per_ip"}},
+			func() float64 { return float64(ln.Stats().RefusedPerAddr) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_accept_errors_total",
+			Help: "Failed accepts (out of file descriptors and the like), each followed by a pause."},
+			func() float64 { return float64(ln.Stats().AcceptErrors) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connects_refused_total",
+			Help: "Connects answered 429 too_many_connects, by the rate limit that refused them.", ConstLabels: prometheus.Labels{"limit": "user"}},
+			func() float64 { u, _ := cl.Refused(); return float64(u) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connects_refused_total",
+			Help: "Connects answered 429 too_many_connects, by the rate limit that refused them.", ConstLabels: prometheus.Labels{"limit": "ip"}},
+			func() float64 { _, a := cl.Refused(); return float64(a) }),
+	)
 }

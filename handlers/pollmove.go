@@ -3,7 +3,6 @@ package handlers
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"net/http"
 	"sync"
 	"time"
@@ -90,11 +89,10 @@ func (p *pollTransport) adopt(r *http.Request, cr connectRequest) (*longPoll, er
 		User: cr.id.User, Device: cr.id.Device, Transport: realtime.LongPoll,
 		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()), Network: a.sessionNetwork(r),
 	}, cr.cursor)
+	// It takes the old copy's place one for one: the cap counts this node's
+	// sessions, not the cluster's (no query for the other nodes on a poll).
 	if err := a.Hub.Register(s, ""); err != nil {
-		if errors.Is(err, realtime.ErrTooManySessions) {
-			return nil, errorf(http.StatusTooManyRequests, "too_many_sessions", "this user has too many live sessions")
-		}
-		return nil, err
+		return nil, err // ErrTooManySessions carries its code: 429 too_many_sessions
 	}
 	lp := newLongPoll(a.Hub, a.Recorder, s, cr.cursor)
 	lp.quiet = true

@@ -3,6 +3,7 @@ package handlers
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strconv"
 	"time"
@@ -46,8 +47,18 @@ func toPublished(p store.Published) published {
 	return published{ID: p.ID, UserID: p.UserID, Seq: p.Seq, CreatedAt: realtime.WireTime(p.CreatedAt)}
 }
 
-// validate checks one notification and returns it in the store's form.
+// validateItem checks one notification and returns it in the store's form.
 func (a *API) validateItem(it publishItem, where string) (store.NewNotification, error) {
+	data, err := a.checkData(it.Data, where)
+	if err != nil {
+		return store.NewNotification{}, err
+	}
+	return a.checkRecipient(it, data, where)
+}
+
+// checkRecipient checks what a notification holds besides its data (checked
+// once, by checkData, and shared by every recipient of a fan-out).
+func (a *API) checkRecipient(it publishItem, data json.RawMessage, where string) (store.NewNotification, error) {
 	bad := func(msg string) error { return errorf(http.StatusBadRequest, "invalid_notification", where+msg) }
 	if !ValidUser(it.UserID) {
 		return store.NewNotification{}, bad("user_id must be 1-128 characters of [A-Za-z0-9._:@-]")
@@ -55,7 +66,17 @@ func (a *API) validateItem(it publishItem, where string) (store.NewNotification,
 	if !topicChars.valid(it.Topic) {
 		return store.NewNotification{}, bad("topic must be 1-128 characters of [A-Za-z0-9._:/-]")
 	}
-	data := bytes.TrimSpace(it.Data)
+	if len(it.IdempotencyKey) > 200 {
+		return store.NewNotification{}, bad("idempotency_key is longer than 200 characters")
+	}
+	return store.NewNotification{UserID: it.UserID, Topic: it.Topic, Data: data,
+		IdempotencyKey: it.IdempotencyKey, ExpiresAt: it.ExpiresAt}, nil
+}
+
+// checkData returns a notification's data compacted ({} for none), or why it
+// is refused.
+func (a *API) checkData(raw json.RawMessage, where string) (json.RawMessage, error) {
+	data := bytes.TrimSpace(raw)
 	if len(data) == 0 || bytes.Equal(data, []byte("null")) {
 		data = []byte("{}")
 	}
@@ -64,16 +85,12 @@ func (a *API) validateItem(it publishItem, where string) (store.NewNotification,
 		data = compact.Bytes()
 	}
 	if len(data) > a.Limits.MaxDataBytes {
-		return store.NewNotification{}, errorf(http.StatusRequestEntityTooLarge, "too_large", where+"data is larger than the limit")
-	}
-	if len(it.IdempotencyKey) > 200 {
-		return store.NewNotification{}, bad("idempotency_key is longer than 200 characters")
+		return nil, errorf(http.StatusRequestEntityTooLarge, "too_large", where+"data is larger than the limit")
 	}
 	if bytes.IndexByte(data, 0) >= 0 || bytes.Contains(data, []byte(`\u0000`)) {
-		return store.NewNotification{}, bad("data may not contain NUL characters")
+		return nil, errorf(http.StatusBadRequest, "invalid_notification", where+"data may not contain NUL characters")
 	}
-	return store.NewNotification{UserID: it.UserID, Topic: it.Topic, Data: json.RawMessage(data),
-		IdempotencyKey: it.IdempotencyKey, ExpiresAt: it.ExpiresAt}, nil
+	return json.RawMessage(data), nil
 }
 
 // publish is POST /v1/notifications. It answers 201 only once every row is
@@ -85,9 +102,19 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errUnauthorized)
 		return
 	}
+	release, err := a.publishBudget.admit(r)
+	if err != nil {
+		a.Metrics.publishBusy()
+		writeError(w, err)
+		return
+	}
+	defer release()
 	var req publishRequest
 	limit := int64(a.Limits.MaxDataBytes)*int64(a.Limits.MaxBatch) + 1<<20
-	if err := decodeJSON(w, r, limit, &req); err != nil {
+	if err := decodePublish(http.MaxBytesReader(w, r.Body, limit), a.Limits.MaxBatch, &req); err != nil {
+		if errors.Is(err, errPublishBusy) {
+			a.Metrics.publishBusy()
+		}
 		writeError(w, err)
 		return
 	}
@@ -105,38 +132,15 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 		a.publishOne(w, r, req)
 		return
 	}
-	var items []publishItem
+	var ns []store.NewNotification
 	if req.UserIDs != nil {
-		if len(req.UserIDs) == 0 {
-			writeError(w, errorf(http.StatusBadRequest, "bad_request", "user_ids is empty"))
-			return
-		}
-		seen := make(map[string]bool, len(req.UserIDs))
-		for _, u := range req.UserIDs {
-			if !seen[u] {
-				seen[u] = true
-				items = append(items, publishItem{UserID: u, Topic: req.Topic, Data: req.Data, IdempotencyKey: req.IdempotencyKey, ExpiresAt: req.ExpiresAt})
-			}
-		}
+		ns, err = a.fanOut(req)
 	} else {
-		if req.Topic != "" || req.Data != nil || req.IdempotencyKey != "" {
-			writeError(w, errorf(http.StatusBadRequest, "bad_request", "a batch carries its fields per notification"))
-			return
-		}
-		items = req.Notifications
+		ns, err = a.batch(req)
 	}
-	if len(items) == 0 || len(items) > a.Limits.MaxBatch {
-		writeError(w, errorf(http.StatusRequestEntityTooLarge, "batch_too_large", "a batch holds 1 to the batch limit of notifications"))
+	if err != nil {
+		writeError(w, err)
 		return
-	}
-	ns := make([]store.NewNotification, len(items))
-	for i, it := range items {
-		n, err := a.validateItem(it, "notification "+strconv.Itoa(i)+": ")
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		ns[i] = n
 	}
 	res, err := a.Store.Publish(r.Context(), ns)
 	if err != nil {
@@ -155,6 +159,53 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 		a.Metrics.published.Add(float64(len(res)))
 	}
 	writeJSON(w, status, map[string]any{"notifications": out})
+}
+
+// fanOut is a fan-out request as notifications, one per distinct user in the
+// order of user_ids, all sharing the one copy of data: the request's memory
+// grows with the users, never with users × data.
+func (a *API) fanOut(req publishRequest) ([]store.NewNotification, error) {
+	if len(req.UserIDs) == 0 {
+		return nil, errorf(http.StatusBadRequest, "bad_request", "user_ids is empty")
+	}
+	data, err := a.checkData(req.Data, "")
+	if err != nil {
+		return nil, err
+	}
+	seen := make(map[string]bool, len(req.UserIDs))
+	ns := make([]store.NewNotification, 0, len(req.UserIDs))
+	for _, u := range req.UserIDs {
+		if seen[u] {
+			continue
+		}
+		seen[u] = true
+		n, err := a.checkRecipient(publishItem{UserID: u, Topic: req.Topic, IdempotencyKey: req.IdempotencyKey, ExpiresAt: req.ExpiresAt},
+			data, "notification "+strconv.Itoa(len(ns))+": ")
+		if err != nil {
+			return nil, err
+		}
+		ns = append(ns, n)
+	}
+	return ns, nil
+}
+
+// batch is a batch request as notifications, each checked.
+func (a *API) batch(req publishRequest) ([]store.NewNotification, error) {
+	if req.Topic != "" || req.Data != nil || req.IdempotencyKey != "" {
+		return nil, errorf(http.StatusBadRequest, "bad_request", "a batch carries its fields per notification")
+	}
+	if len(req.Notifications) == 0 {
+		return nil, errBatchTooLarge
+	}
+	ns := make([]store.NewNotification, len(req.Notifications))
+	for i, it := range req.Notifications {
+		n, err := a.validateItem(it, "notification "+strconv.Itoa(i)+": ")
+		if err != nil {
+			return nil, err
+		}
+		ns[i] = n
+	}
+	return ns, nil
 }
 
 func (a *API) publishOne(w http.ResponseWriter, r *http.Request, req publishRequest) {

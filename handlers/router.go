@@ -48,6 +48,11 @@ type Limits struct {
 	ReplayMaxBytes int
 	// InboxMaxBytes bounds the notification data of one inbox page (4 MiB).
 	InboxMaxBytes int
+	// AckRate bounds the ack ids one session may send (AdmitAcks); zero limits nothing.
+	AckRate realtime.AckLimit
+	// PublishInflightBytes bounds the bytes of publish bodies read at once (publishBudget);
+	// zero bounds nothing.
+	PublishInflightBytes int64
 }
 
 // Options are what New needs.
@@ -72,6 +77,9 @@ type Options struct {
 	// Draining reports that the node is draining: /readyz answers 503 while everything else is
 	// served as before (the grace after SIGTERM); nil never drains.
 	Draining func() bool
+	// Presence adds the other nodes' sessions to presence, stats and the per-user session cap;
+	// nil serves this node's alone.
+	Presence Presence
 	// Moves carries long-poll sessions between the nodes of a cluster (pollmove.go); nil: a
 	// poll naming a session this node does not hold opens a new one.
 	Moves *Moves
@@ -94,6 +102,10 @@ type API struct {
 	Options
 	// readLocks serialize the reads of one user (see applyRead).
 	readLocks [64]sync.Mutex
+	// publishBudget bounds the publish bodies in flight (Limits.PublishInflightBytes).
+	publishBudget *publishBudget
+	// sseStreams serves event streams that cannot be hijacked (HTTP/2).
+	sseStreams *sseStreams
 }
 
 // New returns the router with every endpoint of PROTOCOL.md.
@@ -101,7 +113,8 @@ func New(opt Options) http.Handler {
 	if opt.Log == nil {
 		opt.Log = slog.Default()
 	}
-	a := &API{Options: opt}
+	a := &API{Options: opt, publishBudget: &publishBudget{max: opt.Limits.PublishInflightBytes}}
+	a.sseStreams = newSSEStreams(a)
 	r := chi.NewRouter()
 	r.Use(middleware.Recoverer, a.logRequests, noSniff, opt.Auth.Origins)
 

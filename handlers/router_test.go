@@ -39,9 +39,10 @@ func TestRequestLogsCarryNoToken(t *testing.T) {
 	}
 }
 
-// TestSSEWithoutHijackIs505: a stream is written on the connection itself;
-// where net/http cannot hand it over (HTTP/2), the client gets 505 with a
-// JSON error, and the session it was given is ended, not left in presence.
+// TestSSEWithoutHijackIs505: a stream is written on the connection itself,
+// or (HTTP/2) through a ResponseWriter that flushes; where the writer can
+// do neither, the client gets 505 with a JSON error, and the session it was
+// given is ended, not left in presence.
 func TestSSEWithoutHijackIs505(t *testing.T) {
 	hub := realtime.NewHub(realtime.Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, realtime.Hooks{})
 	auth := NewAuth("test-secret-0123456789abcdef", "test-api-key-0123456789abcdef", nil)
@@ -50,8 +51,9 @@ func TestSSEWithoutHijackIs505(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := New(Options{Hub: hub, Auth: auth, Log: slog.New(slog.DiscardHandler)})
-	rec := httptest.NewRecorder() // implements no Hijack, as an HTTP/2 response does not
-	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/v1/sse?token="+tok, nil))
+	rec := httptest.NewRecorder()
+	// Neither Hijack nor Flush: nothing can stream on it.
+	h.ServeHTTP(struct{ http.ResponseWriter }{rec}, httptest.NewRequest(http.MethodGet, "/v1/sse?token="+tok, nil))
 	if rec.Code != http.StatusHTTPVersionNotSupported || !strings.Contains(rec.Body.String(), `"http1_required"`) {
 		t.Fatalf("GET /v1/sse: %d %s", rec.Code, rec.Body.String())
 	}

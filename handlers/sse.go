@@ -1,6 +1,7 @@
 package handlers
 
 import (
+	"errors"
 	"net"
 	"net/http"
 	"strconv"
@@ -60,6 +61,11 @@ func (a *API) serveSSE(w http.ResponseWriter, r *http.Request) {
 		"X-Accel-Buffering": "no", // nginx: do not buffer this response
 	})
 	conn, err := hijack(w)
+	if _, flushes := w.(http.Flusher); flushes && errors.Is(err, http.ErrNotSupported) {
+		// An HTTP/2 stream cannot be taken over: the SSE library serves it.
+		a.sseStreams.serve(w, r, s, cr.cursor)
+		return
+	}
 	if err != nil {
 		a.Hub.End(s, realtime.ReasonError)
 		writeError(w, errorf(http.StatusHTTPVersionNotSupported, "http1_required", "event streams are served over HTTP/1.1"))

@@ -2,9 +2,11 @@ package handlers
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"slices"
 	"strconv"
@@ -15,6 +17,26 @@ import (
 	"github.com/notifyd/notifyd/handlers/realtime"
 	"github.com/notifyd/notifyd/store"
 )
+
+// Presence is the cluster beyond this node, read from Postgres (store.Presence): the open
+// sessions of the other live nodes. The handlers merge it with this node's hub; without it
+// (nil) presence, stats and the session cap are this node's alone.
+type Presence interface {
+	// Node is this node's id.
+	Node() string
+	// OthersLive reports whether another node held a lease at the last look; when false the
+	// reads below are skipped.
+	OthersLive() bool
+	// CountElsewhere counts user's open sessions on other live nodes, except the session with
+	// id except (the one a connect resumes).
+	CountElsewhere(ctx context.Context, user, except string) (int, error)
+	// UserSessions lists user's open sessions on other live nodes.
+	UserSessions(ctx context.Context, user string) ([]store.RemoteSession, error)
+	// Recent lists the newest n open sessions of the other live nodes.
+	Recent(ctx context.Context, n int) ([]store.RemoteSession, error)
+	// Stats are the other live nodes' sessions.
+	Stats(ctx context.Context) (store.ClusterStats, error)
+}
 
 // userParam reads and checks {user}, and that the caller may act for that user.
 func (a *API) userParam(r *http.Request) (string, error) {
@@ -44,7 +66,7 @@ type inboxEncoder struct {
 // item returns n's JSON, valid until the next call.
 func (e *inboxEncoder) item(n store.Notification) ([]byte, error) {
 	head, err := json.Marshal(inboxHead{ID: n.ID, Seq: n.Seq, Topic: n.Topic,
-		CreatedAt: n.CreatedAt.UTC().Format(realtime.TimeFormat), ReadAt: wireTimePtr(n.ReadAt)})
+		CreatedAt: realtime.WireTime(n.CreatedAt), ReadAt: wireTimePtr(n.ReadAt)})
 	if err != nil {
 		return nil, err
 	}
@@ -64,7 +86,7 @@ func wireTimePtr(t *time.Time) *string {
 	if t == nil {
 		return nil
 	}
-	s := t.UTC().Format(realtime.TimeFormat)
+	s := realtime.WireTime(*t)
 	return &s
 }
 
@@ -183,19 +205,35 @@ type sessionView struct {
 	Device      string             `json:"device"`
 	Transport   realtime.Transport `json:"transport"`
 	ConnectedAt string             `json:"connected_at"`
-	LastSeenAt  string             `json:"last_seen_at"`
-	RemoteAddr  string             `json:"remote_addr"`
-	UserAgent   string             `json:"user_agent"`
+	// LastSeenAt is null for a session of another node: its row learns it only at the end.
+	LastSeenAt *string `json:"last_seen_at"`
+	RemoteAddr string  `json:"remote_addr"`
+	UserAgent  string  `json:"user_agent"`
+	// Node is the node serving the session (in a cluster only).
+	Node string `json:"node,omitempty"`
+
+	connectedAt time.Time // for sorting
 }
 
-func viewSession(s *realtime.Session) sessionView {
-	return sessionView{ID: s.ID, User: s.User, Device: s.Device, Transport: s.Transport,
-		ConnectedAt: s.ConnectedAt.UTC().Format(realtime.TimeFormat),
-		LastSeenAt:  s.LastSeen().UTC().Format(realtime.TimeFormat),
-		RemoteAddr:  s.RemoteAddr, UserAgent: s.UserAgent}
+func (a *API) viewSession(s *realtime.Session) sessionView {
+	seen := realtime.WireTime(s.LastSeen())
+	v := sessionView{ID: s.ID, User: s.User, Device: s.Device, Transport: s.Transport,
+		ConnectedAt: realtime.WireTime(s.ConnectedAt), LastSeenAt: &seen,
+		RemoteAddr: s.RemoteAddr, UserAgent: s.UserAgent, connectedAt: s.ConnectedAt}
+	if a.Presence != nil {
+		v.Node = a.Presence.Node()
+	}
+	return v
 }
 
-// userSessions is GET /v1/users/{user}/sessions: the user's devices.
+func viewRemoteSession(s store.RemoteSession) sessionView {
+	return sessionView{ID: s.ID, User: s.User, Device: s.Device, Transport: realtime.Transport(s.Transport),
+		ConnectedAt: realtime.WireTime(s.ConnectedAt), LastSeenAt: wireTimePtr(s.LastSeenAt),
+		RemoteAddr: s.RemoteAddr, UserAgent: s.UserAgent, Node: s.Node, connectedAt: s.ConnectedAt}
+}
+
+// userSessions is GET /v1/users/{user}/sessions: the user's devices, on every node of the
+// cluster (this node's from memory, the others' from Postgres: see Presence).
 func (a *API) userSessions(w http.ResponseWriter, r *http.Request) {
 	user, err := a.userParam(r)
 	if err != nil {
@@ -203,11 +241,48 @@ func (a *API) userSessions(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	list := a.Hub.UserSessions(user)
-	out := make([]sessionView, len(list))
-	for i, s := range list {
-		out[i] = viewSession(s)
+	out := make([]sessionView, 0, len(list))
+	for _, s := range list {
+		out = append(out, a.viewSession(s))
+	}
+	if a.Presence != nil && a.Presence.OthersLive() {
+		remote, err := a.Presence.UserSessions(r.Context(), user)
+		if err != nil {
+			a.readFailed(w, r, err)
+			return
+		}
+		out = mergeSessions(out, remote, len(out)+len(remote))
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"sessions": out})
+}
+
+// mergeSessions adds the other nodes' sessions to this node's, skipping a session id this
+// node has (a session resumed here whose old row's end is not flushed yet: it lives here),
+// and returns the newest n, newest first.
+func mergeSessions(local []sessionView, remote []store.RemoteSession, n int) []sessionView {
+	here := make(map[string]bool, len(local))
+	for _, v := range local {
+		here[v.ID] = true
+	}
+	for _, s := range remote {
+		if !here[s.ID] {
+			local = append(local, viewRemoteSession(s))
+		}
+	}
+	slices.SortStableFunc(local, func(x, y sessionView) int { return y.connectedAt.Compare(x.connectedAt) })
+	if len(local) > n {
+		local = local[:n]
+	}
+	return local
+}
+
+// readFailed answers a failed presence read (503 when Postgres failed).
+func (a *API) readFailed(w http.ResponseWriter, r *http.Request, err error) {
+	if r.Context().Err() != nil {
+		return // the client left
+	}
+	a.Log.Warn("presence read failed", "err", err)
+	writeError(w, err)
 }
 
 // kick is DELETE /v1/sessions/{session}: the API key, or the session's own user.
@@ -231,7 +306,8 @@ func (a *API) kick(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// stats is GET /v1/stats.
+// stats is GET /v1/stats: this node's figures, and in a cluster the totals of sessions,
+// users and transports over every live node with a per-node breakdown (nodes).
 func (a *API) stats(w http.ResponseWriter, r *http.Request) {
 	if !a.Auth.Publisher(r) {
 		writeError(w, errUnauthorized)
@@ -248,14 +324,77 @@ func (a *API) stats(w http.ResponseWriter, r *http.Request) {
 			out[k] = v
 		}
 	}
+	// Without Postgres the other nodes' figures are missing: the answer is this node's, marked
+	// cluster_unavailable, so that the dashboard still shows what this node knows.
+	partial := false
+	if a.Presence != nil {
+		if err := a.clusterStats(r.Context(), st, out); err != nil {
+			a.Log.Warn("stats: the other nodes' figures are unavailable", "err", err)
+			partial = true
+		}
+	}
 	if r.URL.Query().Get("recent") != "" {
-		out["recent_sessions"] = a.recentSessions(50)
+		recent, err := a.recentSessions(r.Context(), 50, !partial)
+		if err != nil {
+			a.Log.Warn("stats: the other nodes' sessions are unavailable", "err", err)
+			partial = true
+			recent, _ = a.recentSessions(r.Context(), 50, false)
+		}
+		out["recent_sessions"] = recent
+	}
+	if partial {
+		out["cluster_unavailable"] = true
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
-// recentSessions lists the newest live sessions, newest first.
-func (a *API) recentSessions(n int) []sessionView {
+// nodeStatsView is one node of /v1/stats' nodes.
+type nodeStatsView struct {
+	Node        string           `json:"node"`
+	Sessions    int64            `json:"sessions"`
+	Users       int64            `json:"users"`
+	ByTransport map[string]int64 `json:"by_transport"`
+	Draining    bool             `json:"draining"`
+}
+
+// clusterStats sets out's sessions, users and by_transport to the cluster's totals and adds
+// nodes: this node first (from memory), then the other live nodes by id (from Postgres). On an
+// error out has nodes with this node alone and its own totals.
+func (a *API) clusterStats(ctx context.Context, local realtime.Stats, out map[string]any) error {
+	self := nodeStatsView{Node: a.Presence.Node(), Sessions: local.Sessions, Users: local.Users,
+		ByTransport: make(map[string]int64, len(realtime.Transports)), Draining: a.Draining != nil && a.Draining()}
+	for _, tr := range realtime.Transports {
+		self.ByTransport[string(tr)] = local.ByTransport[tr]
+	}
+	nodes := []nodeStatsView{self}
+	sessions, users := local.Sessions, local.Users
+	total := maps.Clone(self.ByTransport)
+	if a.Presence.OthersLive() {
+		cs, err := a.Presence.Stats(ctx)
+		if err != nil {
+			out["nodes"] = nodes
+			return err
+		}
+		for _, n := range cs.Nodes {
+			v := nodeStatsView{Node: n.Node, Sessions: n.Sessions, Users: n.Users, ByTransport: map[string]int64{}, Draining: n.Draining}
+			for _, tr := range realtime.Transports {
+				v.ByTransport[string(tr)] = n.ByTransport[string(tr)]
+			}
+			for tr, k := range n.ByTransport {
+				total[tr] += k
+			}
+			sessions += n.Sessions
+			nodes = append(nodes, v)
+		}
+		users += cs.RemoteUsers - cs.SharedUsers
+	}
+	out["sessions"], out["users"], out["by_transport"], out["nodes"] = sessions, users, total, nodes
+	return nil
+}
+
+// recentSessions lists the newest n live sessions, newest first: this node's, and with
+// cluster the other live nodes' too.
+func (a *API) recentSessions(ctx context.Context, n int, cluster bool) ([]sessionView, error) {
 	all := a.Hub.Sessions()
 	// Partial selection would do; live sessions are few enough for a sort.
 	sortByConnected(all)
@@ -264,9 +403,16 @@ func (a *API) recentSessions(n int) []sessionView {
 	}
 	out := make([]sessionView, len(all))
 	for i, s := range all {
-		out[i] = viewSession(s)
+		out[i] = a.viewSession(s)
 	}
-	return out
+	if cluster && a.Presence != nil && a.Presence.OthersLive() {
+		remote, err := a.Presence.Recent(ctx, n)
+		if err != nil {
+			return nil, err
+		}
+		out = mergeSessions(out, remote, n)
+	}
+	return out, nil
 }
 
 // devToken is GET /v1/dev/token?user=&device= (dev mode only): a client token,

@@ -20,6 +20,7 @@ function fmtMs(v) {
 }
 
 function ago(iso) {
+  if (!iso) return '–'; // another node's session: its last sign of life is not in Postgres
   const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
   if (s < 60) return `${s}s ago`;
   if (s < 3600) return `${Math.floor(s / 60)}m ago`;
@@ -76,9 +77,10 @@ function render(st) {
     return row;
   }));
 
+  renderNodes(st);
   const rows = (st.recent_sessions || []).map((s) => {
     const tr = document.createElement('tr');
-    tr.append(td(s.id, 'mono'), td(s.user), td(s.device || '–'), td(s.transport),
+    tr.append(td(s.id, 'mono'), td(s.user), td(s.device || '–'), td(s.transport), td(s.node || '–', 'mono'),
       td(ago(s.connected_at)), td(ago(s.last_seen_at)), td(s.remote_addr, 'mono'));
     return tr;
   });
@@ -89,6 +91,26 @@ function render(st) {
   }
   $('recent').replaceChildren(...rows);
   $('updated').textContent = `updated ${new Date().toLocaleTimeString()}`;
+}
+
+/** The per-node breakdown of a cluster (st.nodes; absent on a single node without leases). */
+function renderNodes(st) {
+  const card = $('nodes-card');
+  if (!Array.isArray(st.nodes)) {
+    card.hidden = true;
+    return;
+  }
+  card.hidden = false;
+  $('nodes').replaceChildren(...st.nodes.map((n) => {
+    const tr = document.createElement('tr');
+    tr.dataset.node = n.node;
+    const by = n.by_transport || {};
+    let state = n.draining ? 'draining' : 'serving';
+    if (n.node === st.node) state += ' (this node)';
+    tr.append(td(n.node, 'mono'), td(String(n.sessions)), td(String(n.users)),
+      ...TRANSPORTS.map((k) => td(String(by[k] || 0))), td(state));
+    return tr;
+  }));
 }
 
 function drawChart() {
@@ -134,7 +156,8 @@ async function poll() {
     window.notifyDashboard.stats = st;
     window.notifyDashboard.polls++;
     render(st);
-    setStatus('live', 'connected');
+    if (st.cluster_unavailable) setStatus('this node only: Postgres unavailable', 'reconnecting');
+    else setStatus('live', 'connected');
   } catch (err) {
     window.notifyDashboard.errors++;
     setStatus(`unreachable (${err.message})`, 'reconnecting');

@@ -20,6 +20,7 @@ function clientOptions(token) {
     if (params.has(k)) opts[k] = Number(params.get(k));
   }
   if (params.get('negotiate') === '0') opts.negotiate = false;
+  if (params.get('share') === '0') opts.share = false;
   return opts;
 }
 
@@ -49,7 +50,7 @@ function start(token) {
     $('transport').textContent = ev.transport ? `over ${ev.transport}` : '';
     $('transport-big').textContent = ev.transport || '–';
     $('session').textContent = n.session ? `session ${n.session}` : '';
-    log(`${ev.state}${ev.transport ? ' over ' + ev.transport : ''} (${ev.reason}${ev.delay !== undefined ? `, retry in ${ev.delay} ms` : ''})`);
+    log(`${ev.state}${ev.transport ? ' over ' + ev.transport : ''} (${ev.message}${ev.delay !== undefined ? `, retry in ${ev.delay} ms` : ''})`);
   });
   n.on('attempt', (a) => log(`${a.probe ? 'probe' : 'try'} ${a.transport}: ${a.ok ? 'hello' : a.reason} after ${a.ms} ms`));
   n.on('notification', (m) => {

@@ -1,7 +1,49 @@
 // Types of notify.js, the browser client of notifyd.
 
 export type Transport = 'websocket' | 'sse' | 'longpoll';
+/**
+ * The client's state:
+ * - `idle`: made with autoConnect false, open() not called yet;
+ * - `connecting`: the first pass down the ladder (or, in a tab that follows, waiting for the leading tab);
+ * - `connected`: a transport carries the session (in a following tab: the leading tab's);
+ * - `reconnecting`: the connection ended; the next pass runs after `delay` ms;
+ * - `closed`: close() was called, or the server ended the session for good (kicked, unauthorized).
+ */
 export type State = 'idle' | 'connecting' | 'connected' | 'reconnecting' | 'closed';
+
+/**
+ * Why a connection ended (a `disconnect`'s reason, a failed attempt's, and
+ * the reason of the `reconnecting` state it leads to):
+ * the server's `bye` reasons and WebSocket close codes (PROTOCOL.md) `shutdown`, `heartbeat_timeout`,
+ * `replaced`, `kicked`, `slow_consumer`, `server_error` (1011), `message_too_big` (1009), `policy` (1008),
+ * `closed` (any other close code or bye reason; the message has it); and what the client saw:
+ * `connection_lost` (WebSocket 1006), `stream_error` (the EventSource failed), `http_error` (a poll's
+ * non-2xx answer other than 401), `unauthorized` (401), `poll_timeout`, `network_error`,
+ * `unknown_session` (404 on the messages endpoint), `ping_timeout` (no pong in time).
+ */
+export type EndReason =
+  | 'shutdown' | 'heartbeat_timeout' | 'replaced' | 'kicked' | 'slow_consumer' | 'server_error' | 'message_too_big'
+  | 'policy' | 'closed' | 'connection_lost' | 'stream_error' | 'http_error' | 'unauthorized' | 'poll_timeout'
+  | 'network_error' | 'unknown_session' | 'ping_timeout';
+
+/**
+ * A state event's reason, a closed set an application can branch on (REASONS has each one's text):
+ * - `connecting`/`reconnecting` start: `connect` (open()), `retry` (the backoff ran out), `online` (the
+ *   browser's online event), `takeover` (this tab took over the shared connection of a tab that closed or froze);
+ * - `connected`: `connected` (first time), `reconnected`, `upgrade` (a probe moved it to a better transport);
+ * - `reconnecting` after a failure: an EndReason, or `unreachable` (notifyd does not answer GET /readyz),
+ *   `all_transports_failed`, `token` (the token function failed), `unauthorized` (with a token function);
+ * - `closed`: `client` (close()), `kicked`, `unauthorized` (a fixed token was refused);
+ * - `shared`: a tab that follows another tab's connection joined it.
+ */
+export type Reason =
+  | 'connect' | 'retry' | 'online' | 'takeover'
+  | 'connected' | 'reconnected' | 'upgrade' | 'shared'
+  | EndReason
+  | 'unreachable' | 'all_transports_failed' | 'token' | 'client';
+
+/** Why a ladder step or a probe ended: `hello` (it worked), `timeout` (no hello within helloTimeout), `error` (it could not start), or an EndReason. */
+export type AttemptReason = 'hello' | 'timeout' | 'error' | EndReason;
 
 export interface Options {
   /** The client JWT, or a function returning a fresh one (called on every (re)connect). */
@@ -12,8 +54,20 @@ export interface Options {
   helloTimeout?: number;
   /** Ask GET /v1/negotiate for the learned order and report outcomes. Default true. */
   negotiate?: boolean;
-  /** ms between probes for a better transport while on a fallback (0: never). Default 60000. */
+  /**
+   * The probe schedule while below the top of the ladder, ms: the first probe for the better
+   * transports this long after `synced`, each next one after the next delay while they keep
+   * failing (the last repeats), each ±20% jitter. Default [1500, 30000, 120000, 600000] (PROBE_DELAYS).
+   */
+  probeDelays?: number[];
+  /** A fixed interval between probes instead of probeDelays (0: never probe). */
   probeInterval?: number;
+  /**
+   * Share one connection between the tabs of this browser profile for this server and user
+   * (Web Locks and BroadcastChannel): one tab connects, the others follow it. Default true;
+   * without those APIs each tab connects on its own.
+   */
+  share?: boolean;
   /** Reconnect delay bound of the first retry, ms (full jitter, doubling). Default 500. */
   backoffBase?: number;
   /** Largest reconnect delay bound, ms. Default 30000. */
@@ -44,8 +98,10 @@ export interface Notification {
 export interface StateEvent {
   state: State;
   transport: Transport | null;
-  /** Why: 'connected', 'upgrade from longpoll', 'bye shutdown', 'connection_lost', 'all transports failed', ... */
-  reason: string;
+  /** Why, as a code to branch on. */
+  reason: Reason;
+  /** The human text: 'upgrade from longpoll', 'bye shutdown', 'http_502', ... */
+  message: string;
   previous: { state: State; transport: Transport | null };
   /** On 'reconnecting': ms until the next try. */
   delay?: number;
@@ -62,15 +118,16 @@ export interface AttemptEvent {
   transport: Transport;
   probe: boolean;
   ok: boolean;
-  /** 'hello', 'timeout', 'connection_lost', 'stream_error', 'unauthorized', ... */
-  reason: string;
+  reason: AttemptReason;
+  /** The specifics where there are some: 'http_400', 'closed_4005', 'bye replaced'. */
+  detail?: string;
   ms: number;
 }
 
 export interface EventMap {
   state: StateEvent;
   connect: { session: string; user: string; transport: Transport; hello: Record<string, unknown> };
-  disconnect: { reason: string; transport: Transport };
+  disconnect: { reason: EndReason; message: string; transport: Transport };
   notification: Notification;
   read: ReadEvent;
   unread: number | null;
@@ -80,6 +137,12 @@ export interface EventMap {
 }
 
 export declare const TRANSPORTS: Transport[];
+/** The default probe schedule (Options.probeDelays). */
+export declare const PROBE_DELAYS: number[];
+/** The human text of each reason. */
+export declare const REASONS: Record<Reason, string>;
+/** The wait before probe number step (0: the first after synced) of a schedule, with ±20% jitter; -1 for an empty schedule. */
+export declare function probeDelay(delays: number[], step: number, rand?: () => number): number;
 
 export declare class NotifyClient {
   constructor(url: string, options: Options);
@@ -90,6 +153,8 @@ export declare class NotifyClient {
   readonly user: string | null;
   readonly unread: number | null;
   readonly connected: boolean;
+  /** True while this tab follows the connection another tab of this browser holds. */
+  readonly follower: boolean;
   /** The highest seq held with nothing missing below it. */
   readonly cursor: number;
   /** ms since the page's time origin (performance.now()). */

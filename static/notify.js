@@ -7,45 +7,66 @@
 //
 // It tries WebSocket, then SSE, then long-poll (or the order GET /v1/negotiate
 // learned for this network and browser); a step that does not deliver `hello`
-// within helloTimeout is abandoned. On a fallback it probes the better
-// transports now and then and moves up when one works. Reconnects use
-// exponential backoff with full jitter and honour `bye.retry_ms`; the cursor
-// and the session are sent on reconnect; duplicates are dropped by id; live
-// seq gaps are filled from the inbox API. Types: notify.d.ts beside this file.
+// within helloTimeout is abandoned. Below the top of its ladder it probes the
+// better transports soon after `synced`, then less often while they fail
+// (probeDelays), and moves up when one works. Reconnects use exponential
+// backoff with full jitter and honour `bye.retry_ms`; the cursor and the
+// session are sent on reconnect; duplicates are dropped by id; live seq gaps
+// are filled from the inbox API. The tabs of a browser share one connection
+// (TabShare). States and reasons are closed sets (REASONS). Types: notify.d.ts
+// beside this file.
 
-/** @typedef {'websocket'|'sse'|'longpoll'} Transport */
-/** @typedef {'idle'|'connecting'|'connected'|'reconnecting'|'closed'} State */
-
-/**
- * @typedef {object} Options
- * @property {string|(() => string|Promise<string>)} token the client JWT, or a function that returns a fresh one
- * @property {Transport[]} [transports] the ladder steps allowed, in preference order (default all three)
- * @property {number} [helloTimeout] ms a step has to deliver `hello` before it is abandoned (3000)
- * @property {boolean} [negotiate] ask GET /v1/negotiate for the order and report outcomes (true)
- * @property {number} [probeInterval] ms between probes for a better transport while on a fallback (60000)
- * @property {number} [backoffBase] ms, first reconnect delay bound (500)
- * @property {number} [backoffMax] ms, largest reconnect delay bound (30000)
- * @property {number} [pollWait] seconds a long-poll waits on the server (25)
- * @property {number} [pongTimeout] ms to wait for a pong before the connection counts as dead (10000)
- * @property {number} [cursor] the highest seq the app already holds (0)
- * @property {boolean} [autoConnect] connect at once (true)
- */
-
-/**
- * @typedef {object} Notification
- * @property {string} id
- * @property {number} seq
- * @property {string} topic
- * @property {any} data
- * @property {string} created_at
- * @property {boolean} replayed sent from the backlog on (re)connect
- * @property {boolean} [recovered] fetched from the inbox after a live seq gap
- */
+// The types are notify.d.ts's (a module path ending in .js resolves to the .d.ts beside it).
+/** @typedef {import('./notify.js').Transport} Transport */
+/** @typedef {import('./notify.js').State} State */
+/** @typedef {import('./notify.js').Reason} Reason */
+/** @typedef {import('./notify.js').EndReason} EndReason */
+/** @typedef {import('./notify.js').Options} Options */
+/** @typedef {import('./notify.js').Notification} Notification */
+/** @typedef {import('./notify.js').EventMap} EventMap */
+/** @typedef {import('./notify.js').NotifyClient} NotifyClientAPI */
 
 /** The ladder, best first. */
 export const TRANSPORTS = /** @type {Transport[]} */ (['websocket', 'sse', 'longpoll']);
 
+/** @type {Record<number, EndReason>} */
 const CLOSE_REASONS = { 1012: 'shutdown', 4000: 'heartbeat_timeout', 4001: 'replaced', 4002: 'kicked', 4003: 'slow_consumer', 1011: 'server_error', 1009: 'message_too_big', 1008: 'policy' };
+/** The `bye` reasons of PROTOCOL.md; any other ends the connection as `closed`. */
+const BYE_REASONS = /** @type {EndReason[]} */ (['shutdown', 'kicked', 'replaced', 'heartbeat_timeout', 'slow_consumer']);
+
+/**
+ * The default probe schedule, ms: the first probe for a better transport
+ * soon after `synced`, then each next one while they keep failing (the last
+ * repeats).
+ */
+export const PROBE_DELAYS = [1500, 30000, 120000, 600000];
+
+/**
+ * The wait before probe number step (0: the first after synced) of a
+ * schedule, with ±20% jitter so that many clients of one network do not probe
+ * at once.
+ * @param {number[]} delays
+ * @param {number} step
+ * @param {() => number} [rand] a number in [0, 1)
+ * @returns {number}
+ */
+export function probeDelay(delays, step, rand = Math.random) {
+  if (delays.length === 0) return -1;
+  const base = delays[Math.min(Math.max(0, step), delays.length - 1)];
+  return Math.round(base * (0.8 + 0.4 * rand()));
+}
+/** @type {Record<Reason, string>} the human text of each reason (a state event's message says more where it can) */
+export const REASONS = {
+  connect: 'connecting', retry: 'retrying after a backoff', online: 'the browser is online again', takeover: 'this tab took over the shared connection',
+  connected: 'connected', reconnected: 'reconnected', upgrade: 'moved up to a better transport', shared: 'following the tab that holds the connection',
+  shutdown: 'the server is restarting', heartbeat_timeout: 'the server missed our heartbeats', replaced: 'another connection took this session over',
+  kicked: 'the session was ended by the server', slow_consumer: 'the connection fell too far behind', server_error: 'server error',
+  message_too_big: 'a message was too big', policy: 'refused by the server', connection_lost: 'the connection was lost',
+  closed: 'the connection was closed', stream_error: 'the event stream failed', http_error: 'the server answered with an HTTP error',
+  poll_timeout: 'a poll got no answer in time', network_error: 'network error', unknown_session: 'the server does not know this session',
+  ping_timeout: 'no pong in time', unauthorized: 'the token was refused', token: 'getting a token failed',
+  unreachable: 'notifyd cannot be reached', all_transports_failed: 'every transport failed', client: 'closed by the application',
+};
 const SEEN_LIMIT = 10000;
 const HISTORY_LIMIT = 300;
 
@@ -57,6 +78,12 @@ const now = () => (typeof performance !== 'undefined' ? performance.now() : Date
  * `primary` that carries the session, or `dead` (everything it still receives
  * is ignored).
  */
+/**
+ * Why a connection ended: reason is the code, detail the specifics
+ * (`http_502`, `closed_4005`, `bye shutdown`), for messages and reports.
+ * @typedef {{reason: EndReason, detail?: string, retryMs?: number, status?: number, bye?: boolean}} EndInfo
+ */
+
 class Conn {
   /**
    * @param {NotifyClient} client
@@ -74,14 +101,29 @@ class Conn {
     this.session = null;
     this.startedAt = now();
     this.ended = false;
+    /** @type {((ok: boolean, reason: EndReason|'hello'|'timeout'|'error', detail?: string) => void)|null} the attempt's outcome, while it is one */
+    this.settle = null;
   }
+
+  /** Opens the connection (each transport has its own). */
+  start() {}
+
+  /**
+   * Sends client messages upstream.
+   * @param {object[]} msgs
+   * @returns {Promise<void>}
+   */
+  send(msgs) { return Promise.resolve(); }
+
+  /** Releases what the transport holds (socket, stream, pending poll). */
+  teardown() {}
 
   /** @param {any} m */
   deliver(m) {
     if (this.role !== 'dead') this.client._onMessage(this, m);
   }
 
-  /** @param {{reason: string, retryMs?: number, status?: number}} info */
+  /** @param {EndInfo} info */
   end(info) {
     if (this.ended) return;
     this.ended = true;
@@ -98,6 +140,10 @@ class Conn {
     }
   }
 
+  /**
+   * @param {Record<string, string|number>} [extra] more query parameters
+   * @returns {string}
+   */
   query(extra) {
     const q = new URLSearchParams({ token: this.token });
     if (this.cursor > 0) q.set('cursor', String(this.cursor));
@@ -106,7 +152,10 @@ class Conn {
     return q.toString();
   }
 
-  /** POST /v1/sessions/{session}/messages (SSE and long-poll upstream). */
+  /**
+   * POST /v1/sessions/{session}/messages (SSE and long-poll upstream).
+   * @param {object[]} msgs
+   */
   async post(msgs) {
     if (!this.session) return;
     const resp = await fetch(`${this.client.url}/v1/sessions/${encodeURIComponent(this.session)}/messages`, {
@@ -133,10 +182,14 @@ class WSConn extends Conn {
       try { m = JSON.parse(e.data); } catch { return; }
       this.deliver(m);
     };
-    ws.onclose = (e) => this.end({ reason: CLOSE_REASONS[e.code] || (e.code === 1006 ? 'connection_lost' : `closed_${e.code}`) });
+    ws.onclose = (e) => this.end(CLOSE_REASONS[e.code] ? { reason: CLOSE_REASONS[e.code] }
+      : e.code === 1006 ? { reason: 'connection_lost' } : { reason: 'closed', detail: `closed_${e.code}` });
     ws.onerror = () => {};
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) {
       for (const m of msgs) this.ws.send(JSON.stringify(m));
@@ -157,6 +210,7 @@ class SSEConn extends Conn {
   start() {
     const es = new EventSource(`${this.client.url}/v1/sse?${this.query()}`);
     this.es = es;
+    /** @param {MessageEvent} e */
     const onData = (e) => {
       let m;
       try { m = JSON.parse(e.data); } catch { return; }
@@ -165,11 +219,14 @@ class SSEConn extends Conn {
     for (const t of ['hello', 'notification', 'synced', 'pong', 'read', 'bye', 'message']) es.addEventListener(t, onData);
     // `event: error` from the server and the EventSource's own failure share a name.
     es.addEventListener('error', (e) => {
-      if (typeof (/** @type {any} */ (e).data) === 'string') onData(e);
+      if (e instanceof MessageEvent && typeof e.data === 'string') onData(e);
       else this.end({ reason: 'stream_error' });
     });
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) { return this.post(msgs); }
 
   teardown() {
@@ -201,7 +258,8 @@ class PollConn extends Conn {
         if (!resp.ok) {
           let code = '';
           try { code = (await resp.json()).error.code; } catch { /* not JSON: a proxy's page */ }
-          this.end({ reason: code || `http_${resp.status}`, status: resp.status });
+          this.end({ reason: resp.status === 401 ? 'unauthorized' : 'http_error',
+            detail: code && resp.status !== 401 ? `http_${resp.status} ${code}` : `http_${resp.status}`, status: resp.status });
           return;
         }
         body = await resp.json();
@@ -221,6 +279,9 @@ class PollConn extends Conn {
     }
   }
 
+  /**
+   * @param {object[]} msgs
+   */
   send(msgs) { return this.post(msgs); }
 
   teardown() {
@@ -230,10 +291,177 @@ class PollConn extends Conn {
 
 const CONN = { websocket: WSConn, sse: SSEConn, longpoll: PollConn };
 
+/** ms between a leading tab's heartbeats, and the silence after which a following tab takes the lead. */
+const SHARE_BEAT = 1000;
+const SHARE_SILENCE = 3000;
+
+/**
+ * One connection per browser profile, server and user, shared by the tabs.
+ * The tab that holds the Web Lock named for them leads: its client connects
+ * and posts every server message and state change, and a heartbeat each
+ * second, on a BroadcastChannel of the same name. The others follow: they run
+ * those messages through their own client (each keeps its own seen ids,
+ * cursor and unread count) and queue for the lock. A closed tab's lock is
+ * released by the browser, so the next tab in the queue leads at once and
+ * connects with its own cursor (and the shared session); a freezing tab
+ * gives the lead up itself (the `freeze` event), and a leader that falls
+ * silent (frozen without that event, or hung) has its lock stolen after
+ * SHARE_SILENCE; it steps down when it runs again.
+ * Invariant: only a tab whose lock callback is running has a connection.
+ */
+class TabShare {
+  /** Whether this browser has what sharing needs. */
+  static supported() {
+    return typeof document !== 'undefined' && typeof BroadcastChannel === 'function' &&
+      typeof navigator !== 'undefined' && !!navigator.locks && typeof navigator.locks.request === 'function';
+  }
+
+  /**
+   * @param {NotifyClient} client
+   * @param {string} name the lock's and the channel's name
+   */
+  constructor(client, name) {
+    this.client = client;
+    this.name = name;
+    this.id = Math.random().toString(36).slice(2);
+    this.leader = false;
+    /** Whether this tab has followed another one (its lead is then a takeover). */
+    this.followed = false;
+    this.left = false;
+    /** @type {(() => void)|null} releases the lock while this tab leads */
+    this.release = null;
+    this.abort = new AbortController();
+    this.heard = Date.now();
+    /** The number of the latest lock request, and of the one that holds the lock (0: none). */
+    this.requests = 0;
+    this.holding = 0;
+    /** @type {ReturnType<typeof setInterval>|null} the heartbeat (leading) or the watch on the leader (following) */
+    this.timer = null;
+    this.ch = new BroadcastChannel(name);
+    this.ch.onmessage = (e) => {
+      const m = e.data;
+      if (this.left || !m) return;
+      if (this.leader) {
+        // A leader whose lock was stolen while it was silent may still post for a moment (until the
+        // rejection of its request reaches it): what it posts repeats what the new leader posts.
+        if (m.t === 'join') this.client._shareState();
+        return;
+      }
+      if (m.t === 'join') return;
+      this.heard = Date.now();
+      if (m.t !== 'beat') this.client._onShared(m);
+    };
+  }
+
+  /** Leads at once when no tab does, else follows. */
+  start() { this.request({ ifAvailable: true }); }
+
+  /**
+   * @param {LockOptions} opts
+   */
+  request(opts) {
+    const n = ++this.requests;
+    navigator.locks.request(this.name, opts, (lock) => {
+      if (this.left) return undefined;
+      if (!lock) {
+        this.follow();
+        return undefined;
+      }
+      return new Promise((resolve) => {
+        this.holding = n;
+        this.release = () => { this.release = null; resolve(undefined); };
+        this.lead();
+      });
+    }).catch(() => {
+      // Aborted (this tab left the queue, or steals), or stolen from this tab while it led.
+      if (this.leader && this.holding === n) this.stepDown();
+    });
+  }
+
+  follow() {
+    this.followed = true;
+    this.heard = Date.now();
+    this.client._follow();
+    this.post({ t: 'join' });
+    this.request({ signal: this.abort.signal });
+    let tick = Date.now();
+    this.setTimer(() => {
+      const at = Date.now();
+      const late = at - tick > 2 * SHARE_BEAT;
+      tick = at;
+      // A tab whose own timer ran late is throttled (hidden) or was frozen itself: the leader's
+      // silence may be the same throttling, so only a tab that runs on time steals.
+      if (late) {
+        this.heard = at;
+        return;
+      }
+      const silence = SHARE_SILENCE + Math.random() * SHARE_BEAT / 2; // so that the followers do not all steal at once
+      if (at - this.heard > silence) this.steal();
+    });
+  }
+
+  lead() {
+    this.leader = true;
+    this.setTimer(() => this.post({ t: 'beat', from: this.id }));
+    this.post({ t: 'beat', from: this.id });
+    this.client._lead(this.followed);
+  }
+
+  /** Takes the lock from a leader that has fallen silent. */
+  steal() {
+    if (this.left || this.leader) return;
+    this.abort.abort(); // out of the queue
+    this.abort = new AbortController();
+    this.heard = Date.now();
+    this.request({ steal: true });
+  }
+
+  /** Another tab leads: drops the connection, follows again. */
+  stepDown() {
+    if (this.left) return;
+    this.leader = false;
+    this.holding = 0;
+    if (this.release) this.release();
+    this.client._steppedDown();
+    this.follow();
+  }
+
+  /**
+   * @param {() => void} fn
+   */
+  setTimer(fn) {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = setInterval(fn, SHARE_BEAT);
+  }
+
+  /**
+   * @param {object} m
+   */
+  post(m) {
+    if (this.left) return;
+    try { this.ch.postMessage(m); } catch { /* a message that does not clone is not shared */ }
+  }
+
+  /** Stops leading or following (the next tab in the queue leads). */
+  leave() {
+    if (this.left) return;
+    this.left = true;
+    if (this.timer) clearInterval(this.timer);
+    this.abort.abort();
+    if (this.release) this.release();
+    this.leader = false;
+    this.ch.close();
+  }
+}
+
+/** The events a leading tab passes on as they are (the others follow from the server's messages). */
+const SHARED_EVENTS = new Set(['connect', 'disconnect', 'attempt', 'error']);
+
 /**
  * A notifyd client. Events: `state`, `connect`, `disconnect`, `notification`,
  * `read`, `unread`, `synced`, `error`, `attempt` (see notify.d.ts).
  */
+/** @implements {NotifyClientAPI} */
 export class NotifyClient {
   /**
    * @param {string} url notifyd's base URL ('' or undefined: this page's origin)
@@ -243,11 +471,15 @@ export class NotifyClient {
     const base = url || (typeof location !== 'undefined' ? location.origin : '');
     this.url = base.replace(/\/+$/, '');
     this.opts = {
-      transports: TRANSPORTS, helloTimeout: 3000, negotiate: true, probeInterval: 60000,
+      transports: TRANSPORTS, helloTimeout: 3000, negotiate: true, probeDelays: PROBE_DELAYS, share: true,
       backoffBase: 500, backoffMax: 30000, pollWait: 25, pongTimeout: 10000, cursor: 0, autoConnect: true,
       ...options,
     };
     this.opts.transports = this.opts.transports.filter((t) => TRANSPORTS.includes(t));
+    // probeInterval (a fixed interval; 0: never) replaces the schedule.
+    if (typeof this.opts.probeInterval === 'number') {
+      this.opts.probeDelays = this.opts.probeInterval > 0 ? [this.opts.probeInterval] : [];
+    }
     if (this.opts.transports.length === 0) throw new Error('notify: no known transport in options.transports');
     /** @type {State} */
     this.state = 'idle';
@@ -264,9 +496,13 @@ export class NotifyClient {
     /** Timings in ms since the page's time origin: start, hello, firstNotification. */
     this.timings = { start: 0, hello: 0, firstNotification: 0 };
     /** The recent state changes and attempts, oldest first (for debugging and tests). */
+    /** @type {Array<Record<string, unknown>>} */
     this.history = [];
 
+    /** @type {Map<string, Set<(arg: any) => void>>} the listeners of each event */
     this._listeners = new Map();
+    /** @type {WeakMap<(arg: any) => void, (arg: any) => void>} once()'s wrappers: wrapper -> the listener given */
+    this._onceOf = new WeakMap();
     this._seen = new Map();
     this._maxSeq = Math.max(0, Number(this.opts.cursor) || 0);
     /** @type {Array<[number, number]>} live seq ranges missing, being fetched */
@@ -283,13 +519,32 @@ export class NotifyClient {
     /** @type {Transport|null} */
     this._lastGood = null;
     this._negotiateOK = false;
+    /** Probes of the current transport that failed in a row (the index into probeDelays). */
+    this._probeStep = 0;
+    /** @type {Transport|null} the transport _probeStep counts for */
+    this._probeFrom = null;
+    /** Whether the primary's probe timer was set (once it is synced). */
+    this._probeArmed = false;
+    /** @type {Record<string, ReturnType<typeof setTimeout>>} the pending timers and intervals, by name */
     this._timers = {};
+    /** @type {string[]} ids waiting to be acknowledged */
     this._acks = [];
     this._localReads = new Set();
     this._localAll = 0;
     this._liveCount = 0;
     this._wantOpen = false;
-    this._onOnline = () => { if (this.state === 'reconnecting') this._reconnectNow('online'); };
+    /** @type {TabShare|null} the shared connection's lock and channel, while sharing */
+    this._share = null;
+    /** @type {Reason} the reason of the latest state (for the tabs that join) */
+    this._lastReason = 'connect';
+    this._lastMessage = '';
+    this._frozen = false;
+    this._onFreeze = () => this._freeze();
+    this._onResume = () => this._resume();
+    this._onOnline = () => {
+      this._probeStep = 0; // another network: better transports may work there
+      if (this.state === 'reconnecting') this._reconnectNow('online');
+    };
     if (this.opts.autoConnect) this.open();
   }
 
@@ -307,25 +562,45 @@ export class NotifyClient {
 
   /**
    * Subscribes to an event; returns this for chaining.
-   * @param {string} event
-   * @param {(arg: any) => void} fn
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} fn
+   * @returns {this}
    */
   on(event, fn) {
-    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
-    this._listeners.get(event).add(fn);
+    let set = this._listeners.get(event);
+    if (!set) this._listeners.set(event, (set = new Set()));
+    set.add(fn);
     return this;
   }
 
-  /** Unsubscribes fn (or every listener of event). */
+  /**
+   * Unsubscribes fn, also when once() added it (or every listener of event).
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} [fn]
+   * @returns {this}
+   */
   off(event, fn) {
+    const set = this._listeners.get(event);
     if (!fn) this._listeners.delete(event);
-    else if (this._listeners.has(event)) this._listeners.get(event).delete(fn);
+    else if (set) {
+      for (const l of set) if (l === fn || this._onceOf.get(l) === fn) set.delete(l);
+    }
     return this;
   }
 
-  /** Subscribes for one call. */
+  /**
+   * Subscribes for one call.
+   * @template {keyof EventMap} K
+   * @param {K} event
+   * @param {(arg: EventMap[K]) => void} fn
+   * @returns {this}
+   */
   once(event, fn) {
+    /** @param {EventMap[K]} arg */
     const wrap = (arg) => { this.off(event, wrap); fn(arg); };
+    this._onceOf.set(wrap, fn);
     return this.on(event, wrap);
   }
 
@@ -336,9 +611,18 @@ export class NotifyClient {
     if (!this.timings.start) this.timings.start = now();
     if (typeof window !== 'undefined') window.addEventListener('online', this._onOnline);
     this._pass++;
-    this._runLadder('connect');
+    if (this.opts.share && TabShare.supported()) {
+      document.addEventListener('freeze', this._onFreeze);
+      document.addEventListener('resume', this._onResume);
+      this._startShare();
+    } else {
+      this._runLadder('connect');
+    }
     return this;
   }
+
+  /** True while this tab follows another tab's connection (sharing on). */
+  get follower() { return !!this._share && !this._share.leader; }
 
   /** Closes the session for good (until open()). */
   close() {
@@ -346,6 +630,10 @@ export class NotifyClient {
     this._pass++;
     for (const k of Object.keys(this._timers)) this._clear(k);
     if (typeof window !== 'undefined') window.removeEventListener('online', this._onOnline);
+    if (typeof document !== 'undefined') {
+      document.removeEventListener('freeze', this._onFreeze);
+      document.removeEventListener('resume', this._onResume);
+    }
     if (this._probe) { this._probe.close(); this._probe = null; }
     if (this._attemptConn) { this._attemptConn.close(); this._attemptConn = null; }
     const c = this._conn;
@@ -354,6 +642,14 @@ export class NotifyClient {
       c.close();
       if (c.transport === 'longpoll' && c.session) this._kickSession(c.session, c.token);
     }
+    const share = this._share;
+    this._share = null;
+    if (share && share.leader) {
+      // The next tab takes over with a session of its own (this one is gone).
+      this.session = null;
+      share.post({ t: 'state', state: 'closed', transport: null, reason: 'client', message: REASONS.client, session: null, user: this.user });
+    }
+    if (share) share.leave();
     this._setState('closed', null, 'client');
     return this;
   }
@@ -391,7 +687,12 @@ export class NotifyClient {
 
   // ---- events and state ----------------------------------------------------
 
+  /**
+   * @param {string} event
+   * @param {any} arg
+   */
   _emit(event, arg) {
+    if (this._share && this._share.leader && SHARED_EVENTS.has(event)) this._share.post({ t: 'ev', name: event, arg });
     const set = this._listeners.get(event);
     if (!set) return;
     for (const fn of [...set]) {
@@ -399,6 +700,9 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * @param {Record<string, unknown>} entry
+   */
   _record(entry) {
     this.history.push({ t: Math.round(now()), ...entry });
     if (this.history.length > HISTORY_LIMIT) this.history.shift();
@@ -407,17 +711,33 @@ export class NotifyClient {
   /**
    * @param {State} state
    * @param {Transport|null} transport
-   * @param {string} reason
+   * @param {Reason} reason
+   * @param {string} [message] the human text (default: REASONS[reason])
+   * @param {{delay?: number}} [extra]
+   *
+   * Every call is kept in the history; a `state` event fires only when the
+   * state or the transport changes.
    */
-  _setState(state, transport, reason, extra) {
+  _setState(state, transport, reason, message, extra) {
     const previous = { state: this.state, transport: this.transport };
     this.state = state;
     this.transport = transport;
-    const ev = { state, transport, reason, previous, ...extra };
-    this._record({ event: 'state', state, transport, reason, ...extra });
-    this._emit('state', ev);
+    const msg = message || REASONS[reason] || reason;
+    this._lastReason = reason;
+    this._lastMessage = msg;
+    this._record({ event: 'state', state, transport, reason, message: msg, ...extra });
+    if (this._share && this._share.leader) {
+      this._shareState(extra);
+      // Closed for good: the tabs that follow close too (close() hands over instead).
+      if (state === 'closed') this._leaveShare();
+    }
+    if (previous.state === state && previous.transport === transport) return;
+    this._emit('state', { state, transport, reason, message: msg, previous, ...extra });
   }
 
+  /**
+   * @param {string} name a key of _timers
+   */
   _clear(name) {
     if (this._timers[name]) {
       clearTimeout(this._timers[name]);
@@ -431,19 +751,170 @@ export class NotifyClient {
     return typeof t === 'function' ? await t() : t;
   }
 
-  // ---- the ladder ------------------------------------------------------------
+  // ---- sharing one connection between tabs --------------------------------------
 
-  /** One pass down the ladder; on failure, schedules the next pass. */
-  async _runLadder(reason) {
+  /** Joins (or starts) the shared connection of this server and user. */
+  async _startShare() {
     const pass = this._pass;
-    const live = () => this._wantOpen && pass === this._pass;
-    this._setState(this.timings.hello ? 'reconnecting' : 'connecting', null, reason);
+    this._setState('connecting', null, 'connect');
     let token;
     try {
       token = await this._token();
     } catch (err) {
       this._emit('error', { code: 'token', message: String(err) });
-      if (live()) this._scheduleReconnect(null, 'token');
+      if (this._wantOpen && pass === this._pass) this._scheduleReconnect(null, 'token', `getting a token failed: ${err}`);
+      return;
+    }
+    if (!this._wantOpen || pass !== this._pass) return;
+    const user = userOfToken(token);
+    if (!user) {
+      this._runLadder('connect'); // no user to name the shared connection by: a connection of its own
+      return;
+    }
+    this.user = this.user || user;
+    this._share = new TabShare(this, `notifyd ${this.url} ${user}`);
+    this._record({ event: 'share', role: 'join' });
+    this._share.start();
+  }
+
+  /** Called by TabShare: this tab holds the lock and connects. @param {boolean} takeover */
+  _lead(takeover) {
+    this._record({ event: 'share', role: 'lead', takeover });
+    this._clear('reconnect');
+    this._pass++;
+    this._runLadder(takeover ? 'takeover' : 'connect');
+  }
+
+  /** Called by TabShare: another tab leads; this one catches up from the inbox. */
+  _follow() {
+    this._record({ event: 'share', role: 'follow' });
+    this._synced = false;
+    this._setState(this.state === 'idle' || this.state === 'closed' ? 'connecting' : this.state, this.transport, 'shared');
+    this._syncInbox(this._pass);
+  }
+
+  /**
+   * Posts this tab's state to the others (while it leads).
+   * @param {{delay?: number}} [extra]
+   */
+  _shareState(extra) {
+    if (!this._share || !this._share.leader) return;
+    this._share.post({ t: 'state', state: this.state, transport: this.transport, reason: this._lastReason, message: this._lastMessage,
+      session: this.session, user: this.user, delay: extra && extra.delay, negotiated: this._negotiateOK });
+  }
+
+  _leaveShare() {
+    const share = this._share;
+    this._share = null;
+    if (share) share.leave();
+  }
+
+  /**
+   * A message from the leading tab.
+   * @param {any} m
+   */
+  _onShared(m) {
+    if (!this._wantOpen) return;
+    switch (m.t) {
+      case 'state': {
+        if (m.user) this.user = m.user;
+        this.session = m.session;
+        if (m.transport) this._lastGood = m.transport; // a takeover starts on what works
+        if (m.negotiated) this._negotiateOK = true; // and reports to the same endpoint
+        if (m.state === 'closed') {
+          if (m.reason === 'client') return; // that tab closed: the next one takes over
+          this._wantOpen = false;
+          this._leaveShare();
+        }
+        this._setState(m.state, m.transport, m.reason, m.message, typeof m.delay === 'number' ? { delay: m.delay } : undefined);
+        break;
+      }
+      case 'msg': {
+        const sm = m.m;
+        if (!sm) return;
+        if (sm.type === 'notification') this._onNotification(sm);
+        else if (sm.type === 'synced') this._onSynced(sm);
+        else if (sm.type === 'read') this._onRead(sm);
+        break;
+      }
+      case 'ev':
+        if (SHARED_EVENTS.has(m.name)) this._emit(m.name, m.arg);
+        break;
+      default: break;
+    }
+  }
+
+  /**
+   * A follower's catch-up: the unread notifications above its cursor from the
+   * inbox (a fresh connection's replay, without a connection), then `synced`.
+   * What the leader passes on meanwhile is dropped by id where it repeats.
+   * @param {number} pass
+   */
+  async _syncInbox(pass) {
+    try {
+      const { found, unread } = await this._inbox(this.cursor + 1, 0);
+      if (!this.follower || pass !== this._pass) return;
+      this._emitFetched(found, false);
+      this._synced = true;
+      for (const n of found) if (n.seq > this._maxSeq) this._maxSeq = n.seq;
+      if (typeof unread === 'number') this.unread = unread;
+      this._emit('synced', { cursor: this.cursor, unread: this.unread ?? 0, truncated: false });
+      this._emit('unread', this.unread);
+    } catch (err) {
+      this._emit('error', { code: 'inbox_sync', message: String(err) });
+      if (this.follower && pass === this._pass) {
+        this._timers.sync = setTimeout(() => { delete this._timers.sync; if (this.follower) this._syncInbox(pass); }, 1000);
+      }
+    }
+  }
+
+  /** Drops this tab's connections without ending the session (another tab carries it on). */
+  _dropConns() {
+    this._pass++;
+    for (const k of Object.keys(this._timers)) this._clear(k);
+    if (this._probe) { this._probe.close(); this._probe = null; }
+    if (this._attemptConn) { this._attemptConn.close(); this._attemptConn = null; }
+    if (this._conn) { this._conn.close(); this._conn = null; }
+  }
+
+  /** Called by TabShare: another tab took the lead from this one. */
+  _steppedDown() {
+    this._record({ event: 'share', role: 'step_down' });
+    this._dropConns();
+  }
+
+  /** The page froze (or went into the back/forward cache): the next tab leads. */
+  _freeze() {
+    if (!this._share || !this._wantOpen) return;
+    this._record({ event: 'share', role: 'freeze' });
+    this._dropConns();
+    this._leaveShare();
+    this._frozen = true;
+  }
+
+  _resume() {
+    if (!this._frozen || !this._wantOpen) return;
+    this._frozen = false;
+    this._pass++;
+    this._startShare();
+  }
+
+  // ---- the ladder ------------------------------------------------------------
+
+  /**
+   * One pass down the ladder; on failure, schedules the next pass.
+   * @param {'connect'|'retry'|'online'|'takeover'} reason
+   */
+  async _runLadder(reason) {
+    const pass = this._pass;
+    const live = () => this._wantOpen && pass === this._pass;
+    this._setState(this.timings.hello || this._lastGood ? 'reconnecting' : 'connecting', null, reason);
+    let token;
+    try {
+      token = await this._token();
+    } catch (err) {
+      this._emit('error', { code: 'token', message: String(err) });
+      if (live()) this._scheduleReconnect(null, 'token', `getting a token failed: ${err}`);
       return;
     }
     let order = this.opts.transports.slice();
@@ -478,7 +949,7 @@ export class NotifyClient {
         this._report(token, outcomes);
         return;
       }
-      outcomes.push({ transport, ok: false, reason: res.reason });
+      outcomes.push({ transport, ok: false, reason: res.detail || res.reason });
       if (res.reason === 'unauthorized') {
         this._unauthorized();
         return;
@@ -486,34 +957,39 @@ export class NotifyClient {
       // A step that failed because notifyd (or the way to it) is down says
       // nothing about the transport: back off instead of falling further.
       if (!(await this._reachable())) {
-        if (live()) this._scheduleReconnect(null, `unreachable (${transport}: ${res.reason})`);
+        if (live()) this._scheduleReconnect(null, 'unreachable', `unreachable (${transport}: ${res.detail || res.reason})`);
         return;
       }
     }
-    if (live()) this._scheduleReconnect(null, 'all transports failed');
+    if (live()) this._scheduleReconnect(null, 'all_transports_failed', `all transports failed (${outcomes.map((o) => `${o.transport}: ${o.reason}`).join(', ')})`);
   }
 
   /**
    * Opens one transport and waits for its hello (or failure, or helloTimeout).
    * On hello the connection is promoted synchronously, so the messages after
    * hello in the same batch already go to the new primary.
-   * @returns {Promise<{ok: boolean, reason: string, conn?: Conn}>}
+   * @param {Transport} transport
+   * @param {string} token
+   * @param {string|null} session the session to resume
+   * @param {'attempt'|'probe'} role
+   * @returns {Promise<{ok: boolean, reason: EndReason|'hello'|'timeout'|'error', detail?: string, conn?: Conn}>}
    */
   _attempt(transport, token, session, role) {
     return new Promise((resolve) => {
       const conn = new CONN[transport](this, transport, { token, cursor: this.cursor, session, role });
       const timer = setTimeout(() => done(false, 'timeout'), this.opts.helloTimeout);
       let settled = false;
-      const done = (ok, reason) => {
+      /** @param {boolean} ok @param {EndReason|'hello'|'timeout'|'error'} reason @param {string} [detail] */
+      const done = (ok, reason, detail) => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
         const ms = Math.round(now() - conn.startedAt);
-        this._record({ event: 'attempt', transport, role, ok, reason, ms });
-        this._emit('attempt', { transport, probe: role === 'probe', ok, reason, ms });
+        this._record({ event: 'attempt', transport, role, ok, reason, detail, ms });
+        this._emit('attempt', { transport, probe: role === 'probe', ok, reason, detail, ms });
         if (!ok) conn.close();
         if (this._attemptConn === conn) this._attemptConn = null;
-        resolve({ ok, reason, conn });
+        resolve({ ok, reason, detail, conn });
       };
       conn.settle = done;
       if (role === 'probe') this._probe = conn;
@@ -526,7 +1002,11 @@ export class NotifyClient {
     });
   }
 
-  /** GET /v1/negotiate: the learned order, null when unreachable. */
+  /**
+   * GET /v1/negotiate: the learned order, null when unreachable.
+   * @param {string} token
+   * @returns {Promise<{order: Transport[], learned?: boolean}|'unauthorized'|null>}
+   */
   async _negotiate(token) {
     const ac = new AbortController();
     const timer = setTimeout(() => ac.abort(), 1500);
@@ -547,7 +1027,11 @@ export class NotifyClient {
     }
   }
 
-  /** POST /v1/negotiate: what worked and what did not (fire and forget). */
+  /**
+   * POST /v1/negotiate: what worked and what did not (fire and forget).
+   * @param {string} token
+   * @param {Array<{transport: Transport, ok: boolean, reason: string}>} outcomes
+   */
   _report(token, outcomes) {
     if (!this.opts.negotiate || !this._negotiateOK || outcomes.length === 0) return;
     fetch(`${this.url}/v1/negotiate`, {
@@ -585,9 +1069,10 @@ export class NotifyClient {
    * Waits, then runs the ladder again: retryMs when the server said so (bye),
    * otherwise exponential backoff with full jitter.
    * @param {number|null} retryMs
-   * @param {string} reason
+   * @param {Reason} reason
+   * @param {string} [message]
    */
-  _scheduleReconnect(retryMs, reason) {
+  _scheduleReconnect(retryMs, reason, message) {
     this._clear('reconnect');
     let delay;
     if (typeof retryMs === 'number' && retryMs >= 0) {
@@ -597,7 +1082,7 @@ export class NotifyClient {
       delay = Math.round(Math.random() * bound);
       this._failures++;
     }
-    this._setState('reconnecting', null, reason, { delay });
+    this._setState('reconnecting', null, reason, message, { delay });
     const pass = ++this._pass;
     this._timers.reconnect = setTimeout(() => {
       delete this._timers.reconnect;
@@ -605,6 +1090,9 @@ export class NotifyClient {
     }, delay);
   }
 
+  /**
+   * @param {'online'} reason
+   */
   _reconnectNow(reason) {
     this._clear('reconnect');
     this._pass++;
@@ -614,14 +1102,21 @@ export class NotifyClient {
   // ---- probing for a better transport ---------------------------------------
 
   _better() {
-    const cur = this.opts.transports.indexOf(this.transport);
+    const cur = this.transport ? this.opts.transports.indexOf(this.transport) : -1;
     return cur > 0 ? this.opts.transports.slice(0, cur) : [];
   }
 
+  /**
+   * Sets the timer of the next probe for a better transport, by the schedule
+   * (opts.probeDelays) at the current step: the first soon after synced, later
+   * ones further apart while they keep failing.
+   */
   _scheduleProbe() {
     this._clear('probe');
-    if (this._better().length === 0 || !(this.opts.probeInterval > 0)) return;
-    const delay = Math.round(this.opts.probeInterval * (0.8 + 0.4 * Math.random()));
+    if (this._better().length === 0) return;
+    const delay = probeDelay(this.opts.probeDelays || [], this._probeStep);
+    if (delay < 0) return;
+    this._record({ event: 'probe_scheduled', step: this._probeStep, delay });
     this._timers.probe = setTimeout(() => { delete this._timers.probe; this._runProbe(); }, delay);
   }
 
@@ -630,36 +1125,49 @@ export class NotifyClient {
    * session with the current cursor: a probe that never says hello costs the
    * live session nothing. The first that says hello takes over; its replay
    * starts above the cursor and duplicates are dropped by id, so nothing is
-   * lost or shown twice.
+   * lost or shown twice. The round's outcomes go to POST /v1/negotiate in one
+   * report; a round where all failed moves the schedule one step on.
    */
   async _runProbe() {
     const primary = this._conn;
     if (!primary || this._probe) return;
     let token;
     try { token = await this._token(); } catch { this._scheduleProbe(); return; }
+    /** @type {Array<{transport: Transport, ok: boolean, reason: string}>} */
+    const outcomes = [];
     for (const transport of this._better()) {
-      if (this._conn !== primary || !this._wantOpen) return;
+      if (this._conn !== primary || !this._wantOpen) break;
       const res = await this._attempt(transport, token, null, 'probe');
       this._probe = null;
       if (res.ok) {
-        this._report(token, [{ transport, ok: true, reason: 'probe' }]);
-        return;
+        outcomes.push({ transport, ok: true, reason: 'probe' });
+        break;
       }
-      this._report(token, [{ transport, ok: false, reason: `probe_${res.reason}` }]);
+      outcomes.push({ transport, ok: false, reason: `probe_${res.detail || res.reason}` });
     }
-    if (this._conn === primary) this._scheduleProbe();
+    this._report(token, outcomes);
+    if (this._conn === primary && this._wantOpen) {
+      this._probeStep++;
+      this._scheduleProbe();
+    }
   }
 
   // ---- connection events ------------------------------------------------------
 
-  /** Makes conn the primary on its hello. */
+  /**
+   * Makes conn the primary on its hello.
+   * @param {Conn} conn
+   * @param {any} hello the hello message
+   */
   _promote(conn, hello) {
     if (!this._wantOpen) {
       conn.close();
       return;
     }
     const old = this._conn;
-    const why = conn.role === 'probe' ? `upgrade from ${old ? old.transport : 'none'}` : (this._lastGood ? 'reconnected' : 'connected');
+    /** @type {Reason} */
+    const why = conn.role === 'probe' ? 'upgrade' : (this._lastGood ? 'reconnected' : 'connected');
+    const message = conn.role === 'probe' ? `upgrade from ${old ? old.transport : 'none'}` : undefined;
     if (old && old !== conn) {
       old.close();
       // A long-poll session has no connection whose end the server would see.
@@ -668,6 +1176,11 @@ export class NotifyClient {
     conn.role = 'primary';
     this._conn = conn;
     this._clearConnTimers();
+    // The probe schedule restarts on an upgrade or on another transport; a
+    // reconnect onto the same fallback keeps its step.
+    if (why === 'upgrade' || this._probeFrom !== conn.transport) this._probeStep = 0;
+    this._probeFrom = conn.transport;
+    this._probeArmed = false;
     this.session = hello.session;
     this.user = hello.user || this.user;
     this._synced = false;
@@ -677,12 +1190,11 @@ export class NotifyClient {
     if (hello.ping_timeout_ms > 0) this.pingTimeout = hello.ping_timeout_ms;
     if (!this.timings.hello) this.timings.hello = now();
     if (conn.settle) conn.settle(true, 'hello');
-    this._setState('connected', conn.transport, why);
+    this._setState('connected', conn.transport, why, message);
     this._emit('connect', { session: hello.session, user: hello.user, transport: conn.transport, hello });
     if (conn.transport !== 'longpoll') {
       this._timers.ping = setInterval(() => this._ping(conn), this.pingInterval);
     }
-    this._scheduleProbe();
   }
 
   _clearConnTimers() {
@@ -693,6 +1205,9 @@ export class NotifyClient {
     this._acks = [];
   }
 
+  /**
+   * @param {Conn} conn
+   */
   _ping(conn) {
     if (conn !== this._conn) return;
     if (!this._timers.pong) {
@@ -705,7 +1220,11 @@ export class NotifyClient {
     conn.send([{ type: 'ping' }]).catch(() => {});
   }
 
-  /** A message from conn. */
+  /**
+   * A message from conn.
+   * @param {Conn} conn
+   * @param {any} m a server message
+   */
   _onMessage(conn, m) {
     if (!m || typeof m.type !== 'string') return;
     if (m.type === 'hello') {
@@ -720,30 +1239,45 @@ export class NotifyClient {
       return;
     }
     if (conn !== this._conn) return;
+    if (this._share && this._share.leader && (m.type === 'notification' || m.type === 'synced' || m.type === 'read')) {
+      this._share.post({ t: 'msg', m });
+    }
     switch (m.type) {
       case 'notification': this._onNotification(m); break;
-      case 'synced': this._onSynced(m); break;
+      case 'synced':
+        this._onSynced(m);
+        // Probing waits for the replay: the first notifications come first.
+        if (!this._probeArmed) {
+          this._probeArmed = true;
+          this._scheduleProbe();
+        }
+        break;
       case 'pong': this._clear('pong'); break;
       case 'read': this._onRead(m); break;
       case 'bye':
-        conn.end({ reason: m.reason || 'bye', retryMs: typeof m.retry_ms === 'number' ? m.retry_ms : undefined, bye: true });
+        conn.end({ reason: BYE_REASONS.includes(m.reason) ? m.reason : 'closed', detail: `bye ${m.reason || ''}`.trim(),
+          retryMs: typeof m.retry_ms === 'number' ? m.retry_ms : undefined, bye: true });
         break;
       case 'error': this._emit('error', { code: m.code, message: m.message }); break;
       default: break;
     }
   }
 
-  /** conn ended (failed, closed by the server or the network). */
+  /**
+   * conn ended (failed, closed by the server or the network).
+   * @param {Conn} conn
+   * @param {EndInfo} info
+   */
   _onEnd(conn, info) {
     if (conn.role === 'attempt' || conn.role === 'probe') {
-      if (conn.settle) conn.settle(false, info.reason);
+      if (conn.settle) conn.settle(false, info.reason, info.detail);
       return;
     }
     if (conn !== this._conn) return;
     this._conn = null;
     this._clearConnTimers();
     if (this._probe) { this._probe.close(); this._probe = null; }
-    this._emit('disconnect', { reason: info.reason, transport: conn.transport });
+    this._emit('disconnect', { reason: info.reason, message: info.detail || REASONS[info.reason], transport: conn.transport });
     if (info.reason === 'kicked') {
       this._wantOpen = false;
       this.session = null;
@@ -751,14 +1285,20 @@ export class NotifyClient {
       return;
     }
     if (info.reason === 'replaced') this.session = null; // someone else resumed it: do not fight over it
-    this._scheduleReconnect(info.retryMs ?? null, info.bye ? `bye ${info.reason}` : info.reason);
+    this._scheduleReconnect(info.retryMs ?? null, info.reason, info.detail);
   }
 
+  /**
+   * @param {string} id
+   */
   _remember(id) {
     this._seen.set(id, true);
     if (this._seen.size > SEEN_LIMIT) this._seen.delete(this._seen.keys().next().value);
   }
 
+  /**
+   * @param {Notification} m
+   */
   _onNotification(m) {
     this._queueAck(m.id);
     const live = this._synced && !m.replayed;
@@ -775,6 +1315,9 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * @param {{cursor: number, unread: number, truncated?: boolean}} m
+   */
   _onSynced(m) {
     this._synced = true;
     // The replay covered everything unread above the cursor this connection sent.
@@ -785,6 +1328,9 @@ export class NotifyClient {
     this._emit('unread', this.unread);
   }
 
+  /**
+   * @param {{ids?: string[], unread?: number}} m
+   */
   _onRead(m) {
     const ids = m.ids || [];
     const local = this._localAll > 0 || (ids.length > 0 && ids.every((id) => this._localReads.has(id)));
@@ -832,39 +1378,17 @@ export class NotifyClient {
    * Fetches the unread notifications with seq in [from, to] from the inbox
    * (seqs are dense per user: a live jump means something was missed; read
    * ones are skipped, as a replay skips them). The connection stays up.
+   * @param {number} from
+   * @param {number} to
    */
   async _fillGap(from, to) {
     const gap = /** @type {[number, number]} */ ([from, to]);
     this._gaps.push(gap);
     this._record({ event: 'gap', from, to });
-    const user = this.user || userOfToken(await this._token().catch(() => ''));
     try {
-      const found = [];
-      let before = to + 1;
-      let unread = null;
-      for (let page = 0; page < 10 && before > from; page++) {
-        const limit = Math.min(1000, before - from);
-        const q = new URLSearchParams({ unread: 'true', limit: String(limit), before_seq: String(before) });
-        const resp = await fetch(`${this.url}/v1/users/${encodeURIComponent(user)}/notifications?${q}`, {
-          cache: 'no-store', headers: { Authorization: `Bearer ${await this._token()}` },
-        });
-        if (!resp.ok) throw new Error(`inbox: HTTP ${resp.status}`);
-        const body = await resp.json();
-        unread = body.unread;
-        const items = body.notifications || [];
-        for (const n of items) if (n.seq >= from && n.seq <= to) found.push(n);
-        if (items.length < limit && !body.truncated) break; // truncated: cut by bytes, more below
-        before = Math.min(...items.map((n) => n.seq));
-      }
+      const { found, unread } = await this._inbox(from, to);
       if (!this._gaps.includes(gap)) return; // a replay has covered it meanwhile
-      found.sort((a, b) => a.seq - b.seq);
-      for (const n of found) {
-        if (this._seen.has(n.id)) continue;
-        this._remember(n.id);
-        if (!this.timings.firstNotification) this.timings.firstNotification = now();
-        this._emit('notification', { type: 'notification', id: n.id, seq: n.seq, topic: n.topic, data: n.data,
-          created_at: n.created_at, replayed: true, recovered: true });
-      }
+      this._emitFetched(found, true);
       this._queueAcks(found.map((n) => n.id));
       this._gaps = this._gaps.filter((g) => g !== gap);
       if (typeof unread === 'number') {
@@ -877,8 +1401,65 @@ export class NotifyClient {
     }
   }
 
+  /**
+   * The unread notifications with seq in [from, to] (to 0: no bound) from the
+   * inbox, oldest first, in pages (at most 10 of 1000).
+   * @param {number} from
+   * @param {number} to
+   * @returns {Promise<{found: Array<{id: string, seq: number, topic: string, data: unknown, created_at: string}>, unread: number|null}>}
+   */
+  async _inbox(from, to) {
+    const token = await this._token();
+    const user = this.user || userOfToken(token);
+    const found = [];
+    let before = to > 0 ? to + 1 : 0;
+    let unread = null;
+    for (let page = 0; page < 10 && (before === 0 || before > from); page++) {
+      const limit = before > 0 ? Math.min(1000, before - from) : 1000;
+      const q = new URLSearchParams({ unread: 'true', limit: String(limit) });
+      if (before > 0) q.set('before_seq', String(before));
+      const resp = await fetch(`${this.url}/v1/users/${encodeURIComponent(user)}/notifications?${q}`, {
+        cache: 'no-store', headers: { Authorization: `Bearer ${await this._token()}` },
+      });
+      if (!resp.ok) throw new Error(`inbox: HTTP ${resp.status}`);
+      const body = await resp.json();
+      unread = body.unread;
+      /** @type {Array<{id: string, seq: number, topic: string, data: unknown, created_at: string}>} */
+      const items = body.notifications || [];
+      for (const n of items) if (n.seq >= from && (to === 0 || n.seq <= to)) found.push(n);
+      if (items.length === 0 || (items.length < limit && !body.truncated)) break; // truncated: cut by bytes, more below
+      before = Math.min(...items.map((n) => n.seq));
+    }
+    found.sort((a, b) => a.seq - b.seq);
+    return { found, unread };
+  }
+
+  /**
+   * Emits notifications fetched from the inbox (replayed; recovered when they
+   * fill a live gap), each id once.
+   * @param {Array<{id: string, seq: number, topic: string, data: unknown, created_at: string}>} found
+   * @param {boolean} recovered
+   */
+  _emitFetched(found, recovered) {
+    for (const n of found) {
+      if (this._seen.has(n.id)) continue;
+      this._remember(n.id);
+      if (!this.timings.firstNotification) this.timings.firstNotification = now();
+      /** @type {Notification} */
+      const m = { type: 'notification', id: n.id, seq: n.seq, topic: n.topic, data: n.data, created_at: n.created_at, replayed: true };
+      if (recovered) m.recovered = true;
+      this._emit('notification', m);
+    }
+  }
+
+  /**
+   * @param {string} id
+   */
   _queueAck(id) { this._queueAcks([id]); }
 
+  /**
+   * @param {string[]} ids
+   */
   _queueAcks(ids) {
     const c = this._conn;
     // A poll acknowledges everything up to its cursor: no ack messages there.
@@ -896,6 +1477,10 @@ export class NotifyClient {
     }, 25);
   }
 
+  /**
+   * @param {{ids: string[]}|{up_to_seq: number}} body
+   * @returns {Promise<{ids: string[], unread: number}>}
+   */
   async _read(body) {
     const token = await this._token();
     const user = this.user || userOfToken(token);
@@ -914,6 +1499,10 @@ export class NotifyClient {
     return out;
   }
 
+  /**
+   * @param {string} session
+   * @param {string} token
+   */
   _kickSession(session, token) {
     fetch(`${this.url}/v1/sessions/${encodeURIComponent(session)}`, {
       method: 'DELETE', cache: 'no-store', keepalive: true, headers: { Authorization: `Bearer ${token}` },
@@ -921,7 +1510,11 @@ export class NotifyClient {
   }
 }
 
-/** The `sub` of a JWT, without checking it (the server does). */
+/**
+ * The `sub` of a JWT, without checking it (the server does).
+ * @param {string} token
+ * @returns {string}
+ */
 function userOfToken(token) {
   try {
     const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');

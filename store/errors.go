@@ -25,6 +25,8 @@ const (
 	ETOOLARGE = "too_large"
 	// EUNAVAILABLE: the database failed; the same request may succeed later.
 	EUNAVAILABLE = "unavailable"
+	// ETOOMANYSESSIONS: the user is at the live-sessions limit; a session must end first.
+	ETOOMANYSESSIONS = "too_many_sessions"
 	// ESHUTTINGDOWN: this server is closing; retry against it after its restart or elsewhere.
 	ESHUTTINGDOWN = "shutting_down"
 	// EINTERNAL: a bug or an error with no code.

@@ -13,6 +13,7 @@ import (
 )
 
 func TestListenerSQLInsert(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	lst := startListener(t, s, nil)
 	ctx := testCtx(t)
@@ -28,9 +29,12 @@ func TestListenerSQLInsert(t *testing.T) {
 	if _, err := tx.Exec(ctx, `INSERT INTO notifications(user_id, topic, seq) VALUES ('sql-user', 'from.sql', 999), ('x', 't', 5), ('sql-user', 'from.sql', 0)`); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(50 * time.Millisecond)
+	// A publish committed meanwhile is a marker: NOTIFYs arrive in commit order, so once its
+	// change is in, anything the open transaction had sent early would be in too.
+	mustPublish(t, s, note("marker"))
+	lst.waitFor(t, "the marker", func() bool { return len(lst.changes) >= 1 })
 	lst.mu.Lock()
-	early := len(lst.changes)
+	early := len(lst.changes) - 1
 	lst.mu.Unlock()
 	if early != 0 {
 		t.Fatalf("changes before commit: %d", early)
@@ -38,11 +42,12 @@ func TestListenerSQLInsert(t *testing.T) {
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatal(err)
 	}
-	lst.waitFor(t, "changes", func() bool { return len(lst.changes) == 3 })
+	lst.waitFor(t, "changes", func() bool { return len(lst.changes) == 4 })
 	lst.mu.Lock()
 	got := slices.Clone(lst.changes)
 	lst.mu.Unlock()
-	want := []store.SeqRange{{UserID: "sql-user", From: 1, To: 1}, {UserID: "sql-user", From: 2, To: 3}, {UserID: "x", From: 1, To: 1}}
+	want := []store.SeqRange{{UserID: "marker", From: 1, To: 1},
+		{UserID: "sql-user", From: 1, To: 1}, {UserID: "sql-user", From: 2, To: 3}, {UserID: "x", From: 1, To: 1}}
 	// The second statement's lines are ordered by user: sql-user before x.
 	if !slices.Equal(got, want) {
 		t.Fatalf("changes = %+v, want %+v", got, want)
@@ -54,6 +59,7 @@ func TestListenerSQLInsert(t *testing.T) {
 }
 
 func TestListenerPayloadSplit(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	// Count the NOTIFYs themselves on a raw connection.
@@ -102,6 +108,7 @@ func TestListenerPayloadSplit(t *testing.T) {
 }
 
 func TestListenerReconnect(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	lst := startListener(t, s, nil)
 	ctx := testCtx(t)
@@ -120,11 +127,12 @@ func TestListenerReconnect(t *testing.T) {
 }
 
 func TestListenerDetectsSilence(t *testing.T) {
+	t.Parallel()
 	// With a short health interval the quiet connection is pinged and stays up; a change still
 	// arrives afterwards and no reconnect happens.
 	s := storetest.New(t)
 	lst := startListener(t, s, func(l *store.Listener) { l.HealthInterval = 50 * time.Millisecond })
-	time.Sleep(300 * time.Millisecond)
+	waitPings(t, s, lst.l.AppName, 3)
 	mustPublish(t, s, note("quiet"))
 	lst.waitFor(t, "change", func() bool { return len(lst.changes) == 1 })
 	lst.mu.Lock()
@@ -134,7 +142,32 @@ func TestListenerDetectsSilence(t *testing.T) {
 	}
 }
 
+// waitPings waits until the listener's backend (found by its application name) has run n
+// pings: pgx's Ping sends "-- ping", which pg_stat_activity shows with the time it started.
+func waitPings(t *testing.T, s *store.Store, app string, n int) {
+	t.Helper()
+	ctx := testCtx(t)
+	seen := map[time.Time]bool{}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(seen) < n {
+		var query string
+		var start time.Time
+		err := s.Pool().QueryRow(ctx, `SELECT query, query_start FROM pg_stat_activity WHERE application_name = $1`, app).Scan(&query, &start)
+		if err != nil {
+			t.Fatalf("listener backend: %v", err)
+		}
+		if query == "-- ping" {
+			seen[start] = true
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pings seen in 30s, want %d", len(seen), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func TestParsePayload(t *testing.T) {
+	t.Parallel()
 	cs, err := store.ParsePayload("a\t1\t2\nb\tc\t3\t3\n\n")
 	if err != nil || !slices.Equal(cs, []store.SeqRange{{UserID: "a", From: 1, To: 2}, {UserID: "b\tc", From: 3, To: 3}}) {
 		t.Fatalf("= %+v, %v", cs, err)

@@ -18,6 +18,7 @@ import (
 )
 
 func TestEnsureDatabase(t *testing.T) {
+	t.Parallel()
 	ctx := testCtx(t)
 	base := storetest.BaseURL()
 	if !strings.HasPrefix(base, "postgres://") && !strings.HasPrefix(base, "postgresql://") {
@@ -61,6 +62,7 @@ func TestEnsureDatabase(t *testing.T) {
 }
 
 func TestMigrateConcurrently(t *testing.T) {
+	t.Parallel()
 	u := storetest.URL(t)
 	ctx := testCtx(t)
 	var wg sync.WaitGroup
@@ -107,6 +109,7 @@ func TestMigrateConcurrently(t *testing.T) {
 }
 
 func TestOpenBadURL(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := store.Open(ctx, "postgres://127.0.0.1:1/nope?connect_timeout=1", store.Options{}); err == nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -74,7 +75,8 @@ type Node struct {
 	stop                chan struct{}
 	done                chan struct{}
 	removeMu            sync.Mutex
-	removed             bool // under removeMu: Stop removed the row; later calls do nothing
+	removed             bool         // under removeMu: Stop removed the row; later calls do nothing
+	peers               atomic.Int32 // other nodes with a running lease at the loop's last look (Presence.OthersLive)
 }
 
 // NewNode returns the node described by opt (not yet registered: see Start).
@@ -89,8 +91,10 @@ func (s *Store) NewNode(opt NodeOptions) (*Node, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Node{s: s, opt: opt, instance: uuid.NewString(), log: log,
-		stop: make(chan struct{}), done: make(chan struct{})}, nil
+	n := &Node{s: s, opt: opt, instance: uuid.NewString(), log: log,
+		stop: make(chan struct{}), done: make(chan struct{})}
+	n.peers.Store(1) // unknown until the loop looks: assume a cluster
+	return n, nil
 }
 
 // ID is the node's id.
@@ -157,6 +161,9 @@ func (n *Node) runOnce() {
 	defer cancel()
 	if err := n.renew(ctx); err != nil {
 		n.log.Warn("node lease renewal failed", "err", err)
+	}
+	if err := n.refreshPeers(ctx); err != nil {
+		n.log.Warn("could not count the live nodes", "err", err)
 	}
 	lost, err := n.ReapDead(ctx)
 	if err != nil {

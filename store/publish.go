@@ -59,15 +59,16 @@ type Published struct {
 	Duplicate bool
 }
 
-// validate returns what is wrong with n as an EINVALID error, prefix starting its message.
-func validate(n *NewNotification, prefix string) error {
+// validate returns what is wrong with n as an EINVALID error, prefix starting its message;
+// checkData says whether to check its data too.
+func validate(n *NewNotification, checkData bool, prefix string) error {
 	var msg string
 	switch {
 	case n.UserID == "":
 		msg = "empty user id"
 	case n.Topic == "":
 		msg = "empty topic"
-	case len(n.Data) > 0 && !json.Valid(n.Data):
+	case checkData && len(n.Data) > 0 && !json.Valid(n.Data):
 		msg = "data is not valid JSON"
 	default:
 		return nil
@@ -77,7 +78,9 @@ func validate(n *NewNotification, prefix string) error {
 
 // publishSQL stores a batch in one statement (so one transaction and one NOTIFY). Rows whose
 // (user_id, idempotency_key) exists already are not inserted but returned from the existing row
-// with dup = true.
+// with dup = true. Each distinct data is sent once ($4) and rows name theirs by its place in
+// it ($7, from 1): a fan-out's rows share one data, so its statement is the size of one data
+// and not of one per recipient.
 //
 // Seqs are assigned here, set-based, not by the per-row trigger (which steps aside once
 // seqsAssignedSQL ran in the transaction, see migrations/004): one upsert adds each user's row
@@ -87,9 +90,9 @@ func validate(n *NewNotification, prefix string) error {
 // in seq order, and a rollback gives the seqs back.
 const publishSQL = `
 WITH input AS (
-	SELECT t.id::uuid AS id, t.user_id, t.topic, t.data::jsonb AS data, t.ikey, t.expires_at, t.ord
-	FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-		WITH ORDINALITY AS t(id, user_id, topic, data, ikey, expires_at, ord)
+	SELECT t.id::uuid AS id, t.user_id, t.topic, ($4::text[])[t.data_at]::jsonb AS data, t.ikey, t.expires_at, t.ord
+	FROM unnest($1::text[], $2::text[], $3::text[], $7::int[], $5::text[], $6::timestamptz[])
+		WITH ORDINALITY AS t(id, user_id, topic, data_at, ikey, expires_at, ord)
 ), dup AS (
 	-- A lookup per keyed row (LATERAL ... LIMIT 1 is never turned into a hash join, which a
 	-- plan cached while notifications was small would keep, scanning the whole table).
@@ -150,7 +153,9 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 		return nil, nil
 	}
 	for i := range ns {
-		if err := validate(&ns[i], fmt.Sprintf("notification %d: ", i)); err != nil {
+		// Data shared with the row before (a fan-out) was checked with it.
+		shared := i > 0 && sameData(ns[i].Data, ns[i-1].Data)
+		if err := validate(&ns[i], !shared, fmt.Sprintf("notification %d: ", i)); err != nil {
 			return nil, err
 		}
 	}
@@ -170,7 +175,9 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 		ids     = make([]string, 0, len(ns))
 		users   = make([]string, 0, len(ns))
 		topics  = make([]string, 0, len(ns))
-		datas   = make([]string, 0, len(ns))
+		datas   []string // distinct datas, each once (see sameData)
+		dataAt  = make([]int32, 0, len(ns))
+		last    json.RawMessage // the data of the row before
 		keys    = make([]*string, 0, len(ns))
 		expires = make([]*time.Time, 0, len(ns))
 	)
@@ -190,15 +197,19 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 		if err != nil {
 			return nil, fmt.Errorf("store: publish: new id: %w", err)
 		}
-		data := "{}"
-		if len(n.Data) > 0 {
-			data = string(n.Data)
+		if len(datas) == 0 || !sameData(n.Data, last) {
+			data := "{}"
+			if len(n.Data) > 0 {
+				data = string(n.Data)
+			}
+			datas = append(datas, data)
+			last = n.Data
 		}
 		sent = append(sent, i)
 		ids = append(ids, id.String())
 		users = append(users, n.UserID)
 		topics = append(topics, n.Topic)
-		datas = append(datas, data)
+		dataAt = append(dataAt, int32(len(datas)))
 		keys = append(keys, key)
 		expires = append(expires, n.ExpiresAt)
 	}
@@ -207,7 +218,7 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 	if h := s.hook.Load(); h != nil && *h != nil {
 		done = (*h)(users)
 	}
-	out, err := s.publishRows(ctx, ns, sent, alias, ids, users, topics, datas, keys, expires)
+	out, err := s.publishRows(ctx, ns, sent, alias, ids, users, topics, datas, keys, expires, dataAt)
 	if done == nil {
 		return out, err
 	}
@@ -232,17 +243,24 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 	return out, nil
 }
 
+// sameData reports whether a and b are the same bytes in memory (a fan-out's
+// rows share their data): then the row's data is sent once. Rows with equal
+// data in different memory are sent apart, which only costs bytes.
+func sameData(a, b json.RawMessage) bool {
+	return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0])
+}
+
 // emptyData is what a notification published without data holds.
 var emptyData = json.RawMessage("{}")
 
 // publishRows runs the publish statement for the rows Publish prepared, with
 // bounded retries, and returns the results in input order.
 func (s *Store) publishRows(ctx context.Context, ns []NewNotification, sent []int, alias map[int]int,
-	ids, users, topics, datas []string, keys []*string, expires []*time.Time) ([]Published, error) {
+	ids, users, topics, datas []string, keys []*string, expires []*time.Time, dataAt []int32) ([]Published, error) {
 	byID := make(map[string]Published, len(sent))
 	for attempt := 1; ; attempt++ {
 		clear(byID)
-		err := s.publishOnce(ctx, byID, len(ids), ids, users, topics, datas, keys, expires)
+		err := s.publishOnce(ctx, byID, len(ids), ids, users, topics, datas, keys, expires, dataAt)
 		if err == nil {
 			break
 		}
@@ -331,7 +349,7 @@ type pubRes struct {
 // request never fails its neighbours. ctx bounds the caller's wait; if it ends after the
 // request was handed to a group, the notification may still be stored.
 func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, error) {
-	if err := validate(&n, ""); err != nil {
+	if err := validate(&n, true, ""); err != nil {
 		return Published{}, err
 	}
 	r := &pubReq{ctx: ctx, n: n, res: make(chan pubRes, 1)}

@@ -51,6 +51,7 @@ func checkDense(t *testing.T, s *store.Store, user string, want int) {
 }
 
 func TestSeqDenseAndCommitOrdered(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	lst := startListener(t, s, nil)
 	ctx := testCtx(t)
@@ -118,6 +119,7 @@ func TestSeqDenseAndCommitOrdered(t *testing.T) {
 }
 
 func TestIdempotency(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	n := note("u1")
@@ -194,6 +196,7 @@ func TestIdempotency(t *testing.T) {
 }
 
 func TestPublishValidation(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	bad := []store.NewNotification{
@@ -224,6 +227,7 @@ func TestPublishValidation(t *testing.T) {
 }
 
 func TestBatchRandomUsersNoDeadlock(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	const workers, batches, size, nusers = 4, 5, 1000, 300
@@ -267,6 +271,7 @@ func TestBatchRandomUsersNoDeadlock(t *testing.T) {
 }
 
 func TestPublishOneGroups(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	const callers = 400
@@ -315,6 +320,7 @@ func TestPublishOneGroups(t *testing.T) {
 }
 
 func TestPublishOneBadNeighbour(t *testing.T) {
+	t.Parallel()
 	// A request that fails in the database (data too deep for jsonb is hard to hit; an
 	// over-long idempotency key in a btree is) must not fail the others of its group.
 	s := storetest.NewWithOptions(t, store.Options{GroupCommitWait: 20 * time.Millisecond})
@@ -364,20 +370,25 @@ func randomString(n int) string {
 }
 
 func TestPublishOneAfterClose(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	var wg sync.WaitGroup
+	// Close comes once the first publish has answered, with the others in flight.
+	first := make(chan struct{})
+	var once sync.Once
 	for i := range 50 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			_, err := s.PublishOne(ctx, note(fmt.Sprintf("c%d", i%2)))
+			once.Do(func() { close(first) })
 			if err != nil && !errors.Is(err, store.ErrClosed) {
 				t.Error(err)
 			}
 		}()
 	}
-	time.Sleep(time.Millisecond)
+	<-first
 	s.Close()
 	wg.Wait()
 	if _, err := s.PublishOne(ctx, note("x")); !errors.Is(err, store.ErrClosed) {
@@ -386,6 +397,7 @@ func TestPublishOneAfterClose(t *testing.T) {
 }
 
 func TestPublishOneContext(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -398,6 +410,7 @@ func TestPublishOneContext(t *testing.T) {
 // with its users, and after it, with the rows and results when it committed
 // and nothing when it failed.
 func TestPublishHook(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	type call struct {

@@ -31,6 +31,7 @@ func seqs(ns []store.Notification) []int64 {
 }
 
 func TestReplay(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	ps := publishN(t, s, "u", 10) // seqs 1..10
@@ -81,6 +82,7 @@ func TestReplay(t *testing.T) {
 // statements, and each still gets exactly its own user's rows above its own
 // cursor, its own count and its own truncation.
 func TestReplayConcurrentShareStatements(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	const users = 40
@@ -132,6 +134,7 @@ func TestReplayConcurrentShareStatements(t *testing.T) {
 }
 
 func TestMarkRead(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	ps := publishN(t, s, "u", 6)
@@ -173,6 +176,7 @@ func TestMarkRead(t *testing.T) {
 }
 
 func TestInbox(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	ps := publishN(t, s, "u", 25)
@@ -214,6 +218,7 @@ func TestInbox(t *testing.T) {
 }
 
 func TestFetchAndAfter(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	publishN(t, s, "b", 5)
@@ -252,6 +257,7 @@ func TestFetchAndAfter(t *testing.T) {
 }
 
 func TestEndStaleSessions(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	now := time.Now().Truncate(time.Microsecond)

@@ -13,6 +13,7 @@ import (
 // while the transport is still reporting what it wrote) is applied, in the same chunk or in the
 // next one; an ack for something never delivered is counted as unmatched, not lost silently.
 func TestRecorderAckBeforeDelivery(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ps := publishN(t, s, "u", 4)
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: time.Hour, MaxBatch: 2})
@@ -42,6 +43,7 @@ func TestRecorderAckBeforeDelivery(t *testing.T) {
 // An ack names the notification it acknowledges: one without a notification id is an invalid
 // record, dropped and counted, and marks nothing acked.
 func TestRecorderAckWithoutID(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ps := publishN(t, s, "u", 2)
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: time.Hour})
@@ -62,6 +64,7 @@ func TestRecorderAckWithoutID(t *testing.T) {
 
 // A delivery dated outside the partitions made ahead gets its partition made by the Recorder.
 func TestRecorderMakesMissingPartition(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	p := publishN(t, s, "u", 1)[0]
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: time.Hour})

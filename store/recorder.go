@@ -20,6 +20,7 @@ import (
 // Recorder defaults, used when the RecorderOptions field is zero.
 const (
 	DefaultRecorderBuffer     = 65536
+	DefaultRecorderAckBuffer  = 16384
 	DefaultRecorderFlushEvery = 200 * time.Millisecond
 	DefaultRecorderMaxBatch   = 10000
 )
@@ -73,8 +74,12 @@ type SessionEnd struct {
 
 // RecorderOptions tunes a Recorder; zero fields take the defaults above.
 type RecorderOptions struct {
-	// Buffer is the most records queued; past it records are dropped (and counted).
+	// Buffer is the most delivery and session records queued; past it they are dropped (and
+	// counted). Acks do not count against it: they have AckBuffer of their own, so a client
+	// sending acks can never take the room of anyone's deliveries.
 	Buffer int
+	// AckBuffer is the most acks queued; past it acks are dropped (and counted).
+	AckBuffer int
 	// FlushEvery is the flush interval.
 	FlushEvery time.Duration
 	// MaxBatch is the most records written in one flush (one implicit transaction);
@@ -94,6 +99,7 @@ type Recorder struct {
 
 	mu      sync.Mutex
 	q       []any // Delivery, Ack, SessionStart and SessionEnd records, in arrival order
+	qAcks   int   // the Acks in q (bounded apart: RecorderOptions.AckBuffer)
 	closed  bool
 	running bool
 
@@ -118,6 +124,9 @@ func NewRecorder(s *Store, log *slog.Logger, opt RecorderOptions) *Recorder {
 	}
 	if opt.Buffer <= 0 {
 		opt.Buffer = DefaultRecorderBuffer
+	}
+	if opt.AckBuffer <= 0 {
+		opt.AckBuffer = DefaultRecorderAckBuffer
 	}
 	if opt.FlushEvery <= 0 {
 		opt.FlushEvery = DefaultRecorderFlushEvery
@@ -172,12 +181,16 @@ func (r *Recorder) SessionEnded(e SessionEnd) {
 // slices of large structs regrow after every flush.
 func (r *Recorder) enqueue(rec any) {
 	r.mu.Lock()
-	if r.closed || len(r.q) >= r.opt.Buffer {
+	_, isAck := rec.(Ack)
+	if r.closed || (isAck && r.qAcks >= r.opt.AckBuffer) || (!isAck && len(r.q)-r.qAcks >= r.opt.Buffer) {
 		r.mu.Unlock()
 		r.drop(1, "buffer full")
 		return
 	}
 	r.q = append(r.q, rec)
+	if isAck {
+		r.qAcks++
+	}
 	n := len(r.q)
 	r.mu.Unlock()
 	if n >= r.opt.MaxBatch {
@@ -270,6 +283,11 @@ func (r *Recorder) flushAll(ctx context.Context) {
 		r.q = r.q[n:]
 		if len(r.q) == 0 {
 			r.q = nil // release the backing array
+		}
+		for _, rec := range chunk {
+			if _, ok := rec.(Ack); ok {
+				r.qAcks--
+			}
 		}
 		r.mu.Unlock()
 		if len(chunk) == 0 && len(r.carry) == 0 {

@@ -35,6 +35,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 }
 
 func TestRecorderRecords(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ps := publishN(t, s, "u", 20)
 	r := store.NewRecorder(s, testLog(), store.RecorderOptions{FlushEvery: 20 * time.Millisecond, MaxBatch: 7})
@@ -88,6 +89,7 @@ func TestRecorderRecords(t *testing.T) {
 }
 
 func TestRecorderCloseFlushes(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ps := publishN(t, s, "u", 50)
 	for _, mode := range []string{"running", "ctx-ended", "never-ran"} {
@@ -136,6 +138,7 @@ func (h *countingHandler) Handle(ctx context.Context, rec slog.Record) error {
 }
 
 func TestRecorderFullBufferDrops(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	p := publishN(t, s, "u", 1)[0]
 	h := &countingHandler{Handler: slog.DiscardHandler}
@@ -167,6 +170,7 @@ func TestRecorderFullBufferDrops(t *testing.T) {
 }
 
 func TestRecorderFailedFlushDrops(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	h := &countingHandler{Handler: slog.DiscardHandler}
 	r := store.NewRecorder(s, slog.New(h), store.RecorderOptions{FlushEvery: time.Hour})
@@ -181,5 +185,38 @@ func TestRecorderFailedFlushDrops(t *testing.T) {
 	}
 	if r.Dropped() != 3 || r.Recorded() != 0 {
 		t.Fatalf("dropped %d recorded %d", r.Dropped(), r.Recorded())
+	}
+}
+
+// TestRecorderAcksCannotCrowdOutDeliveries: with the ack queue full, deliveries
+// and session rows still find room, and every one of them is written. It failed
+// before: acks and deliveries shared one bound, so the 20 deliveries queued after
+// a flood of acks were dropped.
+func TestRecorderAcksCannotCrowdOutDeliveries(t *testing.T) {
+	s := storetest.New(t)
+	ps := publishN(t, s, "victim", 20)
+	r := store.NewRecorder(s, testLog(), store.RecorderOptions{Buffer: 100, AckBuffer: 50, FlushEvery: time.Hour})
+	for range 1000 {
+		r.Acked(store.Ack{NotificationID: uuid.NewString(), SessionID: "flood"})
+	}
+	if r.Dropped() != 950 {
+		t.Fatalf("dropped %d acks, want 950 (the ack queue holds 50)", r.Dropped())
+	}
+	row := uuid.Must(uuid.NewV7()).String()
+	r.SessionStarted(store.SessionStart{RowID: row, SessionID: "v1", UserID: "victim", Transport: "websocket"})
+	for _, p := range ps {
+		r.Delivered(store.Delivery{NotificationID: p.ID, UserID: "victim", Seq: p.Seq, SessionID: "v1", Transport: "websocket"})
+	}
+	if r.Dropped() != 950 {
+		t.Fatalf("dropped %d, want 950: a delivery or session row was dropped behind the acks", r.Dropped())
+	}
+	if err := r.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, s, "SELECT count(*) FROM deliveries WHERE user_id = 'victim'"); n != 20 {
+		t.Fatalf("%d of 20 deliveries recorded", n)
+	}
+	if n := count(t, s, "SELECT count(*) FROM session_history WHERE user_id = 'victim'"); n != 1 {
+		t.Fatalf("%d session rows recorded, want 1", n)
 	}
 }

@@ -19,6 +19,7 @@ func exec(t *testing.T, s *store.Store, sql string, args ...any) {
 
 // TestPurge checks what one retention pass deletes and what it keeps.
 func TestPurge(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	day := 24 * time.Hour
@@ -87,6 +88,7 @@ func TestPurge(t *testing.T) {
 
 // Only one node purges at a time: a pass that finds the lock taken skips.
 func TestPurgeSkipsWhenLocked(t *testing.T) {
+	t.Parallel()
 	s := storetest.New(t)
 	ctx := testCtx(t)
 	conn, err := s.Pool().Acquire(ctx)
@@ -111,7 +113,8 @@ func TestPurgeSkipsWhenLocked(t *testing.T) {
 
 // Dropping a day of deliveries never blocks the writers: while a long transaction holds a
 // lock on a partition, inserts of today's deliveries go on, and the pass gives up on that day
-// after its lock timeout (and finishes it on a later pass).
+// after its lock timeout (and finishes it on a later pass). It times inserts, so it does not
+// run in parallel with the other tests.
 func TestPurgeDoesNotBlockWriters(t *testing.T) {
 	s := storetest.New(t)
 	ctx := testCtx(t)

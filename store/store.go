@@ -184,11 +184,9 @@ func Open(ctx context.Context, url string, opt Options) (*Store, error) {
 	}
 	// Two group transactions run at once: one executes while the other commits. More would
 	// only queue at commit: a transaction that sent a NOTIFY commits under a database-wide lock
-	// that it holds through its WAL flush, so such commits run one at a time (under the single
-	// publish load, pg_stat_activity showed most group transactions waiting on that lock with
-	// four). Meanwhile new requests queue up and form the next, larger group: fewer commits and
-	// less Postgres CPU per row (16 requests per transaction instead of 8, 4,600 against
-	// 4,400 publishes/s in three runs each).
+	// that it holds through its WAL flush, so such commits run one at a time. Meanwhile new
+	// requests queue up and form the next, larger group: fewer commits and less Postgres CPU
+	// per row (cmd/notifybench/PERFORMANCE-NOTES.md has the measurements).
 	nworkers := max(1, min(2, int(opt.MaxConns)/2))
 	s := &Store{
 		pool:     pool,

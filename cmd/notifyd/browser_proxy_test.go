@@ -26,7 +26,9 @@ import (
 // delivery. A second browser behind the same proxy goes straight to long-poll
 // (GET /v1/negotiate learned it).
 func TestBrowserNginxBuffering(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, sbin("nginx"))
+	e2eSlot(t)
 	ts := e2eServer(t)
 	ng, _ := startNginx(t, ts.Addr(), false, true)
 	base := "http://" + ng.addr()
@@ -76,7 +78,9 @@ func TestBrowserNginxBuffering(t *testing.T) {
 // 443, which is how Chromium carries ws:// through a proxy: the client ends
 // on SSE. squid's access.log shows that the page and the CONNECT went through it.
 func TestBrowserSquid(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, sbin("squid"))
+	e2eSlot(t)
 	ts := e2eServer(t)
 	sq := startSquid(t)
 	pre := publishN(t, ts, "carol", 2)
@@ -108,7 +112,9 @@ func TestBrowserSquid(t *testing.T) {
 // the stream runs and started again; notifications published meanwhile are
 // replayed after the reconnect, nothing lost and nothing shown twice.
 func TestBrowserProxyRestart(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, sbin("squid"))
+	e2eSlot(t)
 	ts := e2eServer(t)
 	sq := startSquid(t)
 	pre := publishN(t, ts, "dora", 1)
@@ -151,7 +157,9 @@ func TestBrowserProxyRestart(t *testing.T) {
 // probe moves the client up to WebSocket while notifications keep coming:
 // none lost, none twice, and the old SSE session ends.
 func TestBrowserProbeUpgrade(t *testing.T) {
+	t.Parallel()
 	requireE2E(t, sbin("nginx"))
+	e2eSlot(t)
 	ts := e2eServer(t)
 	ng, rewrite := startNginx(t, ts.Addr(), false, false)
 	base := "http://" + ng.addr()
@@ -192,7 +200,7 @@ func TestBrowserProbeUpgrade(t *testing.T) {
 	s = waitExactly(t, b, "p", sent, 10*time.Second)
 	upgraded := false
 	for _, e := range s.History {
-		upgraded = upgraded || (e.Event == "state" && e.Reason == "upgrade from sse")
+		upgraded = upgraded || (e.Event == "state" && e.Reason == "upgrade" && e.Message == "upgrade from sse")
 	}
 	if !upgraded {
 		t.Errorf("no upgrade from sse in the history: %s", s.brief())
@@ -277,7 +285,9 @@ func startSilentUpgradeProxy(t *testing.T, backend string) string {
 // TestBrowserSilentUpgrade: a middlebox accepts the WebSocket upgrade and then
 // stays silent; the hello timer abandons WebSocket and the client ends on SSE.
 func TestBrowserSilentUpgrade(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
+	e2eSlot(t)
 	ts := e2eServer(t)
 	base := "http://" + startSilentUpgradeProxy(t, ts.Addr())
 	pre := publishN(t, ts, "ivan", 1)

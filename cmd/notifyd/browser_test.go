@@ -171,7 +171,9 @@ func noConsoleErrors(t *testing.T, b *browser, page string) {
 // device), publishes a test notification; the dashboard shows the session.
 // Both pages load without console errors; screenshots go to static/e2e/artifacts.
 func TestBrowserDirect(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
+	e2eSlot(t)
 	ts := e2eServer(t)
 	pre := publishN(t, ts, "alice", 2)
 
@@ -260,7 +262,9 @@ func TestBrowserDirect(t *testing.T) {
 // reconnects once the server is back and replays what was committed (by SQL)
 // while it was down.
 func TestBrowserServerRestart(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
+	e2eSlot(t)
 	dbURL := storetest.URL(t)
 	srv := startChildServer(t, dbURL)
 	api := &testServer{URL: "http://" + srv.addr}
@@ -296,7 +300,7 @@ func TestBrowserServerRestart(t *testing.T) {
 	// The bye's retry_ms was honoured: the next try came no sooner.
 	byeAt, next := -1, -1
 	for i, e := range s.History {
-		if e.Event == "state" && e.Reason == "bye shutdown" && byeAt < 0 {
+		if e.Event == "state" && e.Reason == "shutdown" && e.Message == "bye shutdown" && byeAt < 0 {
 			byeAt = i
 		} else if byeAt >= 0 && e.Event == "state" && e.Reason == "retry" {
 			next = i
@@ -320,7 +324,9 @@ func TestBrowserServerRestart(t *testing.T) {
 // server (its NOTIFY trigger is off for that insert) leaves a live seq gap;
 // the client fetches it from the inbox without dropping the connection.
 func TestBrowserGapFill(t *testing.T) {
+	t.Parallel()
 	requireE2E(t)
+	e2eSlot(t)
 	ts := e2eServer(t)
 	b := startBrowser(t)
 	b.launch("a", "")

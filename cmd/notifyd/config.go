@@ -41,6 +41,9 @@ type Config struct {
 	LogLevel           string
 	// TrustedProxies are the peers whose X-Forwarded-For is believed (NOTIFY_TRUSTED_PROXIES, CIDRs).
 	TrustedProxies []netip.Prefix
+	// TLSCertFile and TLSKeyFile (NOTIFY_TLS_CERT_FILE, NOTIFY_TLS_KEY_FILE), both or neither,
+	// serve HTTPS with HTTP/2 on Addr; the pair is reloaded on SIGHUP and on change (tls.go).
+	TLSCertFile, TLSKeyFile string
 
 	// Connection and rate limits (limits.go). Zero values limit nothing.
 	ReadTimeout        time.Duration   // NOTIFY_READ_TIMEOUT: an ordinary request's headers and body
@@ -67,6 +70,10 @@ type Config struct {
 	// DrainGrace is how long a node keeps serving after SIGTERM with /readyz answering 503,
 	// before it ends its sessions; zero skips it. ShutdownTimeout runs after it.
 	DrainGrace time.Duration
+
+	// Ack and publish bounds (README, Security).
+	AckRate              ratelimit.Limit // NOTIFY_ACK_RATE: ack ids one session may send
+	PublishInflightBytes int             // NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES: publish bodies read at once
 }
 
 // defaults holds the value of every setting the environment leaves unset; it is the one place
@@ -101,6 +108,10 @@ var defaults = Config{
 	Metrics:            metricsAPIKey,
 	NodeLease:          store.DefaultNodeLease,
 	DrainGrace:         5 * time.Second,
+	// A client acks each notification once: a burst covers a whole replay, the rate far more
+	// than live traffic brings.
+	AckRate:              mustLimit("100/1s,1000"),
+	PublishInflightBytes: 128 << 20,
 }
 
 // maxSessionFrames bounds QueueLimit + ReplayLimit, the frames one session may have queued
@@ -165,6 +176,8 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		DatabaseURL:        str("DATABASE_URL", d.DatabaseURL),
 		Addr:               str("NOTIFY_ADDR", d.Addr),
 		DebugAddr:          str("NOTIFY_DEBUG_ADDR", d.DebugAddr),
+		TLSCertFile:        str("NOTIFY_TLS_CERT_FILE", d.TLSCertFile),
+		TLSKeyFile:         str("NOTIFY_TLS_KEY_FILE", d.TLSKeyFile),
 		JWTSecret:          getenv("NOTIFY_JWT_SECRET"),
 		APIKey:             getenv("NOTIFY_API_KEY"),
 		PingInterval:       dur("NOTIFY_PING_INTERVAL", d.PingInterval),
@@ -251,6 +264,15 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		errs = append(errs, errors.New("NOTIFY_API_KEY must be at least 16 characters"))
 	}
 	errs = append(errs, loadLimits(getenv, &c)...)
+	c.PublishInflightBytes = num("NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES", d.PublishInflightBytes)
+	c.AckRate = d.AckRate
+	if v := getenv("NOTIFY_ACK_RATE"); v != "" {
+		l, err := parseLimit(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("NOTIFY_ACK_RATE=%q: %w", v, err))
+		}
+		c.AckRate = l
+	}
 	return c, errors.Join(errs...)
 }
 
@@ -259,6 +281,9 @@ func (c Config) checkRelations() []error {
 	var errs []error
 	if c.PingTimeout <= c.PingInterval {
 		errs = append(errs, fmt.Errorf("NOTIFY_PING_TIMEOUT (%s) must be longer than NOTIFY_PING_INTERVAL (%s)", c.PingTimeout, c.PingInterval))
+	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		errs = append(errs, errors.New("NOTIFY_TLS_CERT_FILE and NOTIFY_TLS_KEY_FILE go together: set both (HTTPS) or neither (HTTP)"))
 	}
 	if int64(c.QueueLimit)+int64(c.ReplayLimit) > maxSessionFrames {
 		errs = append(errs, fmt.Errorf("NOTIFY_QUEUE_LIMIT (%d) + NOTIFY_REPLAY_LIMIT (%d) must be at most %d: together they bound the frames one session holds",

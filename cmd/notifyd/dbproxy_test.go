@@ -203,6 +203,7 @@ func errorCode(raw []byte) string {
 // /readyz is 200, and a client connected throughout gets what was committed meanwhile (by SQL,
 // directly) and what is published after the recovery, with no gap.
 func TestPostgresUnreachable(t *testing.T) {
+	t.Parallel()
 	direct := storetest.URL(t)
 	proxy := startPGProxy(t, hostPort(t, direct))
 	ts := startServerOn(t, proxy.viaProxy(t, direct))
@@ -286,6 +287,7 @@ func TestPostgresUnreachable(t *testing.T) {
 // delivered first, it moves the session's cursor past the rows the catch-up must bring, and
 // they are never sent. Several rounds, since the dispatcher's choice between the two was random.
 func TestCatchUpBeforeNewerSignals(t *testing.T) {
+	t.Parallel()
 	direct := storetest.URL(t)
 	proxy := startPGProxy(t, hostPort(t, direct))
 	ts := startServerOn(t, proxy.viaProxy(t, direct))

@@ -18,9 +18,13 @@ func (m *Main) printDevBanner(w io.Writer) {
 	if err != nil {
 		return
 	}
-	base := "http://" + m.Addr()
+	scheme := "http://"
+	if m.certs != nil {
+		scheme = "https://"
+	}
+	base := scheme + m.Addr()
 	if host, port := splitHostPort(m.Addr()); host == "::" || host == "0.0.0.0" || host == "" {
-		base = "http://localhost:" + port
+		base = scheme + "localhost:" + port
 	}
 	fmt.Fprintf(w, `
 notifyd is running in DEV MODE on %[1]s (loopback only)

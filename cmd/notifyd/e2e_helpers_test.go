@@ -52,6 +52,27 @@ func requireE2E(t *testing.T, tools ...string) {
 	t.Skipf("browser end-to-end test skipped: %s not installed (run .ci/e2e-deps, or make test, which does)", strings.Join(missing, ", "))
 }
 
+// e2eSlots bounds how many browser tests run at once ($NOTIFYD_E2E_PARALLEL,
+// default 3): each drives a Chromium whose page has timeouts of its own, and
+// more of them at once starve each other of CPU. Below make test-go's
+// -parallel 4, so that browser tests waiting for a slot never hold every one
+// of go test's.
+var e2eSlots = make(chan struct{}, e2eParallel())
+
+func e2eParallel() int {
+	if n, err := strconv.Atoi(os.Getenv("NOTIFYD_E2E_PARALLEL")); err == nil && n > 0 {
+		return n
+	}
+	return 3
+}
+
+// e2eSlot takes one of the browser slots until the test ends.
+func e2eSlot(t *testing.T) {
+	t.Helper()
+	e2eSlots <- struct{}{}
+	t.Cleanup(func() { <-e2eSlots })
+}
+
 func chromiumPath() string {
 	if p := os.Getenv("CHROMIUM"); p != "" {
 		return p
@@ -262,6 +283,7 @@ type demoState struct {
 		State     string  `json:"state"`
 		Transport string  `json:"transport"`
 		Reason    string  `json:"reason"`
+		Message   string  `json:"message"`
 		Role      string  `json:"role"`
 		OK        bool    `json:"ok"`
 		Ms        float64 `json:"ms"`
@@ -315,7 +337,7 @@ func (s demoState) brief() string {
 		case "attempt":
 			h = append(h, fmt.Sprintf("%s %s ok=%v %s %.0fms", e.Role, e.Transport, e.OK, e.Reason, e.Ms))
 		case "state":
-			h = append(h, fmt.Sprintf("[%s %s: %s]", e.State, e.Transport, e.Reason))
+			h = append(h, fmt.Sprintf("[%s %s: %s %q]", e.State, e.Transport, e.Reason, e.Message))
 		default:
 			h = append(h, e.Event)
 		}

@@ -153,6 +153,7 @@ func (l *seqLedger) missing(n int64) []int64 {
 // 100 ms. In the end every seq 1..N arrived exactly once after dedupe by id, and within each
 // connection seqs strictly increased.
 func TestRacingPublishersReconnectingClient(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.ReplayLimit = 100000 })
 	const user = "racer"
 	client := publishClient(t)
@@ -324,6 +325,7 @@ func TestRacingPublishersReconnectingClient(t *testing.T) {
 // TestSQLPublishPath: a plain INSERT committed by another transaction reaches a connected
 // client live; an INSERT rolled back delivers nothing and its seq is reused (seqs stay dense).
 func TestSQLPublishPath(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	const user = "sql-user"
 	c := ts.liveWS(t, user)
@@ -450,6 +452,7 @@ func listenerPID(t testing.TB, admin *pgx.Conn, schema string, not int32) int32 
 // notifications are inserted with SQL (while it is down and right after it is back): the client
 // connected throughout still gets every one, in order, with no gap and no duplicate.
 func TestListenerReconnectCatchUp(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	const user = "listen-user"
 	schema := schemaOf(t, ts.DBURL)
@@ -538,6 +541,7 @@ func TestListenerReconnectCatchUp(t *testing.T) {
 // read holds nothing after synced; when the listener reconnects, its catch-up must bring only
 // what was committed while it was down, not the read history as if it were new.
 func TestCatchUpSkipsReadHistory(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	const user = "history"
 	for range 30 {

@@ -157,7 +157,13 @@ func TestSlowBodiesAreCutAndConnectionsCapped(t *testing.T) {
 	if st.RefusedPerAddr != 1 || st.RefusedMax != 1 {
 		t.Errorf("refusals %+v; want 1 per address and 1 past the cap", st)
 	}
+	// The scrape's own connection is the one open; the last /healthz
+	// connection may take the server a moment to see closed.
 	metrics := get(t, ts.URL+"/metrics")
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(metrics, "notifyd_connections_open 1\n") && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		metrics = get(t, ts.URL+"/metrics")
+	}
 	for _, line := range []string{`notifyd_connections_refused_total{limit="per_ip"} 1`, `notifyd_connections_refused_total{limit="max"} 1`, "notifyd_connections_open 1"} {
 		if !strings.Contains(metrics, line) {
 			t.Errorf("/metrics lacks %q", line)

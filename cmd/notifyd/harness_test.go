@@ -32,6 +32,8 @@ type testServer struct {
 	URL   string
 	DBURL string
 	auth  *handlers.Auth
+	// client sends do's requests; nil is http.DefaultClient (a TLS server's tests set their own).
+	client *http.Client
 }
 
 // testConfig is the configuration tests start from.
@@ -117,7 +119,11 @@ func (ts *testServer) do(t testing.TB, method, path, bearer string, body any, ou
 		req.Header.Set("Authorization", "Bearer "+bearer)
 	}
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
+	client := http.DefaultClient
+	if ts.client != nil {
+		client = ts.client
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, path, err)
 	}

@@ -220,6 +220,7 @@ func (p *pumps) end() <-chan publishOutcome {
 
 // TestServerProcess runs the built binary: kill -9 and SIGTERM (one build for both).
 func TestServerProcess(t *testing.T) {
+	t.Parallel()
 	bin := buildNotifyd(t)
 	t.Run("kill -9 keeps what was answered 201", func(t *testing.T) { testKill9KeepsCommitted(t, bin) })
 	t.Run("SIGTERM drains", func(t *testing.T) { testSIGTERMDrains(t, bin) })

@@ -8,12 +8,15 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"os/exec"
 	"runtime"
 	"strings"
 	"testing"
@@ -35,8 +38,43 @@ const (
 	leakHeapSlack = 4 << 20
 )
 
-func TestSSELeak(t *testing.T)  { testTransportLeak(t, "sse") }
-func TestPollLeak(t *testing.T) { testTransportLeak(t, "longpoll") }
+// The leak tests count the process's goroutines and heap, so each runs in a
+// process of its own (the test binary again, with only that test selected),
+// which lets the other tests run meanwhile.
+func TestSSELeak(t *testing.T) {
+	if !inOwnProcess(t) {
+		testTransportLeak(t, "sse")
+	}
+}
+
+func TestPollLeak(t *testing.T) {
+	if !inOwnProcess(t) {
+		testTransportLeak(t, "longpoll")
+	}
+}
+
+// ownProcessEnv names, in the child process, the test it runs.
+const ownProcessEnv = "NOTIFYD_TEST_OWN_PROCESS"
+
+// inOwnProcess returns false in the child process, where the test then runs.
+// Otherwise it runs the test in a child process, in parallel with the other
+// tests, fails when the child fails or did not pass the test, relays the
+// child's log, and returns true.
+func inOwnProcess(t *testing.T) bool {
+	t.Helper()
+	if os.Getenv(ownProcessEnv) == t.Name() {
+		return false
+	}
+	t.Parallel()
+	cmd := exec.Command(os.Args[0], "-test.run=^"+t.Name()+"$", "-test.count=1", "-test.v", "-test.timeout=15m")
+	cmd.Env = append(os.Environ(), ownProcessEnv+"="+t.Name())
+	out, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("--- PASS: "+t.Name()+" ")) {
+		t.Fatalf("%s in its own process: %v\n%s", t.Name(), err, out)
+	}
+	t.Logf("%s in its own process:\n%s", t.Name(), out)
+	return true
+}
 
 func testTransportLeak(t *testing.T, tr string) {
 	// Long-poll sessions are dropped by no longer polling: they go when swept.

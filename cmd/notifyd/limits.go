@@ -10,11 +10,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 
-	"github.com/notifyd/notifyd/handlers"
-	"github.com/notifyd/notifyd/handlers/connlimit"
 	"github.com/notifyd/notifyd/handlers/ratelimit"
 )
 
@@ -163,30 +160,4 @@ func exemptProxies(trusted []netip.Prefix) func(netip.Addr) bool {
 		}
 		return false
 	}
-}
-
-const connRefusedHelp = "Connections refused at accept, by the cap that refused them: max (NOTIFY_MAX_CONNS) or per_ip (NOTIFY_MAX_CONNS_PER_IP)."
-
-// registerLimitMetrics exports the listener's and the connect limits' counts.
-func registerLimitMetrics(m *handlers.Metrics, ln *connlimit.Listener, cl *handlers.ConnectLimits) {
-	m.Registry.MustRegister(
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_connections_open",
-			Help: "TCP connections open on the main listener (streams included)."},
-			func() float64 { return float64(ln.Stats().Open) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connections_refused_total",
-			Help: connRefusedHelp, ConstLabels: prometheus.Labels{"limit": "max"}},
-			func() float64 { return float64(ln.Stats().RefusedMax) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connections_refused_total",
-			Help: connRefusedHelp, ConstLabels: prometheus.Labels{"limit": "per_ip"}},
-			func() float64 { return float64(ln.Stats().RefusedPerAddr) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_accept_errors_total",
-			Help: "Failed accepts (out of file descriptors and the like), each followed by a pause."},
-			func() float64 { return float64(ln.Stats().AcceptErrors) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connects_refused_total",
-			Help: "Connects answered 429 too_many_connects, by the rate limit that refused them.", ConstLabels: prometheus.Labels{"limit": "user"}},
-			func() float64 { u, _ := cl.Refused(); return float64(u) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_connects_refused_total",
-			Help: "Connects answered 429 too_many_connects, by the rate limit that refused them.", ConstLabels: prometheus.Labels{"limit": "ip"}},
-			func() float64 { _, a := cl.Refused(); return float64(a) }),
-	)
 }

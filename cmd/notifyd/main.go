@@ -1,6 +1,7 @@
 // Command notifyd is the notification server. `notifyd` serves (configured by
 // the environment, see README); `notifyd token -user U` prints a client token;
-// `notifyd report [--since 24h] [--format table|csv|json]` prints the delivery report.
+// `notifyd report [--since 24h] [--format table|csv|json]` prints the delivery report;
+// `notifyd tail -user U [-cursor N] [-url URL]` prints what one user receives, live.
 package main
 
 import (
@@ -41,12 +42,14 @@ func run(ctx context.Context, args []string) error {
 			return runToken(args[1:], os.Stdout)
 		case "report":
 			return runReport(ctx, args[1:], os.Getenv, os.Stdout)
+		case "tail":
+			return runTail(ctx, args[1:], os.Getenv, os.Stdout)
 		case "serve":
 			args = args[1:]
 		}
 	}
 	if len(args) > 0 {
-		return fmt.Errorf("unknown command %q (want serve, token or report)", args[0])
+		return fmt.Errorf("unknown command %q (want serve, token, report or tail)", args[0])
 	}
 	cfg, err := LoadConfig(os.Getenv)
 	if err != nil {
@@ -102,6 +105,7 @@ type Main struct {
 	debugSrv   *http.Server
 	ln         net.Listener
 	conns      *connlimit.Listener // ln, with the connection caps
+	certs      *certReloader       // the TLS certificate; nil when serving plain HTTP
 	cancel     context.CancelFunc
 	background sync.WaitGroup
 }
@@ -214,19 +218,34 @@ func (m *Main) Start(ctx context.Context) error {
 	if static == nil {
 		static = staticFS()
 	}
+	// Cluster-wide presence reads the other nodes' session history, which only recording writes.
+	var presence handlers.Presence
+	if !cfg.RecordOff {
+		presence = node.Presence()
+	}
 	connectLimits := handlers.NewConnectLimits(cfg.ConnectRatePerUser, cfg.ConnectRatePerIP, cfg.TrustedProxies)
 	handler := handlers.New(handlers.Options{
 		Hub: m.hub, Store: st, Recorder: receiptRecorder(m.recorder, cfg.RecordOff), Log: log, Metrics: metrics, Dev: cfg.Dev, Static: static,
 		Auth: handlers.NewAuth(cfg.JWTSecret, cfg.APIKey, cfg.AllowedOrigins).WithMaxTokenTTL(cfg.MaxTokenTTL),
 		Limits: handlers.Limits{MaxMessageBytes: cfg.MaxMessageBytes, MaxDataBytes: cfg.MaxDataBytes,
 			MaxBatch: cfg.MaxBatch, ReplayLimit: cfg.ReplayLimit,
-			ReplayMaxBytes: cfg.ReplayMaxBytes, InboxMaxBytes: cfg.InboxMaxBytes},
+			ReplayMaxBytes: cfg.ReplayMaxBytes, InboxMaxBytes: cfg.InboxMaxBytes,
+			PublishInflightBytes: int64(cfg.PublishInflightBytes),
+			AckRate:              realtime.AckLimit{Rate: cfg.AckRate.Rate, Burst: cfg.AckRate.Burst}},
 		Negotiate:     handlers.NewNegotiator(st, cfg.TrustedProxies, log),
 		ConnectLimits: connectLimits,
 		MetricsAccess: metricsAccess(cfg.Metrics),
 		Draining:      m.draining.Load,
+		Presence:      presence,
 		Moves:         moves,
 	})
+	if cfg.TLSCertFile != "" {
+		if m.certs, err = newCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile, log); err != nil {
+			cancel()
+			st.Close()
+			return err
+		}
+	}
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		cancel()
@@ -242,7 +261,7 @@ func (m *Main) Start(ctx context.Context) error {
 	}
 	conns := connlimit.Wrap(ln, connlimit.Options{Max: cfg.MaxConns, PerAddr: cfg.MaxConnsPerIP,
 		Exempt: exemptProxies(cfg.TrustedProxies), Log: log})
-	registerLimitMetrics(metrics, conns, connectLimits)
+	metrics.RegisterLimits(conns, connectLimits)
 	m.ln, m.conns = conns, conns
 	// ReadTimeout bounds an ordinary request's headers and body (a client
 	// that declares a body and never sends it is cut off). Streams take the
@@ -255,7 +274,15 @@ func (m *Main) Start(ctx context.Context) error {
 	}
 	m.srv = &http.Server{Handler: handler, ReadHeaderTimeout: headerTimeout, ReadTimeout: cfg.ReadTimeout,
 		IdleTimeout: 120 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
-	go func() { _ = m.srv.Serve(conns) }()
+	if m.certs != nil {
+		// TLS goes on top of the connection caps, so a refused connection
+		// costs no handshake; ALPN picks HTTP/2 or HTTP/1.1 (tls.go).
+		m.srv.TLSConfig = tlsConfig(m.certs)
+		m.goBackground(func() { m.certs.watch(bg) })
+		go func() { _ = m.srv.ServeTLS(conns, "", "") }()
+	} else {
+		go func() { _ = m.srv.Serve(conns) }()
+	}
 	if cfg.DebugAddr != "" {
 		var debugMetrics http.Handler
 		if cfg.Metrics == metricsDebug {
@@ -263,7 +290,7 @@ func (m *Main) Start(ctx context.Context) error {
 		}
 		m.startDebug(cfg.DebugAddr, debugMetrics)
 	}
-	log.Info("notifyd listening", "addr", ln.Addr().String(), "dev", cfg.Dev,
+	log.Info("notifyd listening", "addr", ln.Addr().String(), "tls", m.certs != nil, "dev", cfg.Dev,
 		"max_conns", cfg.MaxConns, "max_conns_per_ip", cfg.MaxConnsPerIP, "read_timeout", cfg.ReadTimeout)
 	if cfg.Dev {
 		log.Warn("DEV MODE: anyone who can reach this server gets tokens for any user (/v1/dev/token) and the API key; it listens on loopback only",

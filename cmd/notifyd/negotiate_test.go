@@ -74,6 +74,7 @@ func getOrder(t *testing.T, ts *testServer, token, ua, xff string) negotiated {
 // family reorder the answer for that network and family only; X-Forwarded-For
 // counts only from a trusted proxy.
 func TestNegotiateLearnsOrder(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) {
 		c.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
 	})
@@ -139,6 +140,7 @@ func TestNegotiateLearnsOrder(t *testing.T) {
 // TestNegotiateIgnoresForwardedFromUntrustedPeer: without trusted proxies the
 // peer address is the client, whatever X-Forwarded-For says.
 func TestNegotiateIgnoresForwardedFromUntrustedPeer(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	n := getOrder(t, ts, ts.token(t, "bob"), uaChrome, "203.0.113.9")
 	if n.Network != "127.0.0.0/24" {
@@ -153,6 +155,7 @@ func TestNegotiateIgnoresForwardedFromUntrustedPeer(t *testing.T) {
 }
 
 func TestNetworkPrefixAndBrowserFamily(t *testing.T) {
+	t.Parallel()
 	for in, want := range map[string]string{
 		"192.0.2.77":               "192.0.2.0/24",
 		"2001:db8:abcd:12::1":      "2001:db8:abcd::/48",

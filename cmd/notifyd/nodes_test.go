@@ -106,7 +106,7 @@ func TestNodesIdentityAndLeases(t *testing.T) {
 		if code := ts.do(t, "GET", "/v1/stats", testAPIKey, nil, &st); code != http.StatusOK || st.Node != ts.NodeID() || st.Draining {
 			t.Errorf("%s: /v1/stats = %d %+v", ts.NodeID(), code, st)
 		}
-		code, body := getBody(t, ts.URL+"/metrics", "")
+		code, body := getBody(t, ts.URL+"/metrics", testAPIKey)
 		if want := fmt.Sprintf("notifyd_node_info{node=%q} 1", ts.NodeID()); code != http.StatusOK || !strings.Contains(body, want) {
 			t.Errorf("%s: /metrics (%d) lacks %s", ts.NodeID(), code, want)
 		}
@@ -299,7 +299,7 @@ func testDrainGrace(t *testing.T, bin string) {
 	late.expect(t, "hello")
 	late.expect(t, "synced")
 	eventually(t, 5*time.Second, "the lease marked draining", func() bool { return leases(t, conn)["grace"] })
-	if code, body := getBody(t, srv.URL+"/metrics", ""); code != http.StatusOK || !strings.Contains(body, "notifyd_draining 1") {
+	if code, body := getBody(t, srv.URL+"/metrics", testAPIKey); code != http.StatusOK || !strings.Contains(body, "notifyd_draining 1") {
 		t.Errorf("/metrics during the grace (%d) lacks notifyd_draining 1", code)
 	}
 

@@ -49,6 +49,7 @@ func (p inboxPage) seqs() []int64 {
 }
 
 func TestPublishBatchAndFanOut(t *testing.T) {
+	t.Parallel()
 	const limit = 40
 	ts := startServer(t, func(c *Config) { c.MaxBatch = limit })
 
@@ -131,6 +132,7 @@ func TestPublishBatchAndFanOut(t *testing.T) {
 }
 
 func TestPublishIdempotency(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	body := map[string]any{"user_id": "idem", "topic": "t", "idempotency_key": "order-1"}
 	var first, again publishedNote
@@ -199,6 +201,7 @@ func TestPublishIdempotency(t *testing.T) {
 }
 
 func TestPublishValidation(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.MaxDataBytes = 1024 })
 	ok := map[string]any{"user_id": "val", "topic": "t"}
 	for name, bearer := range map[string]string{
@@ -257,6 +260,7 @@ func TestPublishValidation(t *testing.T) {
 }
 
 func TestInboxPaging(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	const user = "ivy"
 	var ids []string
@@ -324,6 +328,7 @@ func TestInboxPaging(t *testing.T) {
 // TestReadReachesEveryDevice: marking read through the API reaches both of the user's
 // WebSocket devices with the authoritative unread count.
 func TestReadReachesEveryDevice(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	const user = "rae"
 	a := ts.dialWS(t, user, nil)
@@ -374,6 +379,7 @@ func TestReadReachesEveryDevice(t *testing.T) {
 // TestReplayLimitTruncates: at most NOTIFY_REPLAY_LIMIT are replayed, synced says truncated,
 // and the next connect from the new cursor gets the rest.
 func TestReplayLimitTruncates(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.ReplayLimit = 5 })
 	const user = "tru"
 	for range 8 {
@@ -434,6 +440,7 @@ func (ts *testServer) dialStalled(t testing.TB, user string) *websocket.Conn {
 // slow_consumer, close 4003) once its queue passes the limit, while another user's client keeps
 // getting everything live; the slow one replays what it missed from its cursor.
 func TestSlowConsumer(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.QueueLimit = 4; c.ReplayLimit = 4; c.MaxDataBytes = 1 << 20 })
 	slow := ts.dialStalled(t, "slow")
 	fast := ts.liveWS(t, "fast")

@@ -156,6 +156,7 @@ func wantPercentiles(t *testing.T, what string, row map[string]any, cols []strin
 // eviction, a shutdown) and checks
 // the exact numbers every reporting view returns, then `notifyd report` in its three formats.
 func TestReportViews(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) {
 		c.PingInterval = 300 * time.Millisecond
 		c.PingTimeout = 1500 * time.Millisecond

@@ -104,6 +104,7 @@ func hello(t testing.TB, c transportClient, tr, user string) msg {
 }
 
 func TestTransportsHelloAndDelivery(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	for _, tr := range allTransports {
 		t.Run(tr, func(t *testing.T) {
@@ -171,6 +172,7 @@ func jsonString(v any) string {
 }
 
 func TestTransportsBadMessages(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.MaxMessageBytes = 1024 })
 	for _, tr := range allTransports {
 		t.Run(tr, func(t *testing.T) {
@@ -225,6 +227,7 @@ func httpSideOf(c transportClient) *httpSession {
 }
 
 func TestTransportsReplay(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	for _, tr := range allTransports {
 		t.Run(tr, func(t *testing.T) {
@@ -293,6 +296,7 @@ func TestTransportsReplay(t *testing.T) {
 // published: every seq arrives exactly once, in order, replayed ones before
 // synced and live ones after.
 func TestTransportsReplayRacingPublishes(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	const total = 60
 	for _, tr := range allTransports {
@@ -354,7 +358,8 @@ func TestTransportsReplayRacingPublishes(t *testing.T) {
 
 // TestTransportsEviction: a client that says nothing is evicted within one
 // second after the ping timeout on every transport, and is told why where the
-// transport can carry it; a client that keeps pinging (or polling) stays.
+// transport can carry it; a client that keeps pinging (or polling) stays. It
+// times the eviction, so it does not run in parallel with other tests.
 func TestTransportsEviction(t *testing.T) {
 	const timeout = 1500 * time.Millisecond
 	ts := startServer(t, func(c *Config) { c.PingInterval = 500 * time.Millisecond; c.PingTimeout = timeout })
@@ -449,6 +454,7 @@ func TestTransportsEviction(t *testing.T) {
 // TestTransportsKick: DELETE /v1/sessions/{id} says bye kicked and ends the
 // session on every transport.
 func TestTransportsKick(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	for _, tr := range allTransports {
 		t.Run(tr, func(t *testing.T) {
@@ -509,6 +515,7 @@ func TestTransportsKick(t *testing.T) {
 // the old connection is told `replaced`, the id is kept, the replay follows,
 // and presence counts the device once.
 func TestTransportsResume(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	for _, from := range allTransports {
 		for _, to := range allTransports {
@@ -591,6 +598,7 @@ func TestTransportsResume(t *testing.T) {
 // TestTransportsPresence: one user with a tab on each transport is three
 // sessions, one user, one per transport.
 func TestTransportsPresence(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	var clients []transportClient
 	for _, tr := range allTransports {
@@ -685,6 +693,7 @@ func (ts *testServer) refusal(t testing.TB, tr string, q url.Values, header http
 }
 
 func TestTransportsRefusals(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.MaxSessionsPerUser = 2 })
 	expired, _ := ts.auth.NewToken("alice", "", -time.Minute)
 	for _, tr := range allTransports {
@@ -757,6 +766,7 @@ func otherSecretToken(t testing.TB) string {
 // --- SSE only ---
 
 func TestSSEWire(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.PingInterval = 300 * time.Millisecond; c.PingTimeout = 5 * time.Second })
 	ts.publish(t, "wire", "t", map[string]any{"text": "line one\nline two"})
 	resp, err := http.Get(ts.sseURL(url.Values{"token": {ts.token(t, "wire")}, "cursor": {"0"}}))
@@ -819,6 +829,7 @@ func TestSSEWire(t *testing.T) {
 // TestSSEOwnStream: a replay to one device is never sent to another device
 // of the same user (each session has its own stream).
 func TestSSEOwnStream(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	for range 3 {
 		ts.publish(t, "two", "t", nil)
@@ -843,6 +854,7 @@ func TestSSEOwnStream(t *testing.T) {
 // --- long-poll only ---
 
 func TestPollNeverLoses(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	tok := ts.token(t, "lossy")
 	first := ts.poll(t, tok, url.Values{})
@@ -890,6 +902,8 @@ func TestPollNeverLoses(t *testing.T) {
 	}
 }
 
+// TestPollWaitAndBatch times the poll's waits, so it does not run in parallel
+// with other tests.
 func TestPollWaitAndBatch(t *testing.T) {
 	ts := startServer(t, func(c *Config) { c.PingInterval = 500 * time.Millisecond; c.PingTimeout = 1500 * time.Millisecond })
 	tok := ts.token(t, "waiter")
@@ -955,6 +969,7 @@ func TestPollWaitAndBatch(t *testing.T) {
 // the first): the waiting poll returns at once with bye replaced, the new one
 // gets hello with the same id and the replay, and presence counts one.
 func TestPollNewConnectionTakesOver(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	tok := ts.token(t, "twice")
 	sid := ts.poll(t, tok, url.Values{}).Session
@@ -1005,6 +1020,7 @@ func TestPollNewConnectionTakesOver(t *testing.T) {
 // handler is stuck writing to it), and the server cuts the stream at once:
 // none of the SSE library's goroutines or ours stay behind, though the client
 // keeps its connection open.
+// Not parallel: sseGoroutines counts the SSE goroutines of the whole process.
 func TestSSEStalledClientIsCut(t *testing.T) {
 	ts := startServer(t, func(c *Config) { c.QueueLimit = 4; c.ReplayLimit = 4; c.MaxDataBytes = 1 << 20 })
 	// A tiny receive buffer, so the server's writes block soon.
@@ -1077,6 +1093,7 @@ func sseGoroutines() int {
 // carry what the middleware set for a cross-origin browser, and say that the
 // connection closes after them; a poll answered at once keeps it open.
 func TestHijackedAnswersKeepCORS(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	token := ts.token(t, "cors")
 	get := func(what, u string) (*http.Response, []byte) {

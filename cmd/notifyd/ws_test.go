@@ -18,6 +18,7 @@ import (
 // TestWebSocketContract walks one WebSocket session through the contract:
 // hello, replay, synced, live delivery, ping, ack, read, and the errors.
 func TestWebSocketContract(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	old := ts.publish(t, "alice", "order.created", map[string]any{"n": 1})
 	ts.publish(t, "bob", "order.created", map[string]any{"n": 99})
@@ -73,6 +74,7 @@ func TestWebSocketContract(t *testing.T) {
 }
 
 func TestWebSocketRefusals(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t, func(c *Config) { c.MaxSessionsPerUser = 2; c.MaxMessageBytes = 1024 })
 	dial := func(q url.Values, header http.Header) (int, string) {
 		_, resp, err := websocket.DefaultDialer.Dial(ts.wsURL(q), header)
@@ -133,6 +135,7 @@ func TestWebSocketRefusals(t *testing.T) {
 }
 
 func TestKickAndResume(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	a := ts.dialWS(t, "erin", nil)
 	hello := a.expect(t, "hello")
@@ -196,6 +199,8 @@ func closeCode(t *testing.T, c *wsClient, want int) {
 	}
 }
 
+// TestHeartbeatEviction times the eviction, so it does not run in parallel
+// with other tests.
 func TestHeartbeatEviction(t *testing.T) {
 	ts := startServer(t, func(c *Config) { c.PingInterval = 500 * time.Millisecond; c.PingTimeout = 1500 * time.Millisecond })
 	// A client that never answers: pong frames are not sent because nobody reads.
@@ -230,8 +235,13 @@ func TestHeartbeatEviction(t *testing.T) {
 	if took < 1500*time.Millisecond || took > 2500*time.Millisecond+500*time.Millisecond {
 		t.Fatalf("evicted after %s, want within [1.5s, 2.5s] (+ slack)", took)
 	}
+	// The sweep counts its evictions after it has ended the sessions, so the
+	// count may trail the close the client saw.
 	var stats struct{ Evictions int64 }
-	ts.do(t, "GET", "/v1/stats", testAPIKey, nil, &stats)
+	eventually(t, 5*time.Second, "the eviction counted", func() bool {
+		ts.do(t, "GET", "/v1/stats", testAPIKey, nil, &stats)
+		return stats.Evictions != 0
+	})
 	if stats.Evictions != 1 {
 		t.Fatalf("evictions = %d", stats.Evictions)
 	}
@@ -240,7 +250,8 @@ func TestHeartbeatEviction(t *testing.T) {
 // A client that sends nothing but answers ping frames (a browser tab frozen
 // by its browser) is pinged after one and a half intervals of silence and
 // stays present past the ping timeout; a client that pings on time is never
-// pinged.
+// pinged. Its pongs race a 1.2 s timeout, so it does not run in parallel
+// with other tests.
 func TestPingFramesKeepSilentClient(t *testing.T) {
 	ts := startServer(t, func(c *Config) { c.PingInterval = 400 * time.Millisecond; c.PingTimeout = 1200 * time.Millisecond })
 	dial := func(user string) (*websocket.Conn, *atomic.Int64) {
@@ -301,7 +312,8 @@ func TestPingFramesKeepSilentClient(t *testing.T) {
 // growing its stack (idle memory per session rests on it), and anything
 // else on a goroutine of its own. Measured as the stack memory the server
 // gains while 300 sessions answer pings, after a first round has grown the
-// test clients' own stacks.
+// test clients' own stacks. The process's stack memory is the measure, so
+// it does not run in parallel with other tests.
 func TestIdleWebSocketStackStaysSmall(t *testing.T) {
 	ts := startServer(t)
 	const n = 300
@@ -345,6 +357,7 @@ func TestIdleWebSocketStackStaysSmall(t *testing.T) {
 // session's writer share one socket: with both at once, every pong and every
 // notification arrives whole, and the notifications in seq order.
 func TestPingsDuringDeliveries(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	c := ts.liveWS(t, "busy")
 	const n = 150
@@ -384,6 +397,7 @@ func TestPingsDuringDeliveries(t *testing.T) {
 // A replay larger than one write's chunk (64 KiB) reaches the client whole
 // and in order.
 func TestLargeReplayOverWebSocket(t *testing.T) {
+	t.Parallel()
 	ts := startServer(t)
 	const n = 500
 	var items []map[string]any
@@ -404,7 +418,8 @@ func TestLargeReplayOverWebSocket(t *testing.T) {
 }
 
 // With a ping timeout shorter than one and a half intervals, the server's
-// ping frame comes early enough for a silent client's pong to keep it.
+// ping frame comes early enough for a silent client's pong to keep it. Its
+// pongs race a 1.2 s timeout, so it does not run in parallel with other tests.
 func TestPingFramesBeforeShortTimeout(t *testing.T) {
 	// A ping at 1.5 intervals (1.5 s) would come after the timeout (1.2 s).
 	ts := startServer(t, func(c *Config) { c.PingInterval = time.Second; c.PingTimeout = 1200 * time.Millisecond })

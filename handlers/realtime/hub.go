@@ -130,7 +130,14 @@ func newConnID() string {
 // queues hello as its first frame and starts its heartbeat deadline. It fails
 // with ErrTooManySessions past the per-user limit.
 func (h *Hub) Register(s *Session, resume string) error {
-	replaced, err := h.tracker.add(s, resume, h.cfg.MaxSessionsPerUser, func() {
+	return h.RegisterCounted(s, resume, 0)
+}
+
+// RegisterCounted is Register with elsewhere more sessions of the user counted against the
+// per-user limit: those the user has on the cluster's other nodes. The limit is checked
+// against the sessions here plus elsewhere, under the user's lock as Register checks it.
+func (h *Hub) RegisterCounted(s *Session, resume string, elsewhere int) error {
+	replaced, err := h.tracker.addCounted(s, resume, h.cfg.MaxSessionsPerUser, elsewhere, func() {
 		s.Send(HelloFrame(s, h.cfg.PingInterval, h.cfg.PingTimeout, time.Now()))
 	})
 	if err != nil {
@@ -138,6 +145,7 @@ func (h *Hub) Register(s *Session, resume string) error {
 	}
 	if replaced != nil {
 		h.End(replaced, ReasonReplaced)
+		s.inheritSent(replaced) // acks of what the replaced connection was sent stay valid
 	}
 	h.Touch(s)
 	if h.hooks.Started != nil {
@@ -367,6 +375,9 @@ func (h *Hub) Session(id string) (*Session, bool) { return h.tracker.Get(id) }
 
 // UserSessions returns the live sessions of user (a copy).
 func (h *Hub) UserSessions(user string) []*Session { return h.tracker.UserSessions(user) }
+
+// UserSessionCount is how many live sessions user has here.
+func (h *Hub) UserSessionCount(user string) int { return h.tracker.sessionsOf(user) }
 
 // Sessions returns every live session.
 func (h *Hub) Sessions() []*Session { return h.tracker.All() }

@@ -182,6 +182,8 @@ func TestShutdownRacesRegister(t *testing.T) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var all []*Session
+	registered := make(chan struct{}) // closed at the first registration: Shutdown starts mid-stream
+	var once sync.Once
 	for w := range 8 {
 		wg.Go(func() {
 			for i := range 50 {
@@ -192,10 +194,11 @@ func TestShutdownRacesRegister(t *testing.T) {
 				mu.Lock()
 				all = append(all, s)
 				mu.Unlock()
+				once.Do(func() { close(registered) })
 			}
 		})
 	}
-	time.Sleep(time.Millisecond)
+	<-registered
 	if err := h.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/notifyd/notifyd/store"
@@ -98,47 +99,50 @@ func TestDispatcherDeliversRememberedRows(t *testing.T) {
 // the publish hands over nothing (it failed, or its rows expire), the rows
 // are fetched.
 func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
-	h, s, n := annOnline(t)
-	src := &countingSource{rows: []store.Notification{n(1), n(2)}}
-	d := NewDispatcher(h, src, nil, 100)
-	// Long enough that only the publish's end, never the timer, ends a wait
-	// here, however loaded the machine.
-	d.recent.wait = time.Minute
+	// In a bubble the clock stands still while the dispatch waits, so only the
+	// publish's end, never the wait's timer, can end a wait here.
+	synctest.Test(t, func(t *testing.T) {
+		h, s, n := annOnline(t)
+		src := &countingSource{rows: []store.Notification{n(1), n(2)}}
+		d := NewDispatcher(h, src, nil, 100)
+		d.recent.wait = time.Minute
 
-	committed := d.Expect([]string{"ann", "offline"})
-	if got := len(d.recent.expected); got != 1 {
-		t.Fatalf("expecting %d users, want 1 (offline users are not expected)", got)
-	}
-	dispatched := make(chan struct{})
-	go func() {
-		d.dispatch(context.Background(), []store.SeqRange{{UserID: "ann", From: 1, To: 1}})
-		close(dispatched)
-	}()
-	select {
-	case <-dispatched:
-		t.Fatal("the signal did not wait for the expected publish")
-	case <-time.After(50 * time.Millisecond):
-	}
-	committed([]store.Notification{n(1)})
-	<-dispatched
-	if src.fetches != 0 {
-		t.Fatalf("fetched %d times; the publish handed the row over", src.fetches)
-	}
-	if len(d.recent.expected) != 0 {
-		t.Fatalf("still expecting %v", d.recent.expected)
-	}
+		committed := d.Expect([]string{"ann", "offline"})
+		if got := len(d.recent.expected); got != 1 {
+			t.Fatalf("expecting %d users, want 1 (offline users are not expected)", got)
+		}
+		dispatched := make(chan struct{})
+		go func() {
+			d.dispatch(context.Background(), []store.SeqRange{{UserID: "ann", From: 1, To: 1}})
+			close(dispatched)
+		}()
+		synctest.Wait() // the dispatch is blocked, waiting
+		select {
+		case <-dispatched:
+			t.Fatal("the signal did not wait for the expected publish")
+		default:
+		}
+		committed([]store.Notification{n(1)})
+		<-dispatched
+		if src.fetches != 0 {
+			t.Fatalf("fetched %d times; the publish handed the row over", src.fetches)
+		}
+		if len(d.recent.expected) != 0 {
+			t.Fatalf("still expecting %v", d.recent.expected)
+		}
 
-	failed := d.Expect([]string{"ann"})
-	go func() {
-		time.Sleep(50 * time.Millisecond)
-		failed(nil)
-	}()
-	d.dispatch(context.Background(), []store.SeqRange{{UserID: "ann", From: 2, To: 2}})
-	if src.fetches != 1 {
-		t.Fatalf("fetches = %d, want the row read back once the publish handed over nothing", src.fetches)
-	}
-	seqs := deliveredSeqs(s)
-	if len(seqs) != 2 || seqs[0] != 1 || seqs[1] != 2 {
-		t.Fatalf("delivered seqs %v, want 1, 2", seqs)
-	}
+		failed := d.Expect([]string{"ann"})
+		go func() {
+			time.Sleep(50 * time.Millisecond)
+			failed(nil)
+		}()
+		d.dispatch(context.Background(), []store.SeqRange{{UserID: "ann", From: 2, To: 2}})
+		if src.fetches != 1 {
+			t.Fatalf("fetches = %d, want the row read back once the publish handed over nothing", src.fetches)
+		}
+		seqs := deliveredSeqs(s)
+		if len(seqs) != 2 || seqs[0] != 1 || seqs[1] != 2 {
+			t.Fatalf("delivered seqs %v, want 1, 2", seqs)
+		}
+	})
 }

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // SessionInfo describes a new session before it is registered.
@@ -46,8 +48,10 @@ type Session struct {
 	queue     []Frame
 	limit     int
 	replaying bool
-	pending   []Frame // live notifications that arrived during replay
-	cursor    int64   // highest seq queued to this session
+	pending   []Frame       // live notifications that arrived during replay
+	cursor    int64         // highest seq queued to this session
+	sent      sentRing      // notifications taken by the writer, not yet acked (bounded by limit)
+	acks      *rate.Limiter // acks of this session, made by the first AdmitAcks
 	closed    bool
 	reason    Reason
 	wake      chan struct{}
@@ -98,13 +102,68 @@ func (s *Session) SetNotify(fn func()) {
 	s.mu.Unlock()
 }
 
-// Take removes and returns every queued frame, oldest first.
+// Take removes and returns every queued frame, oldest first. The
+// notifications among them are remembered as sent (see AdmitAcks) before the
+// writer puts them on the wire, so their acks can never arrive first.
 func (s *Session) Take() []Frame {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	q := s.queue
 	s.queue = nil
+	for i := range q {
+		if q[i].Type == TypeNotification {
+			s.sent.add(q[i].ID, s.limit)
+		}
+	}
 	return q
+}
+
+// inheritSent gives s the sent notifications of from, the connection it
+// resumes and replaces (same session id), so that the client's acks of what
+// it got over the old connection are still admitted. s has taken nothing yet
+// but its hello.
+func (s *Session) inheritSent(from *Session) {
+	from.mu.Lock()
+	sent := from.sent
+	sent.ids = slices.Clone(sent.ids)
+	from.mu.Unlock()
+	s.mu.Lock()
+	if s.sent.live == 0 {
+		s.sent = sent
+	}
+	s.mu.Unlock()
+}
+
+// AckLimit bounds the ack ids one session may send: Rate per second, with
+// bursts of Burst. A zero Burst limits nothing.
+type AckLimit struct {
+	Rate  rate.Limit
+	Burst int
+}
+
+// AdmitAcks sorts the ids of a client's acks. It returns those the session's
+// writer took (Take) and that were not acked before, now marked acked, in
+// order; limited counts the ids past lim, refused unread, and unknown the
+// others: ids never sent to this session, sent so long ago that the session
+// forgot them (more than its queue limit of notifications since), or acked
+// already.
+func (s *Session) AdmitAcks(ids []string, lim AckLimit, now time.Time) (admitted []string, limited, unknown int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if lim.Burst > 0 && s.acks == nil {
+		s.acks = rate.NewLimiter(lim.Rate, lim.Burst)
+	}
+	for i, id := range ids {
+		if s.acks != nil && !s.acks.AllowN(now, 1) {
+			return admitted, len(ids) - i, unknown
+		}
+		if s.sent.take(id) {
+			admitted = append(admitted, id)
+		} else {
+			unknown++
+		}
+	}
+	return admitted, 0, unknown
 }
 
 // Send queues a frame that is not a notification (pong, read, error). It

@@ -4,17 +4,18 @@ import (
 	crand "crypto/rand"
 	"encoding/base64"
 	"encoding/binary"
-	"errors"
 	"hash/maphash"
 	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"unsafe"
+
+	"github.com/notifyd/notifyd/store"
 )
 
 // ErrTooManySessions is returned by Register when a user is at the sessions limit.
-var ErrTooManySessions = errors.New("too many sessions for this user")
+var ErrTooManySessions error = store.Errorf(store.ETOOMANYSESSIONS, "this user has too many live sessions")
 
 const trackerShards = 64
 
@@ -125,6 +126,12 @@ func transportIndex(tr Transport) int {
 // final id and before anyone can find s, so it can queue hello as the
 // session's first frame.
 func (t *Tracker) add(s *Session, resume string, maxPerUser int, before func()) (replaced *Session, err error) {
+	return t.addCounted(s, resume, maxPerUser, 0, before)
+}
+
+// addCounted is add with elsewhere sessions of the user (on other nodes) counted against
+// maxPerUser besides the user's sessions here.
+func (t *Tracker) addCounted(s *Session, resume string, maxPerUser, elsewhere int, before func()) (replaced *Session, err error) {
 	shard := t.shardOf(s.User)
 	us, is := &t.users[shard], &t.ids[shard]
 	us.mu.Lock()
@@ -139,7 +146,7 @@ func (t *Tracker) add(s *Session, resume string, maxPerUser int, before func()) 
 			}
 		}
 	}
-	if idx < 0 && maxPerUser > 0 && len(list) >= maxPerUser {
+	if idx < 0 && maxPerUser > 0 && len(list)+elsewhere >= maxPerUser {
 		return nil, ErrTooManySessions
 	}
 	if idx >= 0 {
@@ -303,9 +310,9 @@ var touchSink atomic.Uint64
 // touch reads the cache lines that removing s will need and that do not
 // depend on each other: its id slot and the first byte of its user name (the
 // map hashes it). Reading them a few sessions ahead lets the CPU wait for
-// several misses at once instead of one after another: a 1M-session, 1%
-// BenchmarkSweep tick took 3.5 ms on average against 4.1 ms without it (six
-// interleaved runs of two each). is is locked.
+// several misses at once instead of one after another;
+// BenchmarkSweepReadAhead (in make bench) compares removals with and without
+// it. is is locked.
 func (is *idShard) touch(s *Session) uintptr {
 	var v uintptr
 	if k := s.idSlot / trackerShards; int(k) < len(is.slots) {
@@ -357,6 +364,15 @@ func (t *Tracker) UserSessions(user string) []*Session {
 		return nil
 	}
 	return append([]*Session(nil), list...)
+}
+
+// sessionsOf is how many live sessions user has.
+func (t *Tracker) sessionsOf(user string) int {
+	us := t.userShard(user)
+	us.mu.RLock()
+	n := len(us.m[user])
+	us.mu.RUnlock()
+	return n
 }
 
 // appendUserSessions appends the user's sessions to dst without allocating a

@@ -179,6 +179,46 @@ func TestTrackerPerUserLimit(t *testing.T) {
 	}
 }
 
+// RegisterCounted counts the user's sessions on other nodes against the limit: with a limit
+// of 3 and 2 sessions elsewhere there is room for one here; a resume of a session here still
+// replaces it; no limit stays no limit.
+func TestTrackerPerUserLimitElsewhere(t *testing.T) {
+	cfg := testConfig()
+	cfg.MaxSessionsPerUser = 3
+	h := NewHub(cfg, Hooks{})
+	first := newSession(h, "alice", WebSocket)
+	if err := h.RegisterCounted(first, "", 2); err != nil {
+		t.Fatalf("1 here + 2 elsewhere: %v", err)
+	}
+	if n := h.UserSessionCount("alice"); n != 1 {
+		t.Fatalf("UserSessionCount = %d, want 1", n)
+	}
+	s := newSession(h, "alice", SSE)
+	if err := h.RegisterCounted(s, "", 2); !errors.Is(err, ErrTooManySessions) {
+		t.Fatalf("2 here + 2 elsewhere: err = %v, want ErrTooManySessions", err)
+	}
+	if _, ok := h.Session(s.ID); ok {
+		t.Fatal("a refused session was tracked")
+	}
+	if err := h.RegisterCounted(newSession(h, "alice", SSE), "", 3); !errors.Is(err, ErrTooManySessions) {
+		t.Fatalf("1 here + 3 elsewhere: err = %v, want ErrTooManySessions", err)
+	}
+	r := newSession(h, "alice", LongPoll)
+	if err := h.RegisterCounted(r, first.ID, 5); err != nil || r.ID != first.ID || first.Reason() != ReasonReplaced {
+		t.Fatalf("resume with the cluster over the limit: %v, id %q, old reason %q", err, r.ID, first.Reason())
+	}
+	if err := h.RegisterCounted(newSession(h, "bob", SSE), "", 2); err != nil {
+		t.Fatalf("another user: %v", err)
+	}
+	checkConsistent(t, h)
+
+	cfg.MaxSessionsPerUser = 0
+	h = NewHub(cfg, Hooks{})
+	if err := h.RegisterCounted(newSession(h, "carol", SSE), "", 1000); err != nil {
+		t.Fatalf("no limit: %v", err)
+	}
+}
+
 func TestTrackerResumeSameUser(t *testing.T) {
 	tr := NewTracker()
 	h := NewHub(testConfig(), Hooks{})

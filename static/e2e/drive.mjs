@@ -10,6 +10,7 @@
 //   {"cmd":"click","page":"p","selector":"#go"}
 //   {"cmd":"screenshot","page":"p","path":"/abs/file.png"}
 //   {"cmd":"console","page":"p"}                                  console errors and page errors so far
+//   {"cmd":"close","page":"p"}                                    closes the page (a tab closed by its user)
 //   {"cmd":"closectx","ctx":"a"}
 //   {"cmd":"quit"}
 import { chromium } from 'playwright-core';
@@ -63,6 +64,13 @@ function pageOf(name) {
   return p;
 }
 
+async function closePage({ page: name }) {
+  const p = pageOf(name);
+  pages.delete(name);
+  await p.page.close({ runBeforeUnload: false });
+  return true;
+}
+
 async function closectx({ ctx }) {
   const c = contexts.get(ctx);
   if (!c) return false;
@@ -81,6 +89,7 @@ const handlers = {
   click: ({ page, selector }) => pageOf(page).page.click(selector).then(() => true),
   screenshot: ({ page, path }) => pageOf(page).page.screenshot({ path, fullPage: true }).then(() => path),
   console: ({ page }) => pageOf(page).errors.slice(),
+  close: closePage,
   closectx,
   quit: async () => {
     for (const name of [...contexts.keys()]) await closectx({ ctx: name });

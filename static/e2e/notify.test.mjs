@@ -1,0 +1,211 @@
+// notify.test.mjs: notify.js's event emitter and state events, run by node's
+// test runner (`make test-js`). notify.js touches browser APIs only once it
+// connects, so it imports in node; its long-poll transport is plain fetch,
+// which node has, so the ladder runs here against a small loopback server.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
+import { readFileSync } from 'node:fs';
+import { NotifyClient, PROBE_DELAYS, REASONS, probeDelay } from '../notify.js';
+
+const closedPort = 'http://127.0.0.1:1';
+
+/** Waits until cond holds (polling), or fails after ms. */
+async function until(cond, what, ms = 10000) {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+test('off() removes a listener added with once()', () => {
+  const n = new NotifyClient(closedPort, { token: 't', autoConnect: false });
+  let removed = 0;
+  const fn = () => { removed++; };
+  n.once('state', fn);
+  n.off('state', fn);
+  let kept = 0;
+  n.once('state', () => { kept++; });
+  n.close(); // idle -> closed
+  assert.equal(removed, 0, 'a once() listener removed with off() was called');
+  assert.equal(kept, 1, 'a once() listener left in place was not called once');
+});
+
+test('a once() listener is called once', () => {
+  const n = new NotifyClient(closedPort, { token: 't', autoConnect: false, negotiate: false, transports: ['longpoll'] });
+  const states = [];
+  n.once('state', (ev) => { states.push(ev.state); });
+  n.open(); // idle -> connecting
+  n.close(); // connecting -> closed
+  assert.deepEqual(states, ['connecting']);
+});
+
+/**
+ * A stand-in for notifyd's long-poll side on a loopback port: the first poll
+ * says hello and synced, the second says bye (shutdown, retry in 5 ms), and
+ * every later poll and /readyz answer 503, so the client keeps reconnecting.
+ */
+async function byeThenDown() {
+  let polls = 0;
+  const server = createServer((req, res) => {
+    const reply = (status, body) => {
+      res.writeHead(status, { 'Content-Type': 'application/json' });
+      res.end(JSON.stringify(body));
+    };
+    if (req.url.startsWith('/v1/poll')) {
+      polls++;
+      if (polls === 1) {
+        return reply(200, { session: 's1', cursor: 0, messages: [
+          { type: 'hello', session: 's1', user: 'u', transport: 'longpoll', ping_interval_ms: 20000, ping_timeout_ms: 60000 },
+          { type: 'synced', cursor: 0, unread: 0 },
+        ] });
+      }
+      if (polls === 2) return reply(200, { session: 's1', cursor: 0, messages: [{ type: 'bye', reason: 'shutdown', retry_ms: 5 }] });
+    }
+    if (req.method === 'DELETE') return reply(204, {});
+    return reply(503, { error: { code: 'unavailable', message: 'down' } });
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const url = `http://127.0.0.1:${/** @type {any} */ (server.address()).port}`;
+  return { url, stop: () => { server.closeAllConnections(); server.close(); } };
+}
+
+test('state events fire only when the state or the transport changes', async (t) => {
+  const srv = await byeThenDown();
+  t.after(srv.stop);
+  const n = new NotifyClient(srv.url, {
+    token: 't', autoConnect: false, negotiate: false, transports: ['longpoll'], backoffBase: 1, backoffMax: 1,
+  });
+  const events = [];
+  n.on('state', (ev) => { events.push(ev); });
+  n.open();
+  // Connected, told bye, then several passes down the ladder, each failing.
+  await until(() => n.history.filter((h) => h.event === 'state' && h.reason === 'unreachable').length >= 3, 'three failed passes');
+  n.close();
+  n.close();
+  for (let i = 1; i < events.length; i++) {
+    const prev = events[i - 1];
+    const ev = events[i];
+    assert.ok(ev.state !== prev.state || ev.transport !== prev.transport,
+      `state event ${i} repeats ${ev.state}/${ev.transport} (reason ${ev.reason})`);
+    assert.deepEqual(ev.previous, { state: prev.state, transport: prev.transport });
+  }
+  assert.deepEqual(events.map((ev) => `${ev.state}/${ev.transport}/${ev.reason}`),
+    ['connecting/null/connect', 'connected/longpoll/connected', 'reconnecting/null/shutdown', 'closed/null/client']);
+  assert.equal(events[2].message, 'bye shutdown');
+  for (const h of n.history) {
+    if (h.event === 'state') assert.ok(Object.hasOwn(REASONS, h.reason), `state reason ${h.reason} is not one of REASONS`);
+  }
+  // The history keeps every step, repeats included.
+  assert.ok(n.history.filter((h) => h.event === 'state' && h.state === 'reconnecting').length >= 7);
+});
+
+test('the probe schedule: soon after synced, then backing off, the last step repeating', () => {
+  assert.deepEqual(PROBE_DELAYS, [1500, 30000, 120000, 600000]);
+  // The jitter's bounds: ±20%.
+  assert.equal(probeDelay(PROBE_DELAYS, 0, () => 0), 1200);
+  assert.equal(probeDelay(PROBE_DELAYS, 0, () => 0.999999), 1800);
+  assert.ok(probeDelay(PROBE_DELAYS, 0, () => 0.999999) < 2000, 'the first probe comes within 2 s of synced');
+  assert.deepEqual([0, 1, 2, 3, 4, 9].map((step) => probeDelay(PROBE_DELAYS, step, () => 0.5)), [1500, 30000, 120000, 600000, 600000, 600000]);
+  assert.equal(probeDelay([], 0), -1, 'an empty schedule never probes');
+});
+
+test('probeInterval replaces the schedule; 0 turns probing off', () => {
+  assert.deepEqual(new NotifyClient(closedPort, { token: 't', autoConnect: false }).opts.probeDelays, PROBE_DELAYS);
+  assert.deepEqual(new NotifyClient(closedPort, { token: 't', autoConnect: false, probeInterval: 2500 }).opts.probeDelays, [2500]);
+  assert.deepEqual(new NotifyClient(closedPort, { token: 't', autoConnect: false, probeInterval: 0 }).opts.probeDelays, []);
+});
+
+/**
+ * A long-poll stand-in that says hello and synced and then holds each poll
+ * for a while (empty answers), counting polls.
+ */
+async function pollOnly() {
+  const stats = { polls: 0 };
+  const server = createServer((req, res) => {
+    const reply = (status, body) => {
+      res.writeHead(status, { 'Content-Type': 'application/json' });
+      res.end(JSON.stringify(body));
+    };
+    if (req.url.startsWith('/v1/poll')) {
+      stats.polls++;
+      if (stats.polls === 1) {
+        return reply(200, { session: 's1', cursor: 0, messages: [
+          { type: 'hello', session: 's1', user: 'u', transport: 'longpoll', ping_interval_ms: 20000, ping_timeout_ms: 60000 },
+          { type: 'synced', cursor: 0, unread: 0 },
+        ] });
+      }
+      const t = setTimeout(() => reply(200, { session: 's1', cursor: 0, messages: [] }), 200);
+      req.on('close', () => clearTimeout(t));
+      return undefined;
+    }
+    if (req.method === 'DELETE') return reply(204, {});
+    if (req.url === '/readyz') return reply(200, { ok: true });
+    return reply(404, { error: { code: 'not_found', message: 'no' } });
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const url = `http://127.0.0.1:${/** @type {any} */ (server.address()).port}`;
+  return { url, stats, stop: () => { server.closeAllConnections(); server.close(); } };
+}
+
+test('a client below the top probes after synced, then at each next step while probes fail', async (t) => {
+  const srv = await pollOnly();
+  t.after(srv.stop);
+  // node has no EventSource: every SSE probe fails at once ('error'), which is what a schedule test needs.
+  const n = new NotifyClient(srv.url, {
+    token: 't', negotiate: false, transports: ['sse', 'longpoll'], probeDelays: [100, 300, 600], share: false,
+  });
+  t.after(() => n.close());
+  const probes = () => n.history.filter((h) => h.event === 'attempt' && h.role === 'probe');
+  await until(() => probes().length >= 5, 'five probes');
+  n.close();
+  assert.equal(n.history.filter((h) => h.event === 'attempt' && h.role === 'attempt' && h.ok).length, 1);
+  const synced = n.history.find((h) => h.event === 'state' && h.state === 'connected');
+  assert.ok(synced, 'connected over long-poll');
+  assert.equal(synced.transport, 'longpoll');
+  const scheduled = n.history.filter((h) => h.event === 'probe_scheduled');
+  assert.deepEqual(scheduled.slice(0, 5).map((h) => h.step), [0, 1, 2, 3, 4]);
+  const bases = [100, 300, 600, 600, 600];
+  scheduled.slice(0, 5).forEach((h, i) => {
+    assert.ok(h.delay >= bases[i] * 0.8 && h.delay <= bases[i] * 1.2, `probe ${i} after ${h.delay} ms, want ${bases[i]} ±20%`);
+  });
+  // The gaps between probes grow by the schedule (timers fire no earlier than set).
+  const at = probes().map((h) => h.t);
+  for (let i = 1; i < 4; i++) {
+    assert.ok(at[i] - at[i - 1] >= bases[i] * 0.8 - 5, `probe ${i} came ${at[i] - at[i - 1]} ms after probe ${i - 1}`);
+  }
+  assert.ok(probes().every((h) => h.transport === 'sse' && !h.ok));
+  assert.equal(n.transport, null); // closed
+  assert.equal(srv.stats.polls >= 2, true, 'the long-poll kept running under the probes');
+});
+
+test('a client on the top of its ladder never probes', async (t) => {
+  const srv = await pollOnly();
+  t.after(srv.stop);
+  const n = new NotifyClient(srv.url, { token: 't', negotiate: false, transports: ['longpoll'], probeDelays: [10], share: false });
+  t.after(() => n.close());
+  await until(() => n.state === 'connected', 'connected');
+  await new Promise((r) => setTimeout(r, 200));
+  n.close();
+  assert.equal(n.history.filter((h) => h.event === 'probe_scheduled' || h.role === 'probe').length, 0);
+});
+
+/** The string literals of a union type alias of notify.d.ts, following the aliases it names. */
+function unionOf(dts, name) {
+  const m = dts.match(new RegExp(`export type ${name} =([^;]+);`));
+  assert.ok(m, `notify.d.ts declares ${name}`);
+  const out = [];
+  for (const part of m[1].split('|').map((x) => x.trim()).filter(Boolean)) {
+    if (part.startsWith("'")) out.push(part.slice(1, -1));
+    else out.push(...unionOf(dts, part));
+  }
+  return out;
+}
+
+test('the reasons are a closed set: notify.d.ts declares exactly those REASONS has text for', () => {
+  const dts = readFileSync(new URL('../notify.d.ts', import.meta.url), 'utf8');
+  assert.deepEqual(unionOf(dts, 'Reason').sort(), Object.keys(REASONS).sort());
+  assert.deepEqual(unionOf(dts, 'State').sort(), ['closed', 'connected', 'connecting', 'idle', 'reconnecting']);
+  for (const [code, text] of Object.entries(REASONS)) assert.ok(text.length > 0, `${code} has no text`);
+});
