@@ -284,7 +284,15 @@ class PollConn extends Conn {
       if (this.ended) return;
       session = body.session || session;
       // An answer with hello is a new session, which hello announces.
-      if (body.session && !(body.messages || []).some((/** @type {any} */ m) => m && m.type === 'hello')) this.renamed(body.session);
+      const hello = (body.messages || []).some((/** @type {any} */ m) => m && m.type === 'hello');
+      if (body.session && !hello) {
+        if (!this.session && this.resume && this.role === 'attempt') {
+          // A node that did not hold the resumed session took it over without hello (it moved
+          // there): this answer continues that session, under the id it has on that node.
+          this.deliver({ type: 'hello', session: body.session, user: this.client.user, transport: 'longpoll' });
+        }
+        this.renamed(body.session);
+      }
       if (typeof body.cursor === 'number') cursor = body.cursor;
       for (const m of body.messages || []) {
         if (this.ended) return;
