@@ -109,16 +109,18 @@ type cluster struct {
 	nodes []*procServer // by index; a restarted node replaces its entry
 	names []string
 	addrs []string
+	env   []string // more settings of every node
 	proxy *proxyProc
 	// lb is a testServer whose URL is haproxy's: its helpers (publish, dial...) go through it.
 	lb *testServer
 }
 
-// startCluster builds nothing: bin is the built server (buildNotifyd).
-func startCluster(t *testing.T, bin string, n int) *cluster {
+// startCluster starts n nodes of bin (the built server, buildNotifyd), env added to their
+// settings, and haproxy in front of them.
+func startCluster(t *testing.T, bin string, n int, env ...string) *cluster {
 	t.Helper()
 	requireHaproxy(t)
-	c := &cluster{t: t, bin: bin, dbURL: storetest.URL(t)}
+	c := &cluster{t: t, bin: bin, dbURL: storetest.URL(t), env: env}
 	for i := range n {
 		c.names = append(c.names, fmt.Sprintf("node-%d", i))
 		c.addrs = append(c.addrs, freeAddr(t))
@@ -170,7 +172,7 @@ func (c *cluster) startNode(i int) *procServer {
 	cmd := exec.Command(c.bin)
 	cmd.Env = append(os.Environ(), "DATABASE_URL="+c.dbURL, "NOTIFY_JWT_SECRET="+testSecret,
 		"NOTIFY_API_KEY="+testAPIKey, "NOTIFY_LOG_LEVEL=warn", "NOTIFY_DEV=false")
-	cmd.Env = append(cmd.Env, env...)
+	cmd.Env = append(append(cmd.Env, env...), c.env...)
 	out := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {

@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -26,6 +27,7 @@ func TestHaproxyCluster(t *testing.T) {
 	t.Run("long-poll alternating between nodes", func(t *testing.T) { testClusterLongPoll(t, bin) })
 	t.Run("kill -9 of a node", func(t *testing.T) { testClusterKill(t, bin) })
 	t.Run("rolling restart loses nothing", func(t *testing.T) { testClusterRollingRestart(t, bin) })
+	t.Run("browser on long-poll", func(t *testing.T) { testClusterBrowserLongPoll(t, bin) })
 }
 
 // publishOutcomes counts what a publisher saw.
@@ -334,4 +336,51 @@ func testClusterRollingRestart(t *testing.T, bin string) {
 	if n := countRows(t, conn, "user_id = 'rolling'"); n != int64(len(want)) {
 		t.Errorf("%d rows stored for %d notifications answered 2xx (a retry stored one twice, or a 2xx lost one)", n, len(want))
 	}
+}
+
+// testClusterBrowserLongPoll: the browser client (static/notify.js in Chromium) on long-poll
+// through haproxy, its polls moving between the nodes, receives every notification exactly
+// once, stays connected on one session, and follows the session's id as it moves. The nodes run
+// in dev mode for the demo page's tokens (loopback only, the tests' secrets).
+func testClusterBrowserLongPoll(t *testing.T, bin string) {
+	requireE2E(t)
+	e2eSlot(t)
+	c := startCluster(t, bin, 3, "NOTIFY_DEV=true")
+	b := startBrowser(t)
+	b.launch("a", "")
+	b.open("a", "p", demoURL(c.lb.URL, "brow", url.Values{"transports": {"longpoll"}, "pollWait": {"2"}, "helloTimeout": direct["helloTimeout"]}))
+	waitTransport(t, b, "p", "longpoll", 20*time.Second)
+	var want []string
+	for range 3 {
+		for _, n := range publishN(t, c.lb, "brow", 5) {
+			want = append(want, n.ID)
+		}
+		time.Sleep(1500 * time.Millisecond) // polls come back empty in between and move
+	}
+	s := waitExactly(t, b, "p", want, 20*time.Second)
+	if s.State != "connected" || s.Transport != "longpoll" {
+		t.Fatalf("page: %s", s.brief())
+	}
+	connects := 0
+	for _, e := range s.History {
+		if e.Event == "state" && e.State == "connected" {
+			connects++
+		}
+	}
+	if connects != 1 {
+		t.Errorf("the page connected %d times, want once: %s", connects, s.brief())
+	}
+	conn := pgConn(t, c.dbURL)
+	var moved int
+	if err := conn.QueryRow(context.Background(), `SELECT count(*) FROM session_history WHERE user_id = 'brow' AND end_reason = 'moved'`).Scan(&moved); err != nil || moved == 0 {
+		t.Fatalf("the page's session never moved (%d, %v)", moved, err)
+	}
+	// The page names the session by its current id, the one presence lists.
+	waitFor(t, 10*time.Second, "the page's session id = presence's", func() (bool, string) {
+		s = b.demo("p")
+		listed := c.lb.sessionsOf(t, "brow")
+		return len(listed) == 1 && listed[0].ID == s.Session, fmt.Sprintf("page %q, presence %+v", s.Session, listed)
+	})
+	noConsoleErrors(t, b, "p")
+	t.Logf("the page's session moved %d times, one connect, %d notifications", moved, len(want))
 }
