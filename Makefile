@@ -22,7 +22,7 @@ pg-up:
 test: export NOTIFYD_E2E = 1
 test: pg-up e2e-deps lint typecheck test-js test-go
 
-## e2e-deps: chromium, nginx, squid (Debian packages), playwright-core and typescript (npm ci), each only when missing
+## e2e-deps: chromium, nginx, squid, haproxy (Debian packages), playwright-core and typescript (npm ci), each only when missing
 e2e-deps:
 	@.ci/e2e-deps
 

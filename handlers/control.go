@@ -14,6 +14,8 @@ import (
 type Control interface {
 	// SessionUser returns the user of the open session id, on any node.
 	SessionUser(ctx context.Context, id string) (user string, ok bool, err error)
+	// SessionOf returns the user and transport of the open session id, on any node.
+	SessionOf(ctx context.Context, id string) (user, transport string, ok bool, err error)
 	// Kick asks the node holding session id (of user, unless user is "") to end it
 	// with `bye kicked`; false when no open session matches.
 	Kick(ctx context.Context, id, user string) (bool, error)

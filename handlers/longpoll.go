@@ -42,6 +42,7 @@ type longPoll struct {
 	acked    int64            // highest cursor a poll has confirmed
 	byeSent  bool             // an answer carried the session's last frames and bye
 	detached bool             // a poll's client went away before its answer
+	quiet    bool             // adopted from another node: its hello and its replay's synced are not sent (pollmove.go)
 	endSeen  atomic.Bool      // the transport has seen the session end
 }
 
@@ -73,6 +74,19 @@ func (lp *longPoll) owesBye() bool {
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
 	return lp.s.Reason().SendsBye() && !lp.byeSent
+}
+
+// handOverBye takes the ended session's bye from this node when no poll has
+// carried it yet (another node's poll carries it instead); it reports whether
+// it did.
+func (lp *longPoll) handOverBye() bool {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if !isDone(lp.s) || !lp.s.Reason().SendsBye() || lp.byeSent || lp.waiter != nil {
+		return false
+	}
+	lp.byeSent = true
+	return true
 }
 
 // pollExchange is one poll's part in its session: what its answer carries.
@@ -282,6 +296,9 @@ func (lp *longPoll) ackLocked(cursor int64) []realtime.Frame {
 // is ended as a slow consumer.
 func (lp *longPoll) takeLocked() (fresh []realtime.Frame, overflow bool) {
 	fresh = lp.s.Take()
+	if lp.quiet {
+		fresh = lp.quietLocked(fresh)
+	}
 	for _, f := range fresh {
 		if f.Type != realtime.TypeNotification {
 			continue
@@ -292,6 +309,29 @@ func (lp *longPoll) takeLocked() (fresh []realtime.Frame, overflow bool) {
 		}
 	}
 	return fresh, len(lp.unacked) > lp.hub.Config().QueueLimit
+}
+
+// quietLocked drops an adopted session's hello and the synced that ends its
+// replay (kept when the replay was cut short), the client having had both on
+// the node it polled before; the frames after that synced go as they are.
+func (lp *longPoll) quietLocked(frames []realtime.Frame) []realtime.Frame {
+	out := frames[:0]
+	for i, f := range frames {
+		switch {
+		case !lp.quiet:
+			out = append(out, f)
+		case f.Type == realtime.TypeHello:
+		case f.Type == realtime.TypeSynced:
+			lp.quiet = false
+			if keepSynced(f) {
+				out = append(out, f)
+			}
+		default:
+			out = append(out, f)
+		}
+		frames[i] = realtime.Frame{}
+	}
+	return out
 }
 
 // isDone reports whether s has ended.

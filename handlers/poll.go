@@ -28,11 +28,17 @@ type pollTransport struct {
 	// states holds every live long-poll session by id and, for up to the
 	// ping timeout, an ended one whose bye no poll has carried yet.
 	states map[string]*longPoll
+	// gone are the ids of the sessions lately dropped from states (pollmove.go).
+	gone recentIDs
 }
 
 // newPoll builds the long-poll transport of a.
 func (a *API) newPoll() *pollTransport {
-	return &pollTransport{api: a, states: make(map[string]*longPoll)}
+	p := &pollTransport{api: a, states: make(map[string]*longPoll)}
+	if a.Moves != nil {
+		a.Moves.attach(p.onMove)
+	}
+	return p
 }
 
 // parseWait reads the wait parameter in whole seconds (default 25, at most 60).
@@ -47,9 +53,11 @@ func parseWait(v string) (time.Duration, error) {
 	return time.Duration(n) * time.Second, nil
 }
 
-// serve is GET /v1/poll. Without a long-poll session of this user to
-// continue it opens one (a session= of another transport is resumed) and
-// answers at once with hello, the replay and synced. Otherwise it
+// serve is GET /v1/poll. A poll naming a session another node holds
+// adopts it (pollmove.go): a session of this node, replayed from the cursor
+// without hello, answered like a continuing poll. Without a long-poll session
+// of this user to continue it opens one (a session= of another transport is
+// resumed) and answers at once with hello, the replay and synced. Otherwise it
 // acknowledges everything up to cursor, and answers with what was sent before
 // and not acknowledged plus what is queued, waiting up to wait for something
 // to send.
@@ -73,13 +81,20 @@ func (p *pollTransport) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st := p.find(cr)
-	opened := st == nil
-	if opened {
+	opened := false
+	switch {
+	case st != nil:
+	case p.adoptable(cr):
+		if st, err = p.adopt(r, cr); err != nil {
+			writeError(w, err)
+			return
+		}
+	default:
 		if st, err = p.open(r, cr); err != nil {
 			writeError(w, err)
 			return
 		}
-		wait = 0
+		opened, wait = true, 0
 	}
 	p.answer(w, r, st, cr.cursor, wait, opened)
 }
@@ -274,6 +289,7 @@ func (p *pollTransport) forget(st *longPoll) {
 	p.mu.Lock()
 	if p.states[st.s.ID] == st {
 		delete(p.states, st.s.ID)
+		p.gone.add(st.s.ID)
 	}
 	p.mu.Unlock()
 }

@@ -82,6 +82,9 @@ type Options struct {
 	// Control reaches sessions held by other nodes (kick, resume, messages); nil
 	// knows only this node's.
 	Control Control
+	// Moves carries long-poll sessions between the nodes of a cluster (pollmove.go); nil: a
+	// poll naming a session this node does not hold opens a new one.
+	Moves *Moves
 }
 
 // MetricsAccess says who may read GET /metrics on the API listener.

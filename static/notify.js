@@ -131,6 +131,18 @@ class Conn {
     if (this.role !== 'dead') this.client._onEnd(this, info);
   }
 
+  /**
+   * Takes a long-poll answer's session id: a session that moved to the node
+   * that answered (a cluster without sticky sessions) is the same session
+   * under that node's id, for its messages and for a later resume.
+   * @param {string} id
+   */
+  renamed(id) {
+    if (!this.session || id === this.session) return;
+    this.session = id;
+    if (this.client._conn === this) this.client.session = id;
+  }
+
   /** Ends the connection without telling the client. */
   close() {
     this.role = 'dead';
@@ -271,6 +283,16 @@ class PollConn extends Conn {
       }
       if (this.ended) return;
       session = body.session || session;
+      // An answer with hello is a new session, which hello announces.
+      const hello = (body.messages || []).some((/** @type {any} */ m) => m && m.type === 'hello');
+      if (body.session && !hello) {
+        if (!this.session && this.resume && this.role === 'attempt') {
+          // A node that did not hold the resumed session took it over without hello (it moved
+          // there): this answer continues that session, under the id it has on that node.
+          this.deliver({ type: 'hello', session: body.session, user: this.client.user, transport: 'longpoll' });
+        }
+        this.renamed(body.session);
+      }
       if (typeof body.cursor === 'number') cursor = body.cursor;
       for (const m of body.messages || []) {
         if (this.ended) return;

@@ -253,15 +253,23 @@ const liveSessionRow = `s.ended_at IS NULL AND (s.node_id IS NULL OR EXISTS (
 // SessionUser returns the user of the open session with this id anywhere in
 // the cluster (its open session_history row); ok is false when there is none.
 func (c *Control) SessionUser(ctx context.Context, id string) (user string, ok bool, err error) {
-	err = c.s.pool.QueryRow(ctx, `SELECT s.user_id FROM session_history s
-		WHERE s.session_id = $1 AND `+liveSessionRow+` ORDER BY s.connected_at DESC LIMIT 1`, id).Scan(&user)
+	user, _, ok, err = c.SessionOf(ctx, id)
+	return user, ok, err
+}
+
+// SessionOf returns the user and transport of the open session with this id
+// anywhere in the cluster (as SessionUser finds it); ok is false when there
+// is none.
+func (c *Control) SessionOf(ctx context.Context, id string) (user, transport string, ok bool, err error) {
+	err = c.s.pool.QueryRow(ctx, `SELECT s.user_id, s.transport FROM session_history s
+		WHERE s.session_id = $1 AND `+liveSessionRow+` ORDER BY s.connected_at DESC LIMIT 1`, id).Scan(&user, &transport)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return "", false, nil
+		return "", "", false, nil
 	}
 	if err != nil {
-		return "", false, DBError("store: look up session", err)
+		return "", "", false, DBError("store: look up session", err)
 	}
-	return user, true, nil
+	return user, transport, true, nil
 }
 
 // Kick asks the node holding session id to end it with `bye kicked`; user,

@@ -218,6 +218,8 @@ func (m *Main) Start(ctx context.Context) error {
 	m.goBackground(func() { m.hub.Run(bg) })
 	m.goBackground(func() { m.recorder.Run(bg) })
 	m.startRetention(ctx, bg)
+	moves := &handlers.Moves{Send: st.SendMove}
+	m.goBackground(func() { st.ListenMoves(bg, log, moves.Received) })
 
 	static := m.Static
 	if static == nil {
@@ -243,6 +245,7 @@ func (m *Main) Start(ctx context.Context) error {
 		Draining:      m.draining.Load,
 		Presence:      presence,
 		Control:       control,
+		Moves:         moves,
 	})
 	if cfg.TLSCertFile != "" {
 		if m.certs, err = newCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile, log); err != nil {

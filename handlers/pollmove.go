@@ -1,0 +1,208 @@
+package handlers
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
+)
+
+// A long-poll session moves to whichever node receives its poll (behind a
+// load balancer without sticky sessions, each poll may land on another node).
+// A poll naming a session this node neither holds nor ended adopts it: the
+// node registers a session of its own for the client, replays the
+// notifications above the poll's cursor into it without hello (the client
+// had one) and without synced (unless the replay was cut short), answers with
+// the new session id, which the client polls with from then on, and tells the
+// other nodes through Postgres (store.SendMove) that the old id moved. The
+// node that held it acknowledges up to the cursor and ends it without a bye
+// (reasonMoved); if it had ended already and its bye had not reached the
+// client (kicked, heartbeat_timeout), it sends that reason back, and the
+// adopting node ends the new session with it, so the bye reaches the client.
+
+// reasonMoved ends a long-poll session whose client polls another node now;
+// it sends no bye (no poll of the client waits here any more).
+const reasonMoved realtime.Reason = "moved"
+
+// moveTimeout bounds the NOTIFY telling the other nodes of a move.
+const moveTimeout = 2 * time.Second
+
+// Moves carries long-poll moves between the nodes of a cluster: Send tells
+// the others, and Received (called by the node's listener of the moves
+// channel) hands a move another node sent to the long-poll transport.
+type Moves struct {
+	// Send tells every node that a session moved here (store.Store.SendMove).
+	Send func(ctx context.Context, m store.Move) error
+
+	mu     sync.Mutex
+	onMove func(store.Move)
+}
+
+// Received applies a move another node sent; before the router exists it is dropped.
+func (mv *Moves) Received(m store.Move) {
+	mv.mu.Lock()
+	on := mv.onMove
+	mv.mu.Unlock()
+	if on != nil {
+		on(m)
+	}
+}
+
+// attach makes on the receiver of moves.
+func (mv *Moves) attach(on func(store.Move)) {
+	mv.mu.Lock()
+	mv.onMove = on
+	mv.mu.Unlock()
+}
+
+// adoptable reports whether a poll naming resume should adopt it: moves are
+// on, and this node neither holds a session of that id, nor keeps state for
+// it (an ended session whose bye is owed is answered by find), nor ended it
+// lately (the client's next poll after a bye opens a new session).
+func (p *pollTransport) adoptable(cr connectRequest) bool {
+	if p.api.Moves == nil || cr.resume == "" {
+		return false
+	}
+	if _, ok := p.api.Hub.Session(cr.resume); ok {
+		return false
+	}
+	p.mu.Lock()
+	_, known := p.states[cr.resume]
+	gone := p.gone.has(cr.resume)
+	p.mu.Unlock()
+	if known || gone {
+		return false
+	}
+	// Only a long-poll session of the poll's own user moves. A WebSocket or SSE
+	// session that another node holds is resumed instead: the poll opens a new
+	// connection (hello) and the old one is replaced; another user's session
+	// id opens a new session. A session whose history row is not written yet
+	// (a poll right after its session started) moves; the node holding it
+	// checks the user when it hears of the move.
+	if p.api.Control != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), controlTimeout)
+		defer cancel()
+		user, tr, ok, err := p.api.Control.SessionOf(ctx, cr.resume)
+		if err == nil && ok && (tr != string(realtime.LongPoll) || user != cr.id.User) {
+			return false
+		}
+	}
+	return true
+}
+
+// adopt registers a session of this node for a poll that names a session
+// another node held (cr.resume) and replays from the poll's cursor into it,
+// quietly (no hello, no synced unless the replay was cut), then tells the
+// other nodes that cr.resume moved. The session is known to later polls at once.
+func (p *pollTransport) adopt(r *http.Request, cr connectRequest) (*longPoll, error) {
+	a := p.api
+	from := cr.resume
+	// Not a connect: the connect limits counted the session once, where it
+	// opened. A new id here: the old one lives on another node.
+	s := a.Hub.NewSession(realtime.SessionInfo{
+		User: cr.id.User, Device: cr.id.Device, Transport: realtime.LongPoll,
+		RemoteAddr: r.RemoteAddr, UserAgent: truncateUA(r.UserAgent()), Network: a.sessionNetwork(r),
+	}, cr.cursor)
+	// It takes the old copy's place one for one: the cap counts this node's
+	// sessions, not the cluster's (no query for the other nodes on a poll).
+	if err := a.Hub.Register(s, ""); err != nil {
+		return nil, err // ErrTooManySessions carries its code: 429 too_many_sessions
+	}
+	lp := newLongPoll(a.Hub, a.Recorder, s, cr.cursor)
+	lp.quiet = true
+	lp.onAck = func() { a.Negotiate.Delivered(s) }
+	a.replay(s, cr.cursor)
+	p.track(lp)
+	ctx, cancel := context.WithTimeout(r.Context(), moveTimeout)
+	defer cancel()
+	if err := a.Moves.Send(ctx, store.Move{Kind: store.MoveMoved, Session: from, To: s.ID, User: cr.id.User, Cursor: cr.cursor}); err != nil {
+		// The old copy then ends at its heartbeat timeout; until then presence lists both.
+		a.Log.Warn("long-poll move: could not tell the other nodes", "from", from, "session", s.ID, "err", err)
+	}
+	return lp, nil
+}
+
+// onMove applies a move another node sent; one naming a session this node
+// does not hold as a long-poll of that user is ignored.
+//
+// moved: the session's client polls the other node now. A live session is
+// acknowledged up to the cursor the client polled there with and ended
+// without a bye. An ended one whose bye no poll carried sends its reason
+// back (end), for the adopting node to end its session with.
+//
+// end: the adopted session is ended for the reason its old copy ended with.
+func (p *pollTransport) onMove(m store.Move) {
+	p.mu.Lock()
+	st := p.states[m.Session]
+	p.mu.Unlock()
+	if st == nil || st.s.User != m.User {
+		return
+	}
+	switch m.Kind {
+	case store.MoveEnd:
+		if reason := realtime.Reason(m.Reason); reason.SendsBye() {
+			p.api.Hub.End(st.s, reason)
+		}
+	case store.MoveMoved:
+		if cur, ok := p.api.Hub.Session(m.Session); ok && cur == st.s {
+			st.mu.Lock()
+			st.ackLocked(m.Cursor)
+			st.mu.Unlock()
+			p.api.Hub.End(st.s, reasonMoved)
+			return
+		}
+		if !st.handOverBye() {
+			return
+		}
+		p.forget(st)
+		ctx, cancel := context.WithTimeout(context.Background(), moveTimeout)
+		defer cancel()
+		end := store.Move{Kind: store.MoveEnd, Session: m.To, Reason: string(st.s.Reason()), User: m.User}
+		if err := p.api.Moves.Send(ctx, end); err != nil {
+			p.api.Log.Warn("long-poll move: could not pass the bye on", "session", m.Session, "to", m.To, "err", err)
+		}
+	}
+}
+
+// recentIDs remembers the last recentIDsMax session ids that ended on this
+// node, so that a poll naming one opens a new session rather than adopting it.
+type recentIDs struct {
+	set  map[string]struct{}
+	ring []string
+	next int
+}
+
+const recentIDsMax = 4096
+
+func (r *recentIDs) add(id string) {
+	if r.set == nil {
+		r.set = make(map[string]struct{}, recentIDsMax)
+		r.ring = make([]string, recentIDsMax)
+	}
+	if _, ok := r.set[id]; ok {
+		return
+	}
+	delete(r.set, r.ring[r.next])
+	r.ring[r.next] = id
+	r.set[id] = struct{}{}
+	r.next = (r.next + 1) % recentIDsMax
+}
+
+func (r *recentIDs) has(id string) bool {
+	_, ok := r.set[id]
+	return ok
+}
+
+// keepSynced reports whether an adopted session's replay must still end in
+// synced: the replay was cut short (truncated), and the client must learn it.
+func keepSynced(f realtime.Frame) bool {
+	var m struct {
+		Truncated bool `json:"truncated"`
+	}
+	_ = json.Unmarshal(f.JSON, &m) // the hub's own frame
+	return m.Truncated
+}
