@@ -354,7 +354,7 @@ func runCluster(ctx context.Context, cfg runConfig, o *clusterOptions, r *Cluste
 		// A node's share is its CPU over the connects it served.
 		r.StormServerUSByNode = append(r.StormServerUSByNode, usPerUnit(c1[i].CPUTick-c0[i].CPUTick, served[i]))
 	}
-	cr.CPU.ServerUS = r.StormServerUS
+	cr.CPU.ServerUS, cr.CPU.Server = r.StormServerUS, pctOfCore(sumTicks(c1)-sumTicks(c0), c1[0].At.Sub(c0[0].At))
 	r.Storm = cr
 	log.Info("stormed", "per_second", int(cr.PerSecond), "errors", cr.Errors, "server_us", int(r.StormServerUS))
 	if cr.Errors == o.storm {
