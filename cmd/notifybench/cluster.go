@@ -25,6 +25,13 @@ import (
 // COUNT query (the cluster-wide session cap) and the session's history row is
 // read by the others: the ratio of server CPU per connect, many nodes over
 // one, is the cost of cluster mode, judged against maxConnectCPURatio.
+//
+// Between the two runs a control (-cluster-control) runs the same load on
+// -nodes separate single nodes (each its own schema, so none sees another):
+// the same number of processes sharing the machine, without cluster mode.
+// Cluster over control is what the cluster's queries cost; control over one
+// node is what splitting one server into several processes on one machine
+// costs.
 
 // maxConnectCPURatio is the target for server CPU per connect, cluster over
 // one node: at most 15% more.
@@ -33,6 +40,7 @@ const maxConnectCPURatio = 1.15
 // clusterOptions are the -cluster-compare flags.
 type clusterOptions struct {
 	compare    bool
+	control    bool
 	nodes      int
 	storm      int
 	idle       int
@@ -45,6 +53,7 @@ type clusterOptions struct {
 func clusterFlags() *clusterOptions {
 	o := &clusterOptions{}
 	flag.BoolVar(&o.compare, "cluster-compare", false, "instead of scenarios, run the connect storm, idle WebSocket CPU and single publishes against 1 node and then -nodes nodes on one schema (needs -spawn)")
+	flag.BoolVar(&o.control, "cluster-control", true, "cluster-compare: also run -nodes separate single nodes (own schemas, no cluster mode) as a control")
 	flag.IntVar(&o.nodes, "nodes", 3, "cluster-compare: nodes of the cluster")
 	flag.IntVar(&o.storm, "cluster-storm", 5000, "cluster-compare: WebSocket clients of the connect storm (1 unread each)")
 	flag.IntVar(&o.idle, "cluster-idle", 19000, "cluster-compare: WebSocket sessions in the idle window (the storm's plus more)")
@@ -57,9 +66,12 @@ func clusterFlags() *clusterOptions {
 // ClusterRun is what one cluster size measured. CPU figures are sums over
 // the nodes' processes; the ByNode slices are each node's share.
 type ClusterRun struct {
-	Nodes   int    `json:"nodes"`
-	LoadAvg string `json:"loadavg_at_start"`
-	Error   string `json:"error,omitempty"`
+	Nodes int `json:"nodes"`
+	// Separate nodes each have their own schema: no node sees another (the
+	// control run: as many processes, no cluster mode).
+	Separate bool   `json:"separate,omitempty"`
+	LoadAvg  string `json:"loadavg_at_start"`
+	Error    string `json:"error,omitempty"`
 
 	Storm *ConnectResult `json:"storm,omitempty"`
 	// StormServerUS is server CPU per connect, µs, summed over the nodes.
@@ -76,7 +88,7 @@ type ClusterRun struct {
 	Publish *PublishResult `json:"publish,omitempty"`
 }
 
-// ClusterCompare is the many-node run over the one-node run (0 where the
+// ClusterCompare is the cluster run over the one-node run (0 where the
 // one-node figure is missing).
 type ClusterCompare struct {
 	Nodes            int     `json:"nodes"`
@@ -88,6 +100,9 @@ type ClusterCompare struct {
 	// Pass: the connect CPU ratio is within maxConnectCPURatio and both runs
 	// were correct (no connect errors, replays exact, nothing lost).
 	Pass bool `json:"pass"`
+	// OverControl is server CPU per connect of the cluster over that of the
+	// separate nodes (0 without a control run).
+	OverControl float64 `json:"connect_server_cpu_over_control,omitempty"`
 }
 
 // ClusterReport is the output of -cluster-compare.
@@ -156,8 +171,9 @@ func clusterCorrect(r *ClusterRun) bool {
 	return p != nil && p.Expected > 0 && p.Lost == 0 && p.Gaps == 0 && p.Duplicates == 0 && p.Errors == 0
 }
 
-// compareRuns sets many's figures against one's.
-func compareRuns(one, many *ClusterRun) ClusterCompare {
+// compareRuns sets many's figures against one's, and many's server CPU per
+// connect against control's (nil: no control run).
+func compareRuns(one, control, many *ClusterRun) ClusterCompare {
 	c := ClusterCompare{Nodes: many.Nodes, IdleCPU: ratio(one.IdleCPU, many.IdleCPU),
 		ConnectServerCPU: ratio(one.StormServerUS, many.StormServerUS)}
 	if one.Storm != nil && many.Storm != nil {
@@ -168,6 +184,9 @@ func compareRuns(one, many *ClusterRun) ClusterCompare {
 	}
 	if one.Publish != nil && many.Publish != nil {
 		c.PublishRate = ratio(one.Publish.PublishedPerSec, many.Publish.PublishedPerSec)
+	}
+	if control != nil {
+		c.OverControl = ratio(control.StormServerUS, many.StormServerUS)
 	}
 	c.Pass = c.ConnectServerCPU > 0 && c.ConnectServerCPU <= maxConnectCPURatio && clusterCorrect(one) && clusterCorrect(many)
 	return c
@@ -183,21 +202,30 @@ func runClusterCompare(ctx context.Context, cfg runConfig, o *clusterOptions, co
 		return fmt.Errorf("-cluster-compare: want -nodes >= 2 and -cluster-storm > 0")
 	}
 	rep := &ClusterReport{Date: today(), Machine: machine(), Commit: commit}
-	for _, n := range []int{1, o.nodes} {
+	runs := []*ClusterRun{{Nodes: 1}}
+	if o.control {
+		runs = append(runs, &ClusterRun{Nodes: o.nodes, Separate: true})
+	}
+	runs = append(runs, &ClusterRun{Nodes: o.nodes})
+	for _, r := range runs {
 		if ctx.Err() != nil {
 			break
 		}
-		cfg.log.Info("cluster", "nodes", n)
-		r := &ClusterRun{Nodes: n, LoadAvg: loadAvg()}
+		cfg.log.Info("cluster", "nodes", r.Nodes, "separate", r.Separate)
+		r.LoadAvg = loadAvg()
 		if err := runCluster(ctx, cfg, o, r); err != nil {
 			r.Error = err.Error()
-			cfg.log.Warn("cluster run", "nodes", n, "err", err)
+			cfg.log.Warn("cluster run", "nodes", r.Nodes, "separate", r.Separate, "err", err)
 		}
 		rep.Runs = append(rep.Runs, r)
 		time.Sleep(time.Second) // let the sockets of this run leave TIME_WAIT's way a little
 	}
-	if len(rep.Runs) == 2 {
-		rep.Compare = compareRuns(rep.Runs[0], rep.Runs[1])
+	if len(rep.Runs) == len(runs) {
+		var control *ClusterRun
+		if o.control {
+			control = rep.Runs[1]
+		}
+		rep.Compare = compareRuns(rep.Runs[0], control, rep.Runs[len(runs)-1])
 	}
 	writeClusterMarkdown(os.Stdout, rep)
 	if cfg.outDir == "" {
@@ -241,12 +269,22 @@ func waitCluster(ctx context.Context, nodes []*target, want int, timeout time.Du
 	return nil
 }
 
-// waitClusterSessions waits until t counts want sessions across the cluster.
-func waitClusterSessions(ctx context.Context, t *target, want int64, timeout time.Duration) error {
+// waitClusterSessions waits until the first node counts want sessions across
+// the cluster, or, for separate nodes, their counts add up to want.
+func waitClusterSessions(ctx context.Context, nodes []*target, separate bool, want int64, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
+	if !separate {
+		nodes = nodes[:1]
+	}
 	for {
 		var st clusterStatsView
-		_, err := t.get(ctx, "/v1/stats", &st)
+		var err error
+		for _, t := range nodes {
+			var one clusterStatsView
+			_, e := t.get(ctx, "/v1/stats", &one)
+			st.Sessions += one.Sessions
+			err = errors.Join(err, e)
+		}
 		if err == nil && st.Sessions == want {
 			return nil
 		}
@@ -266,18 +304,21 @@ func readNodes(nodes []*target) []procSample {
 	return out
 }
 
-// runCluster starts r.Nodes nodes on one fresh schema and measures the storm,
-// the idle window and the publish phase against them.
+// runCluster starts r.Nodes nodes on one fresh schema (or each on its own,
+// r.Separate) and measures the storm, the idle window and the publish phase
+// against them.
 func runCluster(ctx context.Context, cfg runConfig, o *clusterOptions, r *ClusterRun) error {
 	const ping, pingTimeout = 20 * time.Second, 60 * time.Second
-	log := cfg.log.With("nodes", r.Nodes)
-	schema := "bench_" + randomHex(6)
-	if err := execSQL(ctx, cfg.baseDB, "CREATE SCHEMA "+schema); err != nil {
-		return fmt.Errorf("create schema: %w", err)
-	}
-	defer dropSchema(cfg.baseDB, schema)
-	set := serverSettings{PingInterval: ping, PingTimeout: pingTimeout, MaxSessionsPerUser: 20, Schema: schema,
+	log := cfg.log.With("nodes", r.Nodes, "separate", r.Separate)
+	set := serverSettings{PingInterval: ping, PingTimeout: pingTimeout, MaxSessionsPerUser: 20,
 		APIKey: "bench-key-" + randomHex(12), JWTSecret: "bench-secret-" + randomHex(16)}
+	if !r.Separate {
+		set.Schema = "bench_" + randomHex(6)
+		if err := execSQL(ctx, cfg.baseDB, "CREATE SCHEMA "+set.Schema); err != nil {
+			return fmt.Errorf("create schema: %w", err)
+		}
+		defer dropSchema(cfg.baseDB, set.Schema)
+	}
 	var nodes []*target
 	defer func() {
 		for _, t := range nodes {
@@ -288,7 +329,11 @@ func runCluster(ctx context.Context, cfg runConfig, o *clusterOptions, r *Cluste
 		set.NodeID = fmt.Sprintf("bench-%d-of-%d", i+1, r.Nodes)
 		logPath := ""
 		if cfg.outDir != "" {
-			logPath = filepath.Join(cfg.outDir, fmt.Sprintf("cluster-%d.node-%d.server.log", r.Nodes, i+1))
+			kind := "cluster"
+			if r.Separate {
+				kind = "separate"
+			}
+			logPath = filepath.Join(cfg.outDir, fmt.Sprintf("%s-%d.node-%d.server.log", kind, r.Nodes, i+1))
 		}
 		t, err := spawnServer(ctx, cfg.bin, cfg.baseDB, logPath, set)
 		if err != nil {
@@ -296,7 +341,7 @@ func runCluster(ctx context.Context, cfg runConfig, o *clusterOptions, r *Cluste
 		}
 		nodes = append(nodes, t)
 	}
-	if r.Nodes > 1 {
+	if r.Nodes > 1 && !r.Separate {
 		if err := waitCluster(ctx, nodes, r.Nodes, 30*time.Second); err != nil {
 			return err
 		}
@@ -321,8 +366,15 @@ func runCluster(ctx context.Context, cfg runConfig, o *clusterOptions, r *Cluste
 		sessions[i] = &session{b: benches[i%len(benches)], idx: i, user: i, userID: users[i], token: tok, tr: transportWS}
 	}
 	defer closeAll(sessions)
-	if err := storeUnread(ctx, nodes[0].DBURL, users[:o.storm], 1); err != nil {
-		return err
+	// Each node's users get their unread in its schema (one schema for a cluster).
+	for k, t := range nodes {
+		var mine []string
+		for i := k; i < o.storm; i += len(nodes) {
+			mine = append(mine, users[i])
+		}
+		if err := storeUnread(ctx, t.DBURL, mine, 1); err != nil {
+			return err
+		}
 	}
 	for _, t := range nodes {
 		_ = t.forceGC(ctx)
@@ -364,7 +416,7 @@ func runCluster(ctx context.Context, cfg runConfig, o *clusterOptions, r *Cluste
 	// The rest of the idle sessions, then the idle window.
 	rest := connectAll(ctx, sessions[o.storm:], 0, 256, func(*session) (int64, string) { return 0, "" })
 	live := int64(total - cr.Errors - rest.Errors)
-	if err := waitClusterSessions(ctx, nodes[0], live, 30*time.Second); err != nil {
+	if err := waitClusterSessions(ctx, nodes, r.Separate, live, 30*time.Second); err != nil {
 		log.Warn("cluster session count", "err", err)
 	}
 	time.Sleep(3 * time.Second)
@@ -380,7 +432,7 @@ func runCluster(ctx context.Context, cfg runConfig, o *clusterOptions, r *Cluste
 	}
 	log.Info("idle", "sessions", live, "cpu_pct", r.IdleCPU)
 
-	pr, err := clusterPublish(ctx, nodes, benches, o, users, sessions)
+	pr, err := clusterPublish(ctx, nodes, benches, r.Separate, o, users, sessions)
 	if err != nil {
 		return err
 	}
@@ -397,8 +449,9 @@ func runCluster(ctx context.Context, cfg runConfig, o *clusterOptions, r *Cluste
 // clusterPublish publishes single notifications to every online user for
 // o.publishFor, with the publishers spread over the nodes, and checks that
 // every session got every notification of its user exactly once, whichever
-// node took the publish.
-func clusterPublish(ctx context.Context, nodes []*target, benches []*bench, o *clusterOptions, users []string,
+// node took the publish. Separate nodes' publishers publish only to the
+// users of their own node (a node knows only its own schema).
+func clusterPublish(ctx context.Context, nodes []*target, benches []*bench, separate bool, o *clusterOptions, users []string,
 	sessions []*session) (*PublishResult, error) {
 	var online []string
 	var onlineIdx []int
@@ -420,9 +473,18 @@ func clusterPublish(ctx context.Context, nodes []*target, benches []*bench, o *c
 		b.lat.reset()
 		recv0 += b.received.Load()
 	}
+	// pubUsers[k] are the indexes into online that node k's publisher serves.
 	pubs := make([]*publisher, len(nodes))
-	for i, t := range nodes {
-		pubs[i] = newPublisher(t, online)
+	pubUsers := make([][]int, len(nodes))
+	for k, t := range nodes {
+		var names []string
+		for j, i := range onlineIdx {
+			if !separate || i%len(nodes) == k {
+				pubUsers[k] = append(pubUsers[k], j)
+				names = append(names, online[j])
+			}
+		}
+		pubs[k] = newPublisher(t, names)
 	}
 	workers := splitWorkers(o.publishers, len(nodes))
 	phase := startPhaseCPU(0)
@@ -445,9 +507,9 @@ func clusterPublish(ctx context.Context, nodes []*target, benches []*bench, o *c
 	}
 	committed := make([]int64, len(online))
 	var all int64
-	for _, p := range pubs {
-		for j := range committed {
-			n := p.committed[j].Load()
+	for k, p := range pubs {
+		for x, j := range pubUsers[k] {
+			n := p.committed[x].Load()
 			committed[j] += n
 			all += n
 		}
@@ -533,7 +595,14 @@ func writeClusterMarkdown(w io.Writer, rep *ClusterReport) {
 	}
 	head, rule := "| measure |", "|---|"
 	for _, r := range rep.Runs {
-		head += fmt.Sprintf(" %d node(s) |", r.Nodes)
+		switch {
+		case r.Separate:
+			head += fmt.Sprintf(" control: %d separate nodes |", r.Nodes)
+		case r.Nodes == 1:
+			head += " 1 node |"
+		default:
+			head += fmt.Sprintf(" cluster of %d nodes |", r.Nodes)
+		}
 		rule += "---|"
 	}
 	fmt.Fprintln(w, head+" ratio | target | met |")
@@ -606,9 +675,12 @@ func writeClusterMarkdown(w io.Writer, rep *ClusterReport) {
 	row("lost (by seq), duplicated, publish errors", pub(func(p *PublishResult) string {
 		return fmt.Sprintf("%d lost of %s, %d gaps, %d dups, %d errors", p.Lost, num(float64(p.Expected)), p.Gaps, p.Duplicates, p.Errors)
 	}), 0, "0", yes(clusterCorrect(r0) && clusterCorrect(rep.Runs[len(rep.Runs)-1])))
+	if c.OverControl > 0 {
+		fmt.Fprintf(w, "\nRatio: the last run over the first. Server CPU per connect, cluster over the control: %.2f.\n", c.OverControl)
+	}
 	for _, r := range rep.Runs {
 		if r.Error != "" {
-			fmt.Fprintf(w, "\n%d node(s): **error**: %s\n", r.Nodes, r.Error)
+			fmt.Fprintf(w, "\n%d node(s), separate %v: **error**: %s\n", r.Nodes, r.Separate, r.Error)
 		}
 	}
 }

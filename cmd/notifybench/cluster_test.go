@@ -55,13 +55,16 @@ func clusterRun(nodes int, serverUS, perSec, pgUS, idle, published float64) *Clu
 func TestClusterCompare(t *testing.T) {
 	one := clusterRun(1, 200, 4000, 100, 1.0, 9000)
 	many := clusterRun(3, 220, 3000, 150, 2.5, 6000)
-	c := compareRuns(one, many)
+	control := clusterRun(3, 210, 3200, 100, 2.4, 7000)
+	control.Separate = true
+	c := compareRuns(one, control, many)
 	for name, v := range map[string][2]float64{
 		"connect server CPU": {c.ConnectServerCPU, 1.1},
 		"connect rate":       {c.ConnectRate, 0.75},
 		"connect Postgres":   {c.ConnectPostgres, 1.5},
 		"idle CPU":           {c.IdleCPU, 2.5},
 		"publish rate":       {c.PublishRate, 6000.0 / 9000},
+		"over control":       {c.OverControl, 220.0 / 210},
 	} {
 		if !near(v[0], v[1]) {
 			t.Errorf("%s ratio = %v, want %v", name, v[0], v[1])
@@ -71,25 +74,26 @@ func TestClusterCompare(t *testing.T) {
 		t.Errorf("compare = %+v, want 3 nodes and pass (1.10 <= 1.15)", c)
 	}
 	var md strings.Builder
-	writeClusterMarkdown(&md, &ClusterReport{Date: "d", Machine: "m", Commit: "c", Runs: []*ClusterRun{one, many}, Compare: c})
-	for _, want := range []string{"| 1 node(s) | 3 node(s) | ratio |", "| 200 µs | 220 µs | 1.10 | ratio <= 1.15 | yes |", "| 2.50 |"} {
+	writeClusterMarkdown(&md, &ClusterReport{Date: "d", Machine: "m", Commit: "c", Runs: []*ClusterRun{one, control, many}, Compare: c})
+	for _, want := range []string{"| 1 node | control: 3 separate nodes | cluster of 3 nodes | ratio |",
+		"| 200 µs | 210 µs | 220 µs | 1.10 | ratio <= 1.15 | yes |", "| 2.50 |", "cluster over the control: 1.05."} {
 		if !strings.Contains(md.String(), want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md.String())
 		}
 	}
 
 	// Over the target: not met.
-	if c := compareRuns(one, clusterRun(3, 240, 3000, 150, 2.5, 6000)); c.Pass || !near(c.ConnectServerCPU, 1.2) {
+	if c := compareRuns(one, nil, clusterRun(3, 240, 3000, 150, 2.5, 6000)); c.Pass || !near(c.ConnectServerCPU, 1.2) {
 		t.Errorf("1.20 judged %+v, want not met", c)
 	}
 	// Within the target but a notification lost: not met.
 	lossy := clusterRun(3, 210, 3000, 150, 2.5, 6000)
 	lossy.Publish.Lost = 1
-	if c := compareRuns(one, lossy); c.Pass {
+	if c := compareRuns(one, nil, lossy); c.Pass {
 		t.Errorf("run with a lost notification judged met: %+v", c)
 	}
 	// A failed many-node run without figures: no ratios, not met.
-	if c := compareRuns(one, &ClusterRun{Nodes: 3, Error: "node 2: exited"}); c.Pass || c.ConnectServerCPU != 0 || c.ConnectRate != 0 {
+	if c := compareRuns(one, control, &ClusterRun{Nodes: 3, Error: "node 2: exited"}); c.Pass || c.ConnectServerCPU != 0 || c.ConnectRate != 0 || c.OverControl != 0 {
 		t.Errorf("failed run judged %+v", c)
 	}
 }
