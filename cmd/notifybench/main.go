@@ -13,6 +13,10 @@
 //
 // With -spawn it starts a fresh server (own schema, NOTIFY_DEV=0, a debug
 // listener for pprof) for every scenario and stops it after.
+//
+//	notifybench -spawn bin/notifyd -cluster-compare -nodes 3 -out bench-results
+//
+// compares one node with a cluster of -nodes on one schema (cluster.go).
 package main
 
 import (
