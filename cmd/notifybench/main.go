@@ -13,9 +13,14 @@
 //
 // With -spawn it starts a fresh server (own schema, NOTIFY_DEV=0, a debug
 // listener for pprof) for every scenario and stops it after.
+//
+//	notifybench -spawn bin/notifyd -cluster-compare -nodes 3 -out bench-results
+//
+// compares one node with a cluster of -nodes on one schema (cluster.go).
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -115,6 +120,7 @@ func mainErr() error {
 
 		c Scenario
 	)
+	cluster := clusterFlags()
 	flag.IntVar(&c.WS, "ws", 0, "custom: WebSocket sessions")
 	flag.IntVar(&c.SSE, "sse", 0, "custom: SSE sessions")
 	flag.IntVar(&c.Poll, "poll", 0, "custom: long-poll sessions")
@@ -185,6 +191,14 @@ func mainErr() error {
 	}
 
 	cfg := runConfig{bin: *spawn, baseDB: *baseDB, sources: loopbackSources(*sources), outDir: *outDir, pprof: *pprof, log: log}
+	if cluster.compare {
+		if cfg.outDir != "" {
+			if err := os.MkdirAll(cfg.outDir, 0o755); err != nil {
+				return err
+			}
+		}
+		return runClusterCompare(ctx, cfg, cluster, cmp.Or(*commit, gitCommit()))
+	}
 	if cfg.bin == "" {
 		if *extURL == "" || *apiKey == "" || *secret == "" {
 			return fmt.Errorf("give -spawn BIN, or -url, -api-key and -jwt-secret of a running server")

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -37,25 +38,33 @@ type target struct {
 	PID       int    // 0: no /proc figures
 
 	// set when the tool started the server itself
-	cmd    *exec.Cmd
-	schema string
-	base   string
-	exited chan error
+	cmd        *exec.Cmd
+	schema     string
+	ownsSchema bool // made the schema, so drops it at stop
+	base       string
+	exited     chan error
 }
 
 // serverSettings are the parts of the server's configuration a scenario chooses.
 type serverSettings struct {
 	PingInterval, PingTimeout time.Duration
 	MaxSessionsPerUser        int
+	// Schema, APIKey, JWTSecret and NodeID, when set, make the server a node
+	// of a cluster: it joins an existing schema (left for its maker to drop)
+	// with the cluster's secrets and its own NOTIFY_NODE_ID.
+	Schema, APIKey, JWTSecret, NodeID string
 }
 
 // spawnServer starts bin as its own process with NOTIFY_DEV=0, fresh
 // secrets, loopback listen and debug addresses and a fresh schema of the
 // database baseDB; it returns once /readyz answers 200.
 func spawnServer(ctx context.Context, bin, baseDB, logPath string, set serverSettings) (*target, error) {
-	schema := "bench_" + randomHex(6)
-	if err := execSQL(ctx, baseDB, "CREATE SCHEMA "+schema); err != nil {
-		return nil, fmt.Errorf("create schema: %w", err)
+	schema, own := set.Schema, set.Schema == ""
+	if own {
+		schema = "bench_" + randomHex(6)
+		if err := execSQL(ctx, baseDB, "CREATE SCHEMA "+schema); err != nil {
+			return nil, fmt.Errorf("create schema: %w", err)
+		}
 	}
 	dbURL, err := withSearchPath(baseDB, schema)
 	if err != nil {
@@ -69,8 +78,9 @@ func spawnServer(ctx context.Context, bin, baseDB, logPath string, set serverSet
 	if err != nil {
 		return nil, err
 	}
-	t := &target{URL: "http://" + addr, DebugURL: "http://" + debug, APIKey: "bench-key-" + randomHex(12),
-		JWTSecret: "bench-secret-" + randomHex(16), DBURL: dbURL, schema: schema, base: baseDB, exited: make(chan error, 1)}
+	t := &target{URL: "http://" + addr, DebugURL: "http://" + debug, APIKey: cmp.Or(set.APIKey, "bench-key-"+randomHex(12)),
+		JWTSecret: cmp.Or(set.JWTSecret, "bench-secret-"+randomHex(16)), DBURL: dbURL, schema: schema, ownsSchema: own,
+		base: baseDB, exited: make(chan error, 1)}
 	env := append(os.Environ(),
 		"NOTIFY_DEV=0", "NOTIFY_ADDR="+addr, "NOTIFY_DEBUG_ADDR="+debug,
 		"NOTIFY_API_KEY="+t.APIKey, "NOTIFY_JWT_SECRET="+t.JWTSecret, "DATABASE_URL="+dbURL,
@@ -78,6 +88,9 @@ func spawnServer(ctx context.Context, bin, baseDB, logPath string, set serverSet
 		"NOTIFY_PING_INTERVAL="+set.PingInterval.String(), "NOTIFY_PING_TIMEOUT="+set.PingTimeout.String(),
 		// Every client dials from loopback: the per-address and connect limits are for the open internet.
 		"NOTIFY_MAX_CONNS=0", "NOTIFY_MAX_CONNS_PER_IP=0", "NOTIFY_CONNECT_RATE_PER_USER=off", "NOTIFY_CONNECT_RATE_PER_IP=off")
+	if set.NodeID != "" {
+		env = append(env, "NOTIFY_NODE_ID="+set.NodeID)
+	}
 	if set.MaxSessionsPerUser > 0 {
 		env = append(env, "NOTIFY_MAX_SESSIONS_PER_USER="+strconv.Itoa(set.MaxSessionsPerUser))
 	}
@@ -92,7 +105,9 @@ func spawnServer(ctx context.Context, bin, baseDB, logPath string, set serverSet
 		cmd.Stdout, cmd.Stderr = f, f
 	}
 	if err := cmd.Start(); err != nil {
-		_ = execSQL(context.Background(), baseDB, "DROP SCHEMA "+schema+" CASCADE")
+		if own {
+			_ = execSQL(context.Background(), baseDB, "DROP SCHEMA "+schema+" CASCADE")
+		}
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
 	t.cmd, t.PID = cmd, cmd.Process.Pid
@@ -128,10 +143,17 @@ func (t *target) stop() {
 		_ = t.cmd.Process.Kill()
 		<-t.exited
 	}
+	t.cmd = nil
+	if t.ownsSchema {
+		dropSchema(t.base, t.schema)
+	}
+}
+
+// dropSchema drops a bench schema and everything in it.
+func dropSchema(base, schema string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	_ = execSQL(ctx, t.base, "DROP SCHEMA "+t.schema+" CASCADE")
-	t.cmd = nil
+	_ = execSQL(ctx, base, "DROP SCHEMA "+schema+" CASCADE")
 }
 
 // alive reports whether a spawned server is still running.

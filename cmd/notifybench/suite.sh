@@ -57,3 +57,10 @@ if [ "${BENCH_ECHO:-1}" = 1 ]; then
   echo "== echo floor" >&2
   "$OUT/bin/notifybench" -echo-floor -ws 19000 -ping 20s -idle 40s -out "$OUT"
 fi
+
+# Optional (BENCH_CLUSTER=1): the cost of cluster mode, 1 node and then 3 nodes on one schema in
+# one run: connect storm, idle WebSocket CPU and single publishes (about 4 minutes; $OUT/cluster.md).
+if [ "${BENCH_CLUSTER:-0}" = 1 ]; then
+  echo "== cluster mode: 1 node, then 3 nodes" >&2
+  "$OUT/bin/notifybench" -spawn "$OUT/bin/notifyd" -cluster-compare -nodes 3 -out "$OUT" -commit "$(git rev-parse --short HEAD)"
+fi
