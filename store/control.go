@@ -40,6 +40,14 @@ const (
 	ControlReplace
 	// ControlTouch: the sessions in IDs were heard from (through another node).
 	ControlTouch
+	// ControlMoved: the client of long-poll Session (of User) polls another
+	// node, as session To, and holds everything up to Cursor; the node holding
+	// Session drops its copy without a bye.
+	ControlMoved
+	// ControlEnd: the node holding Session (an adopted long-poll session of
+	// User) ends it for Reason, which the session it was adopted from had
+	// ended with before its bye reached the client (kicked, heartbeat_timeout, ...).
+	ControlEnd
 )
 
 // ControlMessage is one line of the control channel.
@@ -51,6 +59,9 @@ type ControlMessage struct {
 	IDs            []string
 	FromSeq, ToSeq int64
 	FromUS, ToUS   int64
+	To             string // ControlMoved: the session id on the adopting node
+	Cursor         int64  // ControlMoved: the client holds everything up to it
+	Reason         string // ControlEnd
 }
 
 // The wire form, one message per line, fields separated by tabs, the user id (which an
@@ -61,12 +72,15 @@ type ControlMessage struct {
 //	kick<TAB>session<TAB>user
 //	replace<TAB>session<TAB>user
 //	touch<TAB>session,session,…
+//	moved<TAB>session<TAB>to<TAB>cursor<TAB>user
+//	end<TAB>session<TAB>reason<TAB>user
 var controlFields = map[string]struct {
 	kind ControlKind
 	n    int // fields after the type, the user included
 }{
 	"read": {ControlRead, 3}, "readrange": {ControlReadRange, 6},
 	"kick": {ControlKick, 2}, "replace": {ControlReplace, 2}, "touch": {ControlTouch, 1},
+	"moved": {ControlMoved, 4}, "end": {ControlEnd, 3},
 }
 
 // ParseControl parses a control payload: lines separated by newlines, empty
@@ -127,6 +141,19 @@ func parseControlLine(line string) (ControlMessage, error) {
 		}
 	case ControlTouch:
 		m.IDs = splitList(f[0])
+	case ControlMoved:
+		m.Session, m.To, m.Cursor, m.User = f[0], f[1], num(f[2]), f[3]
+		if err == nil && (m.Session == "" || m.To == "") {
+			err = fmt.Errorf("moved: no session")
+		}
+		if err == nil && m.Cursor < 0 {
+			err = fmt.Errorf("moved: negative cursor")
+		}
+	case ControlEnd:
+		m.Session, m.Reason, m.User = f[0], f[1], f[2]
+		if m.Session == "" || m.Reason == "" {
+			err = fmt.Errorf("end: no session or reason")
+		}
 	}
 	if err == nil && m.Unread < 0 {
 		err = fmt.Errorf("%s: negative unread count", typ)
@@ -145,7 +172,8 @@ func splitList(s string) []string {
 }
 
 // appendLine appends m's wire form. Session ids and user ids must hold no
-// newline, session ids no tab or comma (the hub's ids are base64url).
+// newline, session ids no tab or comma (the hub's ids are base64url), a
+// move's reason no tab.
 func (m ControlMessage) appendLine(b []byte) []byte {
 	switch m.Kind {
 	case ControlKick, ControlReplace:
@@ -173,6 +201,22 @@ func (m ControlMessage) appendLine(b []byte) []byte {
 			b = strconv.AppendInt(b, v, 10)
 			b = append(b, '\t')
 		}
+		b = append(b, m.User...)
+	case ControlMoved:
+		b = append(b, "moved\t"...)
+		b = append(b, m.Session...)
+		b = append(b, '\t')
+		b = append(b, m.To...)
+		b = append(b, '\t')
+		b = strconv.AppendInt(b, m.Cursor, 10)
+		b = append(b, '\t')
+		b = append(b, m.User...)
+	case ControlEnd:
+		b = append(b, "end\t"...)
+		b = append(b, m.Session...)
+		b = append(b, '\t')
+		b = append(b, m.Reason...)
+		b = append(b, '\t')
 		b = append(b, m.User...)
 	}
 	return b
@@ -310,6 +354,20 @@ func (c *Control) Replace(ctx context.Context, id, user string) (bool, error) {
 		return false, DBError("store: replace session", err)
 	}
 	return n > 0, nil
+}
+
+// Move tells every node of a long-poll move: m is a ControlMoved or a
+// ControlEnd. Only the node that holds m.Session acts; the rest ignore it.
+// A move that a node misses (its listener was reconnecting) is lost, and
+// then the session it names ends on that node at its heartbeat timeout.
+func (c *Control) Move(ctx context.Context, m ControlMessage) error {
+	if m.Kind != ControlMoved && m.Kind != ControlEnd {
+		return fmt.Errorf("store: send move: kind %d is no move", m.Kind)
+	}
+	if strings.ContainsAny(m.Session+m.To+m.Reason, "\t\n") || strings.Contains(m.User, "\n") {
+		return fmt.Errorf("store: send move: session or user holds a separator")
+	}
+	return c.send(ctx, []ControlMessage{m})
 }
 
 // Touch queues a sign of life for session id, for the node holding it. It

@@ -95,6 +95,39 @@ func TestControlParseFormatRoundTrip(t *testing.T) {
 	}
 }
 
+// The long-poll moves' wire form: every move survives its payload, and
+// malformed lines are refused.
+func TestControlParseMoves(t *testing.T) {
+	t.Parallel()
+	for _, m := range []store.ControlMessage{
+		{Kind: store.ControlMoved, Session: "abc", To: "def", Cursor: 42, User: "u\twith tab"},
+		{Kind: store.ControlEnd, Session: "def", Reason: "kicked", User: "u"},
+	} {
+		payloads := store.FormatControl([]store.ControlMessage{m})
+		if len(payloads) != 1 {
+			t.Fatalf("payloads of %+v: %q", m, payloads)
+		}
+		got, err := store.ParseControl(payloads[0])
+		if err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], m) {
+			t.Errorf("round trip of %+v: %+v, %v", m, got, err)
+		}
+	}
+	// None is taken for a move; those that name one are malformed.
+	for _, bad := range []string{"", "moved", "moved\tabc\tdef\tx\tu", "moved\tabc\tdef\t-1\tu", "end\tabc\t\tu", "kick\tabc\tu", "moved\t\tdef\t1\tu"} {
+		got, err := store.ParseControl(bad)
+		for _, m := range got {
+			if m.Kind == store.ControlMoved || m.Kind == store.ControlEnd {
+				t.Errorf("ParseControl(%q) accepted the move %+v", bad, m)
+			}
+		}
+		if strings.HasPrefix(bad, "moved") || strings.HasPrefix(bad, "end") {
+			if err == nil {
+				t.Errorf("ParseControl(%q): no error", bad)
+			}
+		}
+	}
+}
+
 // FuzzParseControl: any payload parses without panicking; what parses
 // formats back to a payload that parses to the same messages.
 func FuzzParseControl(f *testing.F) {
@@ -102,6 +135,7 @@ func FuzzParseControl(f *testing.F) {
 		"read\t3\ta,b\tuser", "read\t0\t\tu\tv", "readrange\t1\t1\t9\t5\t6\tu",
 		"kick\ts\tu", "replace\ts\tu", "touch\ta,b,c", "touch\t", "kick\t\tu",
 		"read\t-1\ta\tu", "bogus", "\n\n", "read\t1\ta",
+		"moved\tabc\tdef\t1\tu", "end\tabc\tkicked\tu",
 	} {
 		f.Add(seed)
 	}
@@ -133,6 +167,38 @@ func FuzzParseControl(f *testing.F) {
 			t.Fatalf("round trip of %q: %+v, want %+v", p, back, clean)
 		}
 	})
+}
+
+// TestControlMove: a move sent through store.Control reaches the listener's
+// control hook as it was sent; one holding a separator, or no move at all,
+// is refused before it is sent.
+func TestControlMove(t *testing.T) {
+	t.Parallel()
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	_, cl := listenControl(t, s)
+	c := s.NewControl(testLog())
+	for _, bad := range []store.ControlMessage{
+		{Kind: store.ControlMoved, Session: "a\tb", To: "c", User: "u"},
+		{Kind: store.ControlEnd, Session: "a", Reason: "kicked", User: "u\nv"},
+		{Kind: store.ControlKick, Session: "a", User: "u"},
+	} {
+		if err := c.Move(ctx, bad); err == nil {
+			t.Fatalf("move %+v sent", bad)
+		}
+	}
+	want := []store.ControlMessage{
+		{Kind: store.ControlMoved, Session: "old", To: "new", Cursor: 7, User: "u\twith tab"},
+		{Kind: store.ControlEnd, Session: "new", Reason: "kicked", User: "u\twith tab"},
+	}
+	for _, m := range want {
+		if err := c.Move(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := cl.wait(t, 2); !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v\nwant %+v", got, want)
+	}
 }
 
 // TestReadTriggerSQLUpdate: an application's own UPDATE of read_at, in its
