@@ -18,7 +18,7 @@ import (
 // notifications above the poll's cursor into it without hello (the client
 // had one) and without synced (unless the replay was cut short), answers with
 // the new session id, which the client polls with from then on, and tells the
-// other nodes through Postgres (store.SendMove) that the old id moved. The
+// other nodes through the control channel (store.Control.Move) that the old id moved. The
 // node that held it acknowledges up to the cursor and ends it without a bye
 // (reasonMoved); if it had ended already and its bye had not reached the
 // client (kicked, heartbeat_timeout), it sends that reason back, and the
@@ -31,19 +31,21 @@ const reasonMoved realtime.Reason = "moved"
 // moveTimeout bounds the NOTIFY telling the other nodes of a move.
 const moveTimeout = 2 * time.Second
 
-// Moves carries long-poll moves between the nodes of a cluster: Send tells
-// the others, and Received (called by the node's listener of the moves
-// channel) hands a move another node sent to the long-poll transport.
+// Moves carries long-poll moves (store.ControlMoved, store.ControlEnd)
+// between the nodes of a cluster: Send tells the others, and Received
+// (realtime.Control.OnMove, called for the moves of the control channel)
+// hands a move another node sent to the long-poll transport.
 type Moves struct {
-	// Send tells every node that a session moved here (store.Store.SendMove).
-	Send func(ctx context.Context, m store.Move) error
+	// Send tells every node of a move (store.Control.Move).
+	Send func(ctx context.Context, m store.ControlMessage) error
 
 	mu     sync.Mutex
-	onMove func(store.Move)
+	onMove func(store.ControlMessage)
 }
 
-// Received applies a move another node sent; before the router exists it is dropped.
-func (mv *Moves) Received(m store.Move) {
+// Received applies a move another node sent; before the router exists it is
+// dropped. It does not block: it is called from the listener's goroutine.
+func (mv *Moves) Received(m store.ControlMessage) {
 	mv.mu.Lock()
 	on := mv.onMove
 	mv.mu.Unlock()
@@ -53,7 +55,7 @@ func (mv *Moves) Received(m store.Move) {
 }
 
 // attach makes on the receiver of moves.
-func (mv *Moves) attach(on func(store.Move)) {
+func (mv *Moves) attach(on func(store.ControlMessage)) {
 	mv.mu.Lock()
 	mv.onMove = on
 	mv.mu.Unlock()
@@ -119,7 +121,7 @@ func (p *pollTransport) adopt(r *http.Request, cr connectRequest) (*longPoll, er
 	p.track(lp)
 	ctx, cancel := context.WithTimeout(r.Context(), moveTimeout)
 	defer cancel()
-	if err := a.Moves.Send(ctx, store.Move{Kind: store.MoveMoved, Session: from, To: s.ID, User: cr.id.User, Cursor: cr.cursor}); err != nil {
+	if err := a.Moves.Send(ctx, store.ControlMessage{Kind: store.ControlMoved, Session: from, To: s.ID, User: cr.id.User, Cursor: cr.cursor}); err != nil {
 		// The old copy then ends at its heartbeat timeout; until then presence lists both.
 		a.Log.Warn("long-poll move: could not tell the other nodes", "from", from, "session", s.ID, "err", err)
 	}
@@ -135,7 +137,11 @@ func (p *pollTransport) adopt(r *http.Request, cr connectRequest) (*longPoll, er
 // back (end), for the adopting node to end its session with.
 //
 // end: the adopted session is ended for the reason its old copy ended with.
-func (p *pollTransport) onMove(m store.Move) {
+//
+// It runs on the listener's goroutine, which delivers every commit: the end
+// it sends back goes out from a goroutine of its own (bounded by
+// moveTimeout), so no round trip holds the listener up.
+func (p *pollTransport) onMove(m store.ControlMessage) {
 	p.mu.Lock()
 	st := p.states[m.Session]
 	p.mu.Unlock()
@@ -143,11 +149,11 @@ func (p *pollTransport) onMove(m store.Move) {
 		return
 	}
 	switch m.Kind {
-	case store.MoveEnd:
+	case store.ControlEnd:
 		if reason := realtime.Reason(m.Reason); reason.SendsBye() {
 			p.api.Hub.End(st.s, reason)
 		}
-	case store.MoveMoved:
+	case store.ControlMoved:
 		if cur, ok := p.api.Hub.Session(m.Session); ok && cur == st.s {
 			st.mu.Lock()
 			st.ackLocked(m.Cursor)
@@ -159,12 +165,14 @@ func (p *pollTransport) onMove(m store.Move) {
 			return
 		}
 		p.forget(st)
-		ctx, cancel := context.WithTimeout(context.Background(), moveTimeout)
-		defer cancel()
-		end := store.Move{Kind: store.MoveEnd, Session: m.To, Reason: string(st.s.Reason()), User: m.User}
-		if err := p.api.Moves.Send(ctx, end); err != nil {
-			p.api.Log.Warn("long-poll move: could not pass the bye on", "session", m.Session, "to", m.To, "err", err)
-		}
+		end := store.ControlMessage{Kind: store.ControlEnd, Session: m.To, Reason: string(st.s.Reason()), User: m.User}
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), moveTimeout)
+			defer cancel()
+			if err := p.api.Moves.Send(ctx, end); err != nil {
+				p.api.Log.Warn("long-poll move: could not pass the bye on", "session", m.Session, "to", m.To, "err", err)
+			}
+		}()
 	}
 }
 

@@ -194,9 +194,14 @@ func (m *Main) Start(ctx context.Context) error {
 	// Control across nodes (store/control.go, handlers/realtime/control.go):
 	// reads (the read trigger's NOTIFYs), kicks, replaces and touches of the
 	// control channel are applied to this node's sessions; reads go through
-	// the dispatcher's queue to keep their commit order.
+	// the dispatcher's queue to keep their commit order. Long-poll moves
+	// (handlers/pollmove.go) travel on the same channel and go to the
+	// long-poll transport.
 	control := st.NewControl(log)
-	listener.OnControl = realtime.NewControl(m.hub, dispatcher, st, log).Apply
+	moves := &handlers.Moves{Send: control.Move}
+	applier := realtime.NewControl(m.hub, dispatcher, st, log)
+	applier.OnMove = moves.Received
+	listener.OnControl = applier.Apply
 	m.goBackground(func() {
 		_ = listener.Run(bg, func() { close(ready) }, dispatcher.Changes, dispatcher.CatchUp)
 	})
@@ -218,8 +223,6 @@ func (m *Main) Start(ctx context.Context) error {
 	m.goBackground(func() { m.hub.Run(bg) })
 	m.goBackground(func() { m.recorder.Run(bg) })
 	m.startRetention(ctx, bg)
-	moves := &handlers.Moves{Send: st.SendMove}
-	m.goBackground(func() { st.ListenMoves(bg, log, moves.Received) })
 
 	static := m.Static
 	if static == nil {

@@ -23,8 +23,14 @@ type ReadResolver interface {
 //     with the notifications around it;
 //   - kick and replace: the local session with that id and user ends with
 //     `bye kicked` or `bye replaced`; a node that does not hold it does nothing;
-//   - touch: the local sessions named are refreshed (Hub.Touch).
+//   - touch: the local sessions named are refreshed (Hub.Touch);
+//   - moved and end: handed to OnMove (the long-poll transport's).
 type Control struct {
+	// OnMove, when set before the listener runs, receives the long-poll moves
+	// (store.ControlMoved, store.ControlEnd), from the listener's goroutine in
+	// arrival order; it must not block. Nil drops them.
+	OnMove func(store.ControlMessage)
+
 	hub      *Hub
 	dispatch *Dispatcher
 	resolve  ReadResolver
@@ -57,6 +63,10 @@ func (c *Control) Apply(msgs []store.ControlMessage) {
 				if s, ok := c.hub.tracker.Get(id); ok {
 					c.hub.Touch(s)
 				}
+			}
+		case store.ControlMoved, store.ControlEnd:
+			if c.OnMove != nil {
+				c.OnMove(m)
 			}
 		}
 	}

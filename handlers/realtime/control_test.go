@@ -125,6 +125,27 @@ func TestControlEndsAndTouchesLocalSessions(t *testing.T) {
 	}
 }
 
+// TestControlHandsMovesOn: moved and end go to OnMove, in their order, and
+// end no local session themselves; without OnMove they are dropped.
+func TestControlHandsMovesOn(t *testing.T) {
+	h, s, _ := annOnline(t)
+	c := NewControl(h, NewDispatcher(h, &countingSource{}, nil, 100), nil, nil)
+	moves := []store.ControlMessage{
+		{Kind: store.ControlMoved, Session: s.ID, To: "new", Cursor: 3, User: "ann"},
+		{Kind: store.ControlEnd, Session: s.ID, Reason: "kicked", User: "ann"},
+	}
+	c.Apply(moves) // no OnMove: dropped
+	var got []store.ControlMessage
+	c.OnMove = func(m store.ControlMessage) { got = append(got, m) }
+	c.Apply(append([]store.ControlMessage{{Kind: store.ControlTouch, IDs: []string{s.ID}}}, moves...))
+	if len(got) != 2 || got[0].Kind != store.ControlMoved || got[0].To != "new" || got[1].Kind != store.ControlEnd || got[1].Reason != "kicked" {
+		t.Fatalf("OnMove got %+v", got)
+	}
+	if s.isClosed() {
+		t.Fatalf("a move ended the session itself: %q", s.Reason())
+	}
+}
+
 // TestExpectReadWaitsForTheNotify: a read awaited by this node is applied
 // even when the user has no session here (one may connect meanwhile), and
 // Wait returns once a read naming the id has been applied.
