@@ -87,23 +87,7 @@ var controlFields = map[string]struct {
 // ones skipped. It returns every well-formed message, and an error naming the
 // malformed lines if there were any.
 func ParseControl(p string) ([]ControlMessage, error) {
-	var out []ControlMessage
-	var errs []error
-	for i, line := range strings.Split(p, "\n") {
-		if line == "" {
-			continue
-		}
-		m, err := parseControlLine(line)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("line %d: %w", i+1, err))
-			continue
-		}
-		out = append(out, m)
-	}
-	if len(errs) > 0 {
-		return out, fmt.Errorf("store: parse control payload: %w", errors.Join(errs...))
-	}
-	return out, nil
+	return parseLines(p, "control payload", parseControlLine)
 }
 
 func parseControlLine(line string) (ControlMessage, error) {

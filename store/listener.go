@@ -166,23 +166,31 @@ func (l *Listener) listen(ctx context.Context, conn *pgx.Conn, onCommit func([]S
 // numbers are taken from the end of the line), each the range of seqs one commit gave a user.
 // Empty lines are skipped. It returns every well-formed range, and an error naming the malformed lines if there were any.
 func ParsePayload(p string) ([]SeqRange, error) {
-	var ranges []SeqRange
+	return parseLines(p, "payload", parseLine)
+}
+
+// parseLines parses the newline-separated lines of a NOTIFY payload with
+// parse, skipping empty ones. It returns every well-formed line's value, and
+// an error naming the malformed lines (what names the payload) if there were
+// any.
+func parseLines[T any](p, what string, parse func(string) (T, error)) ([]T, error) {
+	var out []T
 	var errs []error
 	for i, line := range strings.Split(p, "\n") {
 		if line == "" {
 			continue
 		}
-		c, err := parseLine(line)
+		v, err := parse(line)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("line %d: %w", i+1, err))
 			continue
 		}
-		ranges = append(ranges, c)
+		out = append(out, v)
 	}
 	if len(errs) > 0 {
-		return ranges, fmt.Errorf("store: parse payload: %w", errors.Join(errs...))
+		return out, fmt.Errorf("store: parse %s: %w", what, errors.Join(errs...))
 	}
-	return ranges, nil
+	return out, nil
 }
 
 func parseLine(line string) (SeqRange, error) {
