@@ -6,7 +6,8 @@
 #
 #   OUT=/tmp/notifyd-bench BENCH_SCENARIOS=default BENCH_PPROF=1 cmd/notifybench/suite.sh
 #
-# Results: $OUT/results.md (the table for the README), $OUT/results.json,
+# Results: $OUT/results.md (the scenario table, the floors and the table of
+# issue 16's targets, each a ratio to a floor of the same run), $OUT/results.json, $OUT/goals.json,
 # $OUT/gobench.txt, $OUT/echo-floor.md (the bare server's floors), server logs, and with BENCH_PPROF=1 CPU and heap profiles
 # in $OUT/pprof (read them with `go tool pprof $OUT/bin/notifyd FILE`).
 set -euo pipefail
@@ -18,6 +19,11 @@ GOBENCH=${BENCH_GO:-1}
 export NOTIFYD_TEST_DATABASE_URL=${NOTIFYD_TEST_DATABASE_URL:-postgres://127.0.0.1:5432/test?sslmode=disable}
 
 mkdir -p "$OUT/bin"
+# The single-publish rate target is a ratio to an earlier run: BENCH_BASELINE
+# names its results.json; by default the previous run in $OUT.
+if [ -f "$OUT/results.json" ]; then mv "$OUT/results.json" "$OUT/previous-results.json"; fi
+rm -f "$OUT/echo-floor.json"
+BASELINE=${BENCH_BASELINE:-$OUT/previous-results.json}
 .ci/pg-up
 $GO build -o "$OUT/bin/" ./cmd/notifyd ./cmd/notifybench
 
@@ -57,3 +63,10 @@ if [ "${BENCH_ECHO:-1}" = 1 ]; then
   echo "== echo floor" >&2
   "$OUT/bin/notifybench" -echo-floor -ws 19000 -ping 20s -idle 40s -out "$OUT"
 fi
+
+# One table: every target of issue 16 beside the floor it is a ratio of.
+echo "== targets" >&2
+baseline=()
+if [ -n "${BENCH_BASELINE_RATE:-}" ]; then baseline=(-baseline-rate "$BENCH_BASELINE_RATE")
+elif [ -f "$BASELINE" ]; then baseline=(-baseline "$BASELINE"); fi
+"$OUT/bin/notifybench" -goals -out "$OUT" "${baseline[@]}"
