@@ -352,17 +352,17 @@ func postgresTicks() int64 {
 // throughput ceiling comes from.
 type phaseCPU struct {
 	// LoadAvg is the load average when a scenario started.
-	LoadAvg  string  `json:"loadavg_at_start,omitempty"`
-	Machine  float64 `json:"machine_pct"`
-	Server   float64 `json:"server_pct"`
+	LoadAvg string  `json:"loadavg_at_start,omitempty"`
+	Machine float64 `json:"machine_pct"`
+	Server  float64 `json:"server_pct"`
 	// Postgres is the backends serving the server and the tool (pgcpu.go);
 	// PostgresAll every Postgres process of the machine, other clients' too.
 	Postgres    float64 `json:"postgres_pct"`
 	PostgresAll float64 `json:"postgres_all_pct"`
 	Bench       float64 `json:"bench_pct"`
 	// Per unit, in µs of CPU (zero when no units were given).
-	MachineUS  float64 `json:"machine_us_per_unit,omitempty"`
-	ServerUS   float64 `json:"server_us_per_unit,omitempty"`
+	MachineUS     float64 `json:"machine_us_per_unit,omitempty"`
+	ServerUS      float64 `json:"server_us_per_unit,omitempty"`
 	PostgresUS    float64 `json:"postgres_us_per_unit,omitempty"`
 	PostgresAllUS float64 `json:"postgres_all_us_per_unit,omitempty"`
 	BenchUS       float64 `json:"bench_us_per_unit,omitempty"`
