@@ -19,8 +19,11 @@ GOBENCH=${BENCH_GO:-1}
 export NOTIFYD_TEST_DATABASE_URL=${NOTIFYD_TEST_DATABASE_URL:-postgres://127.0.0.1:5432/test?sslmode=disable}
 
 mkdir -p "$OUT/bin"
-# The single-publish rate target is a ratio to an earlier run: BENCH_BASELINE
-# names its results.json; by default the previous run in $OUT.
+# The single-publish rate target is a ratio to a baseline: with
+# BENCH_BASELINE_BIN (a notifyd binary of the commit to compare with) the
+# publish-single scenario runs against it in this run, before the others;
+# else BENCH_BASELINE names an earlier results.json, by default the previous
+# run in $OUT; BENCH_BASELINE_RATE gives the rate as a number.
 if [ -f "$OUT/results.json" ]; then mv "$OUT/results.json" "$OUT/previous-results.json"; fi
 rm -f "$OUT/echo-floor.json"
 BASELINE=${BENCH_BASELINE:-$OUT/previous-results.json}
@@ -51,6 +54,12 @@ fi
 
 pprof=()
 if [ "${BENCH_PPROF:-0}" = 1 ]; then pprof=(-pprof); fi
+if [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+  echo "== baseline: publish-single against $BENCH_BASELINE_BIN" >&2
+  "$OUT/bin/notifybench" -spawn "$BENCH_BASELINE_BIN" -scenarios publish-single -out "$OUT/baseline" \
+    -commit "baseline $BENCH_BASELINE_BIN" >/dev/null
+  BASELINE=$OUT/baseline/results.json
+fi
 echo "== notifybench scenarios: $SCENARIOS" >&2
 "$OUT/bin/notifybench" -spawn "$OUT/bin/notifyd" -scenarios "$SCENARIOS" -out "$OUT" \
   -commit "$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')" \
