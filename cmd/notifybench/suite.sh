@@ -48,7 +48,8 @@ if [ "$GOBENCH" = 1 ]; then
     # else the machine does (report the median).
     { $GO test -run '^$' -bench 'Sweep' -benchtime 30x -benchmem -count=3 -timeout 10m ./handlers/realtime
       $GO test -run '^$' -bench . -benchtime 20x -benchmem -count=1 -timeout 10m ./store
-      $GO test -run '^$' -bench 'AuthClientConnect' -benchmem -count=3 -timeout 10m ./handlers; } | tee "$OUT/gobench.txt"
+      $GO test -run '^$' -bench 'AuthClientConnect' -benchmem -count=3 -timeout 10m ./handlers; } | tee "$OUT/gobench.txt" ||
+      echo "== a Go benchmark failed (see $OUT/gobench.txt); the scenarios run anyway" >&2
   fi
 fi
 
