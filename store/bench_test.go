@@ -13,17 +13,23 @@ import (
 func BenchmarkPublishOne(b *testing.B) {
 	s := storetest.New(b)
 	ctx := testCtx(b)
+	users := make([]string, 1000)
+	for i := range users {
+		users[i] = fmt.Sprintf("user-%d", i)
+	}
 	b.SetParallelism(16) // 16 x GOMAXPROCS callers
 	b.ResetTimer()
+	cpu := processCPU(b)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if _, err := s.PublishOne(ctx, note(fmt.Sprintf("user-%d", rand.IntN(1000)))); err != nil {
+			if _, err := s.PublishOne(ctx, note(users[rand.IntN(len(users))])); err != nil {
 				b.Error(err)
 				return
 			}
 		}
 	})
 	b.StopTimer()
+	reportGoCPU(b, cpu, b.N)
 	st := s.Stats()
 	b.ReportMetric(float64(st.PublishOneCalls)/float64(max(st.PublishOneGroups, 1)), "calls/tx")
 }
@@ -33,15 +39,21 @@ func BenchmarkPublishBatch1000(b *testing.B) {
 	s := storetest.New(b)
 	ctx := testCtx(b)
 	ns := make([]store.NewNotification, 1000)
+	users := make([]string, 10000)
+	for i := range users {
+		users[i] = fmt.Sprintf("user-%d", i)
+	}
 	b.ResetTimer()
+	cpu := processCPU(b)
 	for b.Loop() {
 		for i := range ns {
-			ns[i] = note(fmt.Sprintf("user-%d", rand.IntN(10000)))
+			ns[i] = note(users[rand.IntN(len(users))])
 		}
 		if _, err := s.Publish(ctx, ns); err != nil {
 			b.Fatal(err)
 		}
 	}
+	reportGoCPU(b, cpu, b.N*len(ns))
 	b.ReportMetric(float64(b.N)*1000/b.Elapsed().Seconds(), "rows/s")
 }
 

@@ -59,9 +59,9 @@ type Published struct {
 	Duplicate bool
 }
 
-// validate returns what is wrong with n as an EINVALID error, prefix starting its message;
-// checkData says whether to check its data too.
-func validate(n *NewNotification, checkData bool, prefix string) error {
+// validate returns what is wrong with n as an EINVALID error, its message starting with
+// "notification <at>: " when at >= 0; checkData says whether to check its data too.
+func validate(n *NewNotification, checkData bool, at int) error {
 	var msg string
 	switch {
 	case n.UserID == "":
@@ -73,7 +73,10 @@ func validate(n *NewNotification, checkData bool, prefix string) error {
 	default:
 		return nil
 	}
-	return Errorf(EINVALID, prefix+msg)
+	if at >= 0 {
+		msg = fmt.Sprintf("notification %d: %s", at, msg)
+	}
+	return Errorf(EINVALID, msg)
 }
 
 // publishSQL stores a batch in one statement (so one transaction and one NOTIFY). Rows whose
@@ -155,10 +158,16 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 	for i := range ns {
 		// Data shared with the row before (a fan-out) was checked with it.
 		shared := i > 0 && sameData(ns[i].Data, ns[i-1].Data)
-		if err := validate(&ns[i], !shared, fmt.Sprintf("notification %d: ", i)); err != nil {
+		if err := validate(&ns[i], !shared, i); err != nil {
 			return nil, err
 		}
 	}
+	return s.publish(ctx, ns)
+}
+
+// publish is Publish for notifications that passed validate (PublishOne's, checked as each
+// call came in).
+func (s *Store) publish(ctx context.Context, ns []NewNotification) ([]Published, error) {
 
 	// Sort by user (byte order, stable), drop in-batch repeats of an idempotency key.
 	order := make([]int, len(ns))
@@ -168,8 +177,10 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(ns[a].UserID, ns[b].UserID) })
 
 	type ukey struct{ user, key string }
-	firstOf := map[ukey]int{}
-	alias := map[int]int{} // input index -> input index of the first row with its key
+	var (
+		firstOf map[ukey]int // made for the first keyed row
+		alias   map[int]int  // input index -> input index of the first row with its key
+	)
 	var (
 		sent    []int // input indexes sent, in insertion order
 		ids     = make([]string, 0, len(ns))
@@ -187,8 +198,14 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 		if n.IdempotencyKey != "" {
 			k := ukey{n.UserID, n.IdempotencyKey}
 			if first, ok := firstOf[k]; ok {
+				if alias == nil {
+					alias = map[int]int{}
+				}
 				alias[i] = first
 				continue
+			}
+			if firstOf == nil {
+				firstOf = map[ukey]int{}
 			}
 			firstOf[k] = i
 			key = &n.IdempotencyKey
@@ -349,7 +366,7 @@ type pubRes struct {
 // request never fails its neighbours. ctx bounds the caller's wait; if it ends after the
 // request was handed to a group, the notification may still be stored.
 func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, error) {
-	if err := validate(&n, true, ""); err != nil {
+	if err := validate(&n, true, -1); err != nil {
 		return Published{}, err
 	}
 	r := &pubReq{ctx: ctx, n: n, res: make(chan pubRes, 1)}
@@ -461,7 +478,7 @@ func (s *Store) storeGroup(group []*pubReq) {
 	for i, r := range live {
 		ns[i] = r.n
 	}
-	ps, err := s.Publish(ctx, ns)
+	ps, err := s.publish(ctx, ns)
 	if err == nil {
 		for i, r := range live {
 			r.res <- pubRes{p: ps[i]}
@@ -473,7 +490,7 @@ func (s *Store) storeGroup(group []*pubReq) {
 		return
 	}
 	for _, r := range live {
-		ps, err := s.Publish(ctx, []NewNotification{r.n})
+		ps, err := s.publish(ctx, []NewNotification{r.n})
 		if err != nil {
 			r.res <- pubRes{err: err}
 			continue

@@ -37,7 +37,7 @@ func BenchmarkRecorderQueue(b *testing.B) {
 			r.mu.Lock()
 			n := min(r.opt.MaxBatch, len(r.q))
 			chunk := r.q[:n:n]
-			r.q = nil
+			r.q, r.qAcks = nil, 0
 			r.mu.Unlock()
 			if got := consumeBoxed(chunk); got != batch {
 				b.Fatalf("%d records taken, want %d", got, batch)

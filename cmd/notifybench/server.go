@@ -374,19 +374,24 @@ func postgresTicks() int64 {
 // throughput ceiling comes from.
 type phaseCPU struct {
 	// LoadAvg is the load average when a scenario started.
-	LoadAvg  string  `json:"loadavg_at_start,omitempty"`
-	Machine  float64 `json:"machine_pct"`
-	Server   float64 `json:"server_pct"`
-	Postgres float64 `json:"postgres_pct"`
-	Bench    float64 `json:"bench_pct"`
+	LoadAvg string  `json:"loadavg_at_start,omitempty"`
+	Machine float64 `json:"machine_pct"`
+	Server  float64 `json:"server_pct"`
+	// Postgres is the backends serving the server and the tool (pgcpu.go);
+	// PostgresAll every Postgres process of the machine, other clients' too.
+	Postgres    float64 `json:"postgres_pct"`
+	PostgresAll float64 `json:"postgres_all_pct"`
+	Bench       float64 `json:"bench_pct"`
 	// Per unit, in µs of CPU (zero when no units were given).
-	MachineUS  float64 `json:"machine_us_per_unit,omitempty"`
-	ServerUS   float64 `json:"server_us_per_unit,omitempty"`
-	PostgresUS float64 `json:"postgres_us_per_unit,omitempty"`
-	BenchUS    float64 `json:"bench_us_per_unit,omitempty"`
+	MachineUS     float64 `json:"machine_us_per_unit,omitempty"`
+	ServerUS      float64 `json:"server_us_per_unit,omitempty"`
+	PostgresUS    float64 `json:"postgres_us_per_unit,omitempty"`
+	PostgresAllUS float64 `json:"postgres_all_us_per_unit,omitempty"`
+	BenchUS       float64 `json:"bench_us_per_unit,omitempty"`
 
 	at               time.Time
 	busy, total, pg  int64
+	backends         map[int]int64
 	server, bench    procSample
 	serverPID, cores int
 }
@@ -395,6 +400,7 @@ func startPhaseCPU(serverPID int) *phaseCPU {
 	c := &phaseCPU{at: time.Now(), serverPID: serverPID, cores: runtime.NumCPU()}
 	c.busy, c.total = machineCPU()
 	c.pg = postgresTicks()
+	c.backends = backendTicks(ownBackends(serverPID, os.Getpid()))
 	if serverPID > 0 {
 		c.server, _ = readProc(serverPID)
 	}
@@ -419,7 +425,9 @@ func (c *phaseCPU) finish(units int64) {
 	if total > c.total {
 		c.Machine = float64(busy-c.busy) / float64(total-c.total) * 100 * float64(c.cores)
 	}
-	c.Postgres = float64(postgresTicks()-c.pg) / clockTick / secs * 100
+	c.PostgresAll = float64(postgresTicks()-c.pg) / clockTick / secs * 100
+	own := backendTicks(ownBackends(c.serverPID, os.Getpid()))
+	c.Postgres = float64(ticksSince(c.backends, own)) / clockTick / secs * 100
 	if c.serverPID > 0 {
 		if s, err := readProc(c.serverPID); err == nil {
 			c.Server = cpuPercent(c.server, s)
@@ -431,6 +439,7 @@ func (c *phaseCPU) finish(units int64) {
 	if units > 0 {
 		per := func(pct float64) float64 { return pct / 100 * secs / float64(units) * 1e6 }
 		c.MachineUS, c.ServerUS, c.PostgresUS, c.BenchUS = per(c.Machine), per(c.Server), per(c.Postgres), per(c.Bench)
+		c.PostgresAllUS = per(c.PostgresAll)
 	}
 }
 

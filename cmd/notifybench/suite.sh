@@ -6,7 +6,8 @@
 #
 #   OUT=/tmp/notifyd-bench BENCH_SCENARIOS=default BENCH_PPROF=1 cmd/notifybench/suite.sh
 #
-# Results: $OUT/results.md (the table for the README), $OUT/results.json,
+# Results: $OUT/results.md (the scenario table, the floors and the table of
+# issue 16's targets, each a ratio to a floor of the same run), $OUT/results.json, $OUT/goals.json,
 # $OUT/gobench.txt, $OUT/echo-floor.md (the bare server's floors), server logs, and with BENCH_PPROF=1 CPU and heap profiles
 # in $OUT/pprof (read them with `go tool pprof $OUT/bin/notifyd FILE`).
 set -euo pipefail
@@ -18,6 +19,14 @@ GOBENCH=${BENCH_GO:-1}
 export NOTIFYD_TEST_DATABASE_URL=${NOTIFYD_TEST_DATABASE_URL:-postgres://127.0.0.1:5432/test?sslmode=disable}
 
 mkdir -p "$OUT/bin"
+# The single-publish rate target is a ratio to a baseline: with
+# BENCH_BASELINE_BIN (a notifyd binary of the commit to compare with) the
+# publish-single scenario runs against it in this run, before the others;
+# else BENCH_BASELINE names an earlier results.json, by default the previous
+# run in $OUT; BENCH_BASELINE_RATE gives the rate as a number.
+if [ -f "$OUT/results.json" ]; then mv "$OUT/results.json" "$OUT/previous-results.json"; fi
+rm -f "$OUT/echo-floor.json"
+BASELINE=${BENCH_BASELINE:-$OUT/previous-results.json}
 .ci/pg-up
 $GO build -o "$OUT/bin/" ./cmd/notifyd ./cmd/notifybench
 
@@ -39,12 +48,19 @@ if [ "$GOBENCH" = 1 ]; then
     # else the machine does (report the median).
     { $GO test -run '^$' -bench 'Sweep' -benchtime 30x -benchmem -count=3 -timeout 10m ./handlers/realtime
       $GO test -run '^$' -bench . -benchtime 20x -benchmem -count=1 -timeout 10m ./store
-      $GO test -run '^$' -bench 'AuthClientConnect' -benchmem -count=3 -timeout 10m ./handlers; } | tee "$OUT/gobench.txt"
+      $GO test -run '^$' -bench 'AuthClientConnect' -benchmem -count=3 -timeout 10m ./handlers; } | tee "$OUT/gobench.txt" ||
+      echo "== a Go benchmark failed (see $OUT/gobench.txt); the scenarios run anyway" >&2
   fi
 fi
 
 pprof=()
 if [ "${BENCH_PPROF:-0}" = 1 ]; then pprof=(-pprof); fi
+if [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+  echo "== baseline: publish-single against $BENCH_BASELINE_BIN" >&2
+  "$OUT/bin/notifybench" -spawn "$BENCH_BASELINE_BIN" -scenarios publish-single -out "$OUT/baseline" \
+    -commit "baseline $BENCH_BASELINE_BIN" >/dev/null
+  BASELINE=$OUT/baseline/results.json
+fi
 echo "== notifybench scenarios: $SCENARIOS" >&2
 "$OUT/bin/notifybench" -spawn "$OUT/bin/notifyd" -scenarios "$SCENARIOS" -out "$OUT" \
   -commit "$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')" \
@@ -57,6 +73,13 @@ if [ "${BENCH_ECHO:-1}" = 1 ]; then
   echo "== echo floor" >&2
   "$OUT/bin/notifybench" -echo-floor -ws 19000 -ping 20s -idle 40s -out "$OUT"
 fi
+
+# One table: every target of issue 16 beside the floor it is a ratio of.
+echo "== targets" >&2
+baseline=()
+if [ -n "${BENCH_BASELINE_RATE:-}" ]; then baseline=(-baseline-rate "$BENCH_BASELINE_RATE")
+elif [ -f "$BASELINE" ]; then baseline=(-baseline "$BASELINE"); fi
+"$OUT/bin/notifybench" -goals -out "$OUT" "${baseline[@]}"
 
 # Optional (BENCH_CLUSTER=1): the cost of cluster mode, 1 node and then 3 nodes on one schema in
 # one run: connect storm, idle WebSocket CPU and single publishes (about 4 minutes; $OUT/cluster.md).

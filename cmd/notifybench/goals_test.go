@@ -1,0 +1,111 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+// goalRun is a run with fixed figures: every target of issue 16 is either
+// just met or just missed, so the test sees both sides of each comparison.
+func goalRun() (*Report, *Floors) {
+	idle := 2.0
+	rep := &Report{Results: []*Result{
+		{Scenario: Scenario{Name: "publish-single"}, Publish: &PublishResult{Mode: publishSingle, Publishers: 64,
+			PublishedPerSec: 8000, Latency: Percentiles{N: 10, P50: 5, P99: 25},
+			CPU: &phaseCPU{ServerUS: 100, PostgresUS: 61}, CallsPerTx: 16}},
+		{Scenario: Scenario{Name: "publish-batch-100"}, Publish: &PublishResult{Mode: publishBatch, Publishers: 4, Batch: 100,
+			PublishedPerSec: 10000, Latency: Percentiles{N: 10, P50: 30, P99: 80}, // 400 rows / 10,000/s = 40 ms; 80 = 2×
+			CPU: &phaseCPU{ServerUS: 30, PostgresUS: 40}}},
+		{Scenario: Scenario{Name: "publish-batch"}, Publish: &PublishResult{Mode: publishBatch, Publishers: 4, Batch: 1000,
+			PublishedPerSec: 20000, Latency: Percentiles{N: 10, P50: 150, P99: 401}, // 4,000 / 20,000/s = 200 ms
+			CPU: &phaseCPU{ServerUS: 31, PostgresUS: 39}}},
+		{Scenario: Scenario{Name: "storm"}, Connect: &ConnectResult{Sessions: 5000, PerSecond: 6000,
+			CPU: &phaseCPU{ServerUS: 120, PostgresUS: 41}}},
+		{Scenario: Scenario{Name: "ws-idle"}, IdleCPU: &idle, Memory: &MemoryResult{PerSession: 8<<10 + 1}},
+		{Scenario: Scenario{Name: "evict"}, Evict: &EvictResult{Silent: 1, Evicted: 1}, Checks: []Check{{Pass: true}}},
+		{Scenario: Scenario{Name: "reconnect"}, Reconnect: &ReconnectResult{AllSynced: 9}, Checks: []Check{{Pass: false}}},
+	}}
+	f := &Floors{
+		HTTP:  &RequestFloor{CPU: &phaseCPU{ServerUS: 50}},
+		Storm: &ConnectFloor{PerSecond: 7500, CPU: &phaseCPU{ServerUS: 100}},
+		Idle:  &EchoFloor{CPU: 2.0 / 0.7},
+	}
+	return rep, f
+}
+
+func TestGoals(t *testing.T) {
+	rep, f := goalRun()
+	gs := goals(rep, f, &Baseline{SinglePerSec: 4000, From: "test"})
+	want := []struct {
+		scenario, what string
+		met            bool
+		measured       string
+	}{
+		{"publish-single", "server CPU per committed notification", true, "2.00×"},
+		{"publish-single", "Postgres CPU per single-published row", false, "61 µs"},
+		{"publish-single", "committed notifications/s", true, "2.00×"},
+		{"publish-single", "publish-to-receive p99", true, "25.0 ms"},
+		{"publish-batch-100", "Postgres CPU per row", true, "40 µs"},
+		{"publish-batch-100", "server CPU per row", true, "30 µs"},
+		{"publish-batch-100", "publish-to-receive p99", true, "2.00×"},
+		{"publish-batch", "Postgres CPU per row", true, "39 µs"},
+		{"publish-batch", "server CPU per row", false, "31 µs"},
+		{"publish-batch", "publish-to-receive p99", false, "2.00×"}, // 401/200 = 2.005
+		{"storm", "connects/s, each replay checked", true, "0.80×"},
+		{"storm", "server + Postgres CPU per connect", false, "1.61×"},
+		{"ws-idle", "idle server CPU (0s pings)", true, "0.70×"},
+		{"ws-idle", "server RSS per idle session", false, "8.0 KiB"},
+		{"reconnect", "no regression: all synced after the reconnect", false, "9.00 s"},
+		{"evict", "no regression: eviction lag", true, "max 0 ms"},
+	}
+	if len(gs) != len(want) {
+		for _, g := range gs {
+			t.Logf("%+v", g)
+		}
+		t.Fatalf("%d goals, want %d", len(gs), len(want))
+	}
+	for i, w := range want {
+		g := gs[i]
+		if g.Scenario != w.scenario || g.What != w.what {
+			t.Errorf("goal %d is %s / %s, want %s / %s", i, g.Scenario, g.What, w.scenario, w.what)
+			continue
+		}
+		if !g.Known || g.Met != w.met || !strings.HasPrefix(g.Measured, w.measured) {
+			t.Errorf("%s / %s: known %v met %v measured %q, want met %v measured %q...", g.Scenario, g.What, g.Known, g.Met, g.Measured, w.met, w.measured)
+		}
+	}
+	if g := gs[9]; !strings.Contains(g.Floor, "4,000 rows in flight at 20,000/s wait 200 ms") {
+		t.Errorf("Little's law floor: %q", g.Floor)
+	}
+
+	var b strings.Builder
+	writeGoals(&b, gs)
+	if n := strings.Count(b.String(), "\n"); n != len(gs)+2 {
+		t.Errorf("table has %d lines, want %d:\n%s", n, len(gs)+2, b.String())
+	}
+	if !strings.Contains(b.String(), "| publish-single | Postgres CPU per single-published row | — | 61 µs") {
+		t.Errorf("table:\n%s", b.String())
+	}
+}
+
+// TestGoalsUnknown checks that a goal without its floor or baseline is
+// unknown, never met.
+func TestGoalsUnknown(t *testing.T) {
+	rep, _ := goalRun()
+	for _, g := range goals(rep, nil, nil) {
+		// Little's law is computed from the run itself.
+		ratio := strings.Contains(g.Target, "×") && !strings.HasPrefix(g.Floor, "Little")
+		if ratio && (g.Known || g.Met) {
+			t.Errorf("%s / %s has no floor but known %v met %v", g.Scenario, g.What, g.Known, g.Met)
+		}
+	}
+	gs := goals(&Report{}, nil, nil)
+	for _, g := range gs {
+		if g.Known || g.Met {
+			t.Errorf("%s / %s known without a run", g.Scenario, g.What)
+		}
+	}
+	if len(gs) == 0 {
+		t.Fatal("no goals for an empty run")
+	}
+}
