@@ -3,10 +3,10 @@ package handlers
 import (
 	"context"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
-	"github.com/notifyd/notifyd/store"
 )
 
 // Control reaches sessions held by other nodes of the cluster: *store.Control.
@@ -24,6 +24,47 @@ type Control interface {
 	Replace(ctx context.Context, id, user string) (bool, error)
 	// Touch refreshes session id on the node holding it; it never blocks.
 	Touch(id string)
+	// Ack forwards acks of session id of user to the node holding it, which
+	// admits them (Acks); skipped counts the ids that cannot be a
+	// notification's (they hold a separator) and were not sent.
+	Ack(ctx context.Context, id, user string, ids []string) (skipped int, err error)
+}
+
+// Acks hands the acks that other nodes forwarded (store.ControlAck,
+// realtime.Control.OnAck) for sessions of this node to the handlers, which
+// admit them as they do a local ack: only ids the session was sent, at its
+// ack rate, refusals counted here.
+type Acks struct {
+	mu    sync.Mutex
+	apply func(s *realtime.Session, ids []string)
+}
+
+// Received admits acks another node forwarded for s (whose user the message
+// named); before the router exists they are dropped. It does not block: it
+// is called from the listener's goroutine.
+func (k *Acks) Received(s *realtime.Session, ids []string) {
+	k.mu.Lock()
+	apply := k.apply
+	k.mu.Unlock()
+	if apply != nil {
+		apply(s, ids)
+	}
+}
+
+// attach makes a the receiver of forwarded acks.
+func (k *Acks) attach(a *API) {
+	k.mu.Lock()
+	k.apply = a.receiveAcks
+	k.mu.Unlock()
+}
+
+// receiveAcks applies acks forwarded by another node as applyAcks does; the
+// negotiator's write, which may wait on the database, runs apart from the
+// listener's goroutine.
+func (a *API) receiveAcks(s *realtime.Session, ids []string) {
+	if a.admitAcks(s, ids) && a.Negotiate != nil {
+		go a.Negotiate.Delivered(s)
+	}
 }
 
 // controlTimeout bounds one control round trip made on a request's behalf.
@@ -70,8 +111,10 @@ func (a *API) remoteSessionUser(r *http.Request, id string) (string, bool, error
 
 // handleRemoteMessages applies client messages of a session held by another
 // node, as handleMessages does for a local one: a read is applied in the
-// database (its `read` reaches every node through the read trigger), an ack
-// is recorded by session id, and the session is refreshed on its node.
+// database (its `read` reaches every node through the read trigger), acks
+// are forwarded to the node holding the session, which alone knows what it
+// sent it (and keeps its ack rate), and the session is refreshed on its node.
+// Nothing of an ack is recorded here.
 func (a *API) handleRemoteMessages(ctx context.Context, user, session string, msgs []realtime.ClientMessage) []realtime.Frame {
 	var replies []realtime.Frame
 	for _, m := range msgs {
@@ -79,12 +122,7 @@ func (a *API) handleRemoteMessages(ctx context.Context, user, session string, ms
 		case realtime.ClientPing:
 			replies = append(replies, realtime.PongFrame(time.Now()))
 		case realtime.ClientAck:
-			if a.Recorder != nil {
-				now := time.Now()
-				for _, id := range m.IDs {
-					a.Recorder.Acked(store.Ack{NotificationID: id, SessionID: session, At: now})
-				}
-			}
+			a.forwardAcks(ctx, user, session, m.IDs)
 		case realtime.ClientRead:
 			if _, _, err := a.applyRead(ctx, user, m.IDs, m.UpToSeq); err != nil {
 				replies = append(replies, realtime.ErrorFrame("unavailable", "could not mark read; retry"))
@@ -93,4 +131,17 @@ func (a *API) handleRemoteMessages(ctx context.Context, user, session string, ms
 	}
 	a.Control.Touch(session)
 	return replies
+}
+
+// forwardAcks sends acks of a session another node holds to that node. Ids
+// that cannot be sent (no notification's id holds a separator) are counted
+// refused here; a failed send is logged (a receipt asks for no reply).
+func (a *API) forwardAcks(ctx context.Context, user, session string, ids []string) {
+	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	skipped, err := a.Control.Ack(ctx, session, user, ids)
+	a.Metrics.acksRefused(0, skipped)
+	if err != nil {
+		a.Log.Warn("messages: acks not forwarded to the session's node", "session", session, "user", user, "acks", len(ids), "err", err)
+	}
 }

@@ -33,27 +33,37 @@ func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []re
 	return replies
 }
 
-// applyAcks records the acks of ids that s was sent and had not acked; the
-// others (never sent to s, acked already, or past the session's ack rate) are
-// dropped and counted, never queued to the recorder, so one client's acks
-// cannot crowd out anyone's delivery records. Nothing is answered: a receipt
-// asks for no reply, and a refused one has nothing for the client to fix.
+// applyAcks records the acks of ids that s was sent and had not acked
+// (admitAcks), and tells the negotiator when there was one. Nothing is
+// answered: a receipt asks for no reply, and a refused one has nothing for
+// the client to fix. Acks sent through another node arrive here too
+// (receiveAcks).
 func (a *API) applyAcks(s *realtime.Session, ids []string) {
+	if a.admitAcks(s, ids) {
+		// Only an ack of a notification this session was sent shows that its
+		// transport delivered: the negotiator learns from nothing else.
+		a.Negotiate.Delivered(s)
+	}
+}
+
+// admitAcks queues to the recorder the acks of ids that s was sent and had
+// not acked; the others (never sent to s, acked already, or past the
+// session's ack rate) are dropped and counted, never queued, so one client's
+// acks cannot crowd out anyone's delivery records. It reports whether any was
+// admitted. It never blocks.
+func (a *API) admitAcks(s *realtime.Session, ids []string) bool {
 	now := time.Now()
 	admitted, limited, unknown := s.AdmitAcks(ids, a.Limits.AckRate, now)
 	a.Metrics.acksRefused(limited, unknown)
 	if len(admitted) == 0 {
-		return
+		return false
 	}
-	// Only an ack of a notification this session was sent shows that its
-	// transport delivered: the negotiator learns from nothing else.
-	a.Negotiate.Delivered(s)
-	if a.Recorder == nil {
-		return
+	if a.Recorder != nil {
+		for _, id := range admitted {
+			a.Recorder.Acked(store.Ack{NotificationID: id, SessionID: s.ID, At: now})
+		}
 	}
-	for _, id := range admitted {
-		a.Recorder.Acked(store.Ack{NotificationID: id, SessionID: s.ID, At: now})
-	}
+	return true
 }
 
 // applyRead marks notifications read. The commit's NOTIFY from the read

@@ -85,6 +85,9 @@ type Options struct {
 	// Moves carries long-poll sessions between the nodes of a cluster (pollmove.go); nil: a
 	// poll naming a session this node does not hold opens a new one.
 	Moves *Moves
+	// Acks receives the acks other nodes forward for this node's sessions (control.go); nil
+	// drops them.
+	Acks *Acks
 }
 
 // MetricsAccess says who may read GET /metrics on the API listener.
@@ -115,6 +118,9 @@ func New(opt Options) http.Handler {
 	}
 	a := &API{Options: opt, publishBudget: &publishBudget{max: opt.Limits.PublishInflightBytes}}
 	a.sseStreams = newSSEStreams(a)
+	if opt.Acks != nil {
+		opt.Acks.attach(a)
+	}
 	r := chi.NewRouter()
 	r.Use(middleware.Recoverer, a.logRequests, noSniff, opt.Auth.Origins)
 

@@ -48,6 +48,10 @@ const (
 	// User) ends it for Reason, which the session it was adopted from had
 	// ended with before its bye reached the client (kicked, heartbeat_timeout, ...).
 	ControlEnd
+	// ControlAck: the client of Session (of User) acked IDs through another
+	// node; the node holding Session judges them as it judges a local ack
+	// (only ids it sent the session, at the session's ack rate).
+	ControlAck
 )
 
 // ControlMessage is one line of the control channel.
@@ -74,13 +78,14 @@ type ControlMessage struct {
 //	touch<TAB>session,session,…
 //	moved<TAB>session<TAB>to<TAB>cursor<TAB>user
 //	end<TAB>session<TAB>reason<TAB>user
+//	ack<TAB>session<TAB>id,id,…<TAB>user
 var controlFields = map[string]struct {
 	kind ControlKind
 	n    int // fields after the type, the user included
 }{
 	"read": {ControlRead, 3}, "readrange": {ControlReadRange, 6},
 	"kick": {ControlKick, 2}, "replace": {ControlReplace, 2}, "touch": {ControlTouch, 1},
-	"moved": {ControlMoved, 4}, "end": {ControlEnd, 3},
+	"moved": {ControlMoved, 4}, "end": {ControlEnd, 3}, "ack": {ControlAck, 3},
 }
 
 // ParseControl parses a control payload: lines separated by newlines, empty
@@ -137,6 +142,11 @@ func parseControlLine(line string) (ControlMessage, error) {
 		m.Session, m.Reason, m.User = f[0], f[1], f[2]
 		if m.Session == "" || m.Reason == "" {
 			err = fmt.Errorf("end: no session or reason")
+		}
+	case ControlAck:
+		m.Session, m.IDs, m.User = f[0], splitList(f[1]), f[2]
+		if m.Session == "" || len(m.IDs) == 0 {
+			err = fmt.Errorf("ack: no session or ids")
 		}
 	}
 	if err == nil && m.Unread < 0 {
@@ -200,6 +210,13 @@ func (m ControlMessage) appendLine(b []byte) []byte {
 		b = append(b, m.Session...)
 		b = append(b, '\t')
 		b = append(b, m.Reason...)
+		b = append(b, '\t')
+		b = append(b, m.User...)
+	case ControlAck:
+		b = append(b, "ack\t"...)
+		b = append(b, m.Session...)
+		b = append(b, '\t')
+		b = append(b, strings.Join(m.IDs, ",")...)
 		b = append(b, '\t')
 		b = append(b, m.User...)
 	}
@@ -352,6 +369,46 @@ func (c *Control) Move(ctx context.Context, m ControlMessage) error {
 		return fmt.Errorf("store: send move: session or user holds a separator")
 	}
 	return c.send(ctx, []ControlMessage{m})
+}
+
+// Ack forwards the acks of ids by the client of session (of user) to the
+// node that holds the session, which admits them as it does a local ack
+// (realtime.Control.OnAck); every node gets them, only that one acts. Ids
+// holding a tab, newline or comma cannot be a notification's and are not
+// sent: skipped counts them. The ids go out in as many lines, and payloads,
+// as they need. One round trip.
+func (c *Control) Ack(ctx context.Context, session, user string, ids []string) (skipped int, err error) {
+	if session == "" || strings.ContainsAny(session, "\t\n,") || strings.Contains(user, "\n") {
+		return 0, fmt.Errorf("store: send acks: session or user holds a separator")
+	}
+	keep := make([]string, 0, len(ids))
+	for _, id := range ids {
+		if id == "" || strings.ContainsAny(id, "\t\n,") {
+			skipped++
+			continue
+		}
+		keep = append(keep, id)
+	}
+	return skipped, c.send(ctx, ackMessages(session, user, keep))
+}
+
+// ackMessages splits ids into ack messages of one payload each (at least
+// one id per message, however long the session and user).
+func ackMessages(session, user string, ids []string) []ControlMessage {
+	var out []ControlMessage
+	base := len("ack\t\t\t") + len(session) + len(user)
+	start, size := 0, base
+	for i, id := range ids {
+		if i > start && size+len(id)+1 > maxControlPayload {
+			out = append(out, ControlMessage{Kind: ControlAck, Session: session, User: user, IDs: ids[start:i]})
+			start, size = i, base
+		}
+		size += len(id) + 1
+	}
+	if start < len(ids) {
+		out = append(out, ControlMessage{Kind: ControlAck, Session: session, User: user, IDs: ids[start:]})
+	}
+	return out
 }
 
 // Touch queues a sign of life for session id, for the node holding it. It

@@ -136,6 +136,7 @@ func FuzzParseControl(f *testing.F) {
 		"kick\ts\tu", "replace\ts\tu", "touch\ta,b,c", "touch\t", "kick\t\tu",
 		"read\t-1\ta\tu", "bogus", "\n\n", "read\t1\ta",
 		"moved\tabc\tdef\t1\tu", "end\tabc\tkicked\tu",
+		"ack\tabc\tn1,n2\tu\tv", "ack\tabc\t\tu", "ack\t\tn1\tu", "ack\tabc\tn1,,n2\tu", "ack\tabc\tn1",
 	} {
 		f.Add(seed)
 	}
@@ -167,6 +168,79 @@ func FuzzParseControl(f *testing.F) {
 			t.Fatalf("round trip of %q: %+v, want %+v", p, back, clean)
 		}
 	})
+}
+
+// The forwarded acks' wire form: an ack survives its payload, the user
+// last (tabs and all); an ack with no session or no ids is malformed.
+func TestControlParseAcks(t *testing.T) {
+	t.Parallel()
+	m := store.ControlMessage{Kind: store.ControlAck, Session: "sess-1", IDs: []string{"n1", "n2"}, User: "u\twith tab"}
+	payloads := store.FormatControl([]store.ControlMessage{m})
+	if len(payloads) != 1 || payloads[0] != "ack\tsess-1\tn1,n2\tu\twith tab" {
+		t.Fatalf("payloads = %q", payloads)
+	}
+	got, err := store.ParseControl(payloads[0])
+	if err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], m) {
+		t.Fatalf("round trip: %+v, %v", got, err)
+	}
+	for _, bad := range []string{"ack", "ack\tsess-1\t\tu", "ack\t\tn1\tu", "ack\tsess-1\tn1"} {
+		if got, err := store.ParseControl(bad); err == nil || len(got) != 0 {
+			t.Errorf("ParseControl(%q) = %+v, %v: want an error and no message", bad, got, err)
+		}
+	}
+}
+
+// TestControlAck: acks sent through store.Control reach the listener's
+// control hook as ack lines of that session and user, every id in order,
+// split over several lines when they exceed one payload (each line still
+// fits a NOTIFY); ids holding a separator are skipped and counted, and a
+// session or user holding one is refused before anything is sent.
+func TestControlAck(t *testing.T) {
+	t.Parallel()
+	s := storetest.New(t)
+	ctx := testCtx(t)
+	_, cl := listenControl(t, s)
+	c := s.NewControl(testLog())
+	for _, bad := range [][2]string{{"a\tb", "u"}, {"a,b", "u"}, {"", "u"}, {"a", "u\nv"}} {
+		if _, err := c.Ack(ctx, bad[0], bad[1], []string{"n1"}); err == nil {
+			t.Fatalf("acks of session %q user %q sent", bad[0], bad[1])
+		}
+	}
+	user := "u\t" + strings.Repeat("x", 3000) // a long user leaves less room for ids
+	var ids []string
+	for i := range 900 {
+		ids = append(ids, fmt.Sprintf("%08d-0000-4000-8000-000000000000", i))
+	}
+	skipped, err := c.Ack(ctx, "sess-1", user, append(append([]string{"a,b", "c\td", "e\nf", ""}, ids...), "g,h"))
+	if err != nil || skipped != 5 {
+		t.Fatalf("ack: skipped %d, %v; want 5 skipped", skipped, err)
+	}
+	// Nothing to send: no line, no error.
+	if skipped, err := c.Ack(ctx, "sess-1", user, []string{"x,y"}); err != nil || skipped != 1 {
+		t.Fatalf("ack of separators only: %d %v", skipped, err)
+	}
+	var back []string
+	lines := 0
+	deadline := time.Now().Add(20 * time.Second)
+	for len(back) < len(ids) && time.Now().Before(deadline) {
+		cl.mu.Lock()
+		got := append([]store.ControlMessage(nil), cl.msgs[lines:]...)
+		cl.mu.Unlock()
+		for _, m := range got {
+			if m.Kind != store.ControlAck || m.Session != "sess-1" || m.User != user || len(m.IDs) == 0 {
+				t.Fatalf("line %d: %+v", lines, m)
+			}
+			if n := len(store.FormatControl([]store.ControlMessage{m})[0]); n > 7000 {
+				t.Fatalf("line %d of %d bytes", lines, n)
+			}
+			back = append(back, m.IDs...)
+			lines++
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !reflect.DeepEqual(back, ids) || lines < 2 {
+		t.Fatalf("%d lines gave %d ids, want %d in order over several lines", lines, len(back), len(ids))
+	}
 }
 
 // TestControlMove: a move sent through store.Control reaches the listener's

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/gorilla/websocket"
 
 	"github.com/notifyd/notifyd/store/storetest"
@@ -362,6 +363,60 @@ func TestClusterMessages(t *testing.T) {
 	}
 	if st, _, _ := post(map[string]any{"type": "nonsense"}); st != http.StatusBadRequest {
 		t.Fatalf("bad message through B: %d", st)
+	}
+}
+
+// TestClusterRemoteAcks: acks posted through node B for a session on node A
+// are judged by A, as a local ack is: an id A sent the session is recorded
+// once, and random ids (900 of them, more than one control payload holds) and
+// a second ack of the same id are refused and counted on A, never recorded;
+// B judges and counts nothing. It failed before acks were forwarded: B queued
+// every id straight to its recorder, and A counted no refusal.
+func TestClusterRemoteAcks(t *testing.T) {
+	t.Parallel()
+	nodes := startNodes(t, 2)
+	a, b := nodes[0], nodes[1]
+	const user = "cluster-remote-acks"
+	c := a.dialTransport(t, "sse", user, nil)
+	h := hello(t, c, "sse", user)
+	c.expect(t, "synced")
+	p := a.publish(t, user, "t", nil)
+	c.expect(t, "notification")
+	a.waitRecorded(t, h.Session)
+	tok := b.token(t, user)
+	ack := func(ids []string) {
+		t.Helper()
+		body, err := json.Marshal(map[string]any{"type": "ack", "ids": ids})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st, _, code := b.postMessages(t, tok, h.Session, body); st != http.StatusOK {
+			t.Fatalf("ack through B: %d %s", st, code)
+		}
+	}
+	ack([]string{p.ID})
+	var random []string
+	for range 900 {
+		random = append(random, uuid.NewString())
+	}
+	ack(append(random, p.ID))
+
+	const unknown = `notifyd_refused_total{reason="ack_unknown"}`
+	eventually(t, 10*time.Second, "A refuses the 901 acks of ids it did not send or had acked", func() bool {
+		return metricValue(t, a, unknown) == 901
+	})
+	eventually(t, 10*time.Second, "the ack of the id A sent recorded", func() bool {
+		return a.scalar(t, `SELECT count(*) FROM deliveries WHERE session_id = $1 AND notification_id = $2 AND acked_at IS NOT NULL`,
+			h.Session, p.ID) == 1
+	})
+	if n := a.scalar(t, `SELECT count(*) FROM deliveries WHERE session_id = $1`, h.Session); n != 1 {
+		t.Fatalf("%d delivery rows of the session, want 1", n)
+	}
+	if v := metricValue(t, a, `notifyd_refused_total{reason="ack_rate"}`); v != 0 {
+		t.Fatalf("%v acks refused for rate on A, want 0", v)
+	}
+	if v := metricValue(t, b, unknown); v != 0 {
+		t.Fatalf("B refused %v acks itself, want 0: the node holding the session judges them", v)
 	}
 }
 

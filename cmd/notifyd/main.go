@@ -196,11 +196,14 @@ func (m *Main) Start(ctx context.Context) error {
 	// control channel are applied to this node's sessions; reads go through
 	// the dispatcher's queue to keep their commit order. Long-poll moves
 	// (handlers/pollmove.go) travel on the same channel and go to the
-	// long-poll transport.
+	// long-poll transport; acks posted through another node go to the
+	// handlers, which admit them as local acks (handlers/control.go).
 	control := st.NewControl(log)
 	moves := &handlers.Moves{Send: control.Move}
+	acks := &handlers.Acks{}
 	applier := realtime.NewControl(m.hub, dispatcher, st, log)
 	applier.OnMove = moves.Received
+	applier.OnAck = acks.Received
 	listener.OnControl = applier.Apply
 	m.goBackground(func() {
 		_ = listener.Run(bg, func() { close(ready) }, dispatcher.Changes, dispatcher.CatchUp)
@@ -249,6 +252,7 @@ func (m *Main) Start(ctx context.Context) error {
 		Presence:      presence,
 		Control:       control,
 		Moves:         moves,
+		Acks:          acks,
 	})
 	if cfg.TLSCertFile != "" {
 		if m.certs, err = newCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile, log); err != nil {

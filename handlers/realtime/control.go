@@ -24,12 +24,19 @@ type ReadResolver interface {
 //   - kick and replace: the local session with that id and user ends with
 //     `bye kicked` or `bye replaced`; a node that does not hold it does nothing;
 //   - touch: the local sessions named are refreshed (Hub.Touch);
-//   - moved and end: handed to OnMove (the long-poll transport's).
+//   - moved and end: handed to OnMove (the long-poll transport's);
+//   - ack: the ids go to OnAck with the local session of that id and user, to
+//     be admitted as a local ack is; a node that does not hold it does nothing.
 type Control struct {
 	// OnMove, when set before the listener runs, receives the long-poll moves
 	// (store.ControlMoved, store.ControlEnd), from the listener's goroutine in
 	// arrival order; it must not block. Nil drops them.
 	OnMove func(store.ControlMessage)
+	// OnAck, when set before the listener runs, receives the acks another
+	// node forwarded (store.ControlAck) for a session this node holds, with
+	// that session, whose User is the message's; from the listener's
+	// goroutine, so it must not block. Nil drops them.
+	OnAck func(s *Session, ids []string)
 
 	hub      *Hub
 	dispatch *Dispatcher
@@ -67,6 +74,10 @@ func (c *Control) Apply(msgs []store.ControlMessage) {
 		case store.ControlMoved, store.ControlEnd:
 			if c.OnMove != nil {
 				c.OnMove(m)
+			}
+		case store.ControlAck:
+			if s, ok := c.hub.tracker.Get(m.Session); ok && s.User == m.User && c.OnAck != nil {
+				c.OnAck(s, m.IDs)
 			}
 		}
 	}

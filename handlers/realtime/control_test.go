@@ -3,6 +3,7 @@ package realtime
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -143,6 +144,33 @@ func TestControlHandsMovesOn(t *testing.T) {
 	}
 	if s.isClosed() {
 		t.Fatalf("a move ended the session itself: %q", s.Reason())
+	}
+}
+
+// TestControlHandsAcksOn: an ack goes to OnAck with the local session it
+// names, only when the user matches; acks of sessions held elsewhere, of
+// another user, and those arriving with no OnAck are dropped.
+func TestControlHandsAcksOn(t *testing.T) {
+	h, s, _ := annOnline(t)
+	c := NewControl(h, NewDispatcher(h, &countingSource{}, nil, 100), nil, nil)
+	ack := store.ControlMessage{Kind: store.ControlAck, Session: s.ID, User: "ann", IDs: []string{"n1", "n2"}}
+	c.Apply([]store.ControlMessage{ack}) // no OnAck: dropped
+	type got struct {
+		s   *Session
+		ids []string
+	}
+	var gots []got
+	c.OnAck = func(s *Session, ids []string) { gots = append(gots, got{s, ids}) }
+	c.Apply([]store.ControlMessage{
+		{Kind: store.ControlAck, Session: s.ID, User: "mallory", IDs: []string{"m1"}},
+		{Kind: store.ControlAck, Session: "elsewhere", User: "ann", IDs: []string{"e1"}},
+		ack,
+	})
+	if len(gots) != 1 || gots[0].s != s || fmt.Sprint(gots[0].ids) != "[n1 n2]" {
+		t.Fatalf("OnAck got %+v", gots)
+	}
+	if s.isClosed() {
+		t.Fatalf("an ack ended the session: %q", s.Reason())
 	}
 }
 
