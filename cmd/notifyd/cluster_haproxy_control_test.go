@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -74,10 +75,50 @@ func (c *cluster) dialOn(t testing.TB, tr, user string, extra url.Values) (trans
 		return newWSClient(t, conn), resp.Header.Get("X-Served-By")
 	case "sse":
 		s := c.lb.dialSSE(t, user, extra, nil)
+		c.keepPinging(t, s)
 		return s, s.resp.Header.Get("X-Served-By")
 	}
 	t.Fatalf("dialOn: transport %q", tr)
 	return nil, ""
+}
+
+// keepPinging sends the SSE session a ping every second, through haproxy (whichever node takes
+// it refreshes the session on its node), as a client does every ping interval: the nodes'
+// ping timeout is 3 s. The pongs are not read.
+func (c *cluster) keepPinging(t testing.TB, s *sseClient) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-s.done:
+				return
+			case <-tick.C:
+			}
+			id := s.sessionID()
+			if id == "" {
+				continue
+			}
+			req, err := http.NewRequestWithContext(ctx, "POST", c.lb.URL+"/v1/sessions/"+url.PathEscape(id)+"/messages", strings.NewReader(`{"type":"ping"}`))
+			if err != nil {
+				return
+			}
+			req.Header.Set("Authorization", "Bearer "+s.token)
+			req.Header.Set("Content-Type", "application/json")
+			if resp, err := http.DefaultClient.Do(req); err == nil {
+				resp.Body.Close()
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
 }
 
 // openRows counts the open session-history rows matching where (args from $1).
@@ -197,8 +238,9 @@ func (p *lbPoll) current() (string, []string) {
 // waitParked waits until every device's poll waits on a node that holds its session alone: a
 // poll outstanding for a second (a move happens before the poll waits, in milliseconds) and one
 // open history row of the device (a move opens the new row and closes the old one within the
-// recorder's flush, 200 ms). A read or kick committed before then could meet the session in the
-// middle of a move, where a `read` is not carried over (PROTOCOL.md, long-polling).
+// recorder's flush, 200 ms). A `read` committed before then can meet the session in the middle
+// of a move: the old node ends its copy as moved with the `read` still queued, and the move
+// carries only notifications (their replay) and an owed bye, so that device never gets it.
 func (c *cluster) waitParked(t testing.TB, user string, polls ...*lbPoll) {
 	t.Helper()
 	eventually(t, 15*time.Second, "long-poll devices parked on their nodes", func() bool {
@@ -219,8 +261,8 @@ func (c *cluster) waitParked(t testing.TB, user string, polls ...*lbPoll) {
 func expectNotes(t testing.TB, cl transportClient, what string, want ...publishedNote) {
 	t.Helper()
 	for _, p := range want {
-		if m := cl.expect(t, "notification"); m.ID != p.ID || m.Seq != p.Seq {
-			t.Fatalf("%s: notification %s (seq %d), want %s (seq %d)", what, m.ID, m.Seq, p.ID, p.Seq)
+		if m := cl.next(t, 5*time.Second); m.Type != "notification" || m.ID != p.ID || m.Seq != p.Seq {
+			t.Fatalf("%s: %+v, want notification %s (seq %d)", what, m, p.ID, p.Seq)
 		}
 	}
 }
@@ -229,9 +271,9 @@ func expectNotes(t testing.TB, cl transportClient, what string, want ...publishe
 // this unread count.
 func expectReadMsg(t testing.TB, cl transportClient, what string, ids []string, unread int64) {
 	t.Helper()
-	m := cl.expect(t, "read")
-	if !slices.Equal(m.IDs, ids) || m.Unread != unread {
-		t.Fatalf("%s: read = ids %v unread %d, want ids %v unread %d", what, m.IDs, m.Unread, ids, unread)
+	m := cl.next(t, 5*time.Second)
+	if m.Type != "read" || !slices.Equal(m.IDs, ids) || m.Unread != unread {
+		t.Fatalf("%s: %+v, want read of ids %v unread %d", what, m, ids, unread)
 	}
 }
 
@@ -246,8 +288,8 @@ func testClusterControl(t *testing.T, bin string) {
 // testClusterReads: devices of one user on every transport, the WebSocket and SSE ones on all
 // three nodes (by X-Served-By, which presence's `node` confirms), the long-poll ones moving
 // with their polls. A read through the API via haproxy and a plain SQL UPDATE straight to
-// Postgres each reach every device as one `read` with the ids newly read and the unread count;
-// no read comes twice.
+// Postgres each reach every device as one `read` with the ids newly read and the unread count
+// (an UPDATE back to unread as a `read` with no ids); no read comes twice.
 func testClusterReads(t *testing.T, c *cluster) {
 	const user = "lb-reader"
 	type device struct {
@@ -321,6 +363,14 @@ func testClusterReads(t *testing.T, c *cluster) {
 	}
 	for _, d := range devices {
 		expectReadMsg(t, d.cl, d.name+", read by SQL", []string{ps[2].ID, ps[3].ID}, 1)
+	}
+	// And marked unread again by SQL: a read with no ids and the new count.
+	c.waitParked(t, user, polls...)
+	if _, err := conn.Exec(context.Background(), `UPDATE notifications SET read_at = NULL WHERE user_id = $1 AND seq = $2`, user, ps[3].Seq); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range devices {
+		expectReadMsg(t, d.cl, d.name+", unread by SQL", nil, 2)
 	}
 
 	// No read twice: the next message of every device is the next notification.
