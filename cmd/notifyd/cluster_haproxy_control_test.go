@@ -283,6 +283,7 @@ func testClusterControl(t *testing.T, bin string) {
 	t.Run("reads reach devices on every node", func(t *testing.T) { testClusterReads(t, c) })
 	t.Run("kicks through any node", func(t *testing.T) { testClusterKicks(t, c) })
 	t.Run("resume on another node", func(t *testing.T) { testClusterResumeLB(t, c) })
+	t.Run("read between two long-polls on two nodes", func(t *testing.T) { testClusterReadBetweenPolls(t, c) })
 }
 
 // testClusterReads: devices of one user on every transport, the WebSocket and SSE ones on all
@@ -615,5 +616,82 @@ func testClusterCap(t *testing.T, bin string) {
 				t.Fatalf("%d sessions after the refusals, want 2", n)
 			}
 		})
+	}
+}
+
+// testClusterReadBetweenPolls: a `read` committed while a long-poll device has no poll waiting
+// is queued on the node holding its session, as on one node, and must come in the answer of
+// the device's next poll, wherever haproxy sends that poll. A WebSocket device straight on the
+// holding node shows the read has reached that node before the next poll is sent. The case is
+// repeated until a next poll lands on another node (a move).
+func testClusterReadBetweenPolls(t *testing.T, c *cluster) {
+	// The server fails this case: the old node ends its copy as moved with the read still
+	// queued, and the move carries only the replay of notifications and an owed bye, so the
+	// moved poll answers [] (every run: the next poll on another node waits out its 2 s empty).
+	// Remove the Skip to reproduce it.
+	t.Skip("known failure: a long-poll move drops the read queued on the old node; the poll on the new node answers without it")
+	const user = "lb-read-between"
+	tok, err := c.lb.auth.NewToken(user, "between", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	poll := func(q url.Values) (pollReply, string) {
+		t.Helper()
+		_, r, hdr, err := c.lb.pollOnce(ctx, tok, q)
+		if err != nil {
+			t.Fatalf("poll %v: %v", q, err)
+		}
+		return r, hdr.Get("X-Served-By")
+	}
+	witness := map[string]*wsClient{} // a device straight on each node
+	for i, n := range c.nodes {
+		witness[c.names[i]] = n.liveWS(t, user)
+	}
+	r, node := poll(url.Values{})
+	if len(r.Messages) == 0 || r.Messages[0].Type != "hello" {
+		t.Fatalf("first poll on %s: %+v", node, r.Messages)
+	}
+	for attempt := 0; ; attempt++ {
+		p := c.lb.publish(t, user, "between", nil)
+		for _, w := range witness {
+			expectNotes(t, w, "witness", p)
+		}
+		// Poll until the notification came; the session ends up on the node of the last answer.
+		for got := false; !got; {
+			r, node = poll(url.Values{"session": {r.Session}, "cursor": {strconv.FormatInt(r.Cursor, 10)}, "wait": {"5"}})
+			for _, m := range r.Messages {
+				got = got || (m.Type == "notification" && m.ID == p.ID)
+			}
+		}
+		eventually(t, 10*time.Second, "the session recorded on "+node, func() bool {
+			return c.openRows(t, "user_id = $1 AND device = 'between'", user) == 1 &&
+				c.openRows(t, "session_id = $1", r.Session) == 1
+		})
+		holder := node
+		if st := c.lb.do(t, "POST", "/v1/users/"+user+"/read", testAPIKey, map[string]any{"ids": []string{p.ID}}, nil); st != http.StatusOK {
+			t.Fatalf("read: %d", st)
+		}
+		for name, w := range witness {
+			expectReadMsg(t, w, "witness on "+name, []string{p.ID}, 0)
+		}
+		// The next poll, wherever it lands, answers with the read queued on holder.
+		r, node = poll(url.Values{"session": {r.Session}, "cursor": {strconv.FormatInt(r.Cursor, 10)}, "wait": {"2"}})
+		var reads []msg
+		for _, m := range r.Messages {
+			if m.Type == "read" {
+				reads = append(reads, m)
+			}
+		}
+		if len(reads) != 1 || !slices.Equal(reads[0].IDs, []string{p.ID}) || reads[0].Unread != 0 {
+			t.Fatalf("poll on %s after a read queued on %s: %+v, want one read of %s unread 0", node, holder, r.Messages, p.ID)
+		}
+		if node != holder {
+			t.Logf("the read queued on %s came with the poll on %s", holder, node)
+			return
+		}
+		if attempt == 5 {
+			t.Fatalf("every next poll landed on the holding node %s", holder)
+		}
 	}
 }
