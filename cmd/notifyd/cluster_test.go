@@ -2,7 +2,8 @@ package main
 
 // Three nodes on one database behind a real haproxy, round-robin without stickiness
 // (cluster_harness_test.go): delivery across nodes on every transport, a long-poll whose polls
-// alternate between nodes, kill -9 of a node, and a rolling restart under continuous publishing.
+// alternate between nodes, kill -9 of a node, a rolling restart under continuous publishing, and
+// reads, kicks, resumes and the session cap across nodes (cluster_haproxy_control_test.go).
 
 import (
 	"context"
@@ -28,6 +29,8 @@ func TestHaproxyCluster(t *testing.T) {
 	t.Run("kill -9 of a node", func(t *testing.T) { testClusterKill(t, bin) })
 	t.Run("rolling restart loses nothing", func(t *testing.T) { testClusterRollingRestart(t, bin) })
 	t.Run("browser on long-poll", func(t *testing.T) { testClusterBrowserLongPoll(t, bin) })
+	t.Run("reads, kicks and resumes across nodes", func(t *testing.T) { testClusterControl(t, bin) })
+	t.Run("session cap across nodes", func(t *testing.T) { testClusterCap(t, bin) })
 }
 
 // publishOutcomes counts what a publisher saw.
