@@ -559,6 +559,16 @@ func (c *cluster) refusedOn(t testing.TB, tr, user string) (int, string, string)
 // node takes it: the nodes holding one each, and the node holding none.
 func testClusterCap(t *testing.T, bin string) {
 	c := startCluster(t, bin, 3, "NOTIFY_MAX_SESSIONS_PER_USER=2")
+	// A node counts the others' sessions once its lease loop has seen them
+	// live (README: the cap's race window); wait until every node has.
+	for _, n := range c.nodes {
+		eventually(t, 10*time.Second, "every node seeing the other two", func() bool {
+			var st struct {
+				Nodes []struct{ Node string } `json:"nodes"`
+			}
+			return n.do(t, "GET", "/v1/stats", testAPIKey, nil, &st) == http.StatusOK && len(st.Nodes) == 3
+		})
+	}
 	for _, tr := range allTransports {
 		t.Run(tr, func(t *testing.T) {
 			user := "lb-cap-" + tr
