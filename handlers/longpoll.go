@@ -44,6 +44,12 @@ type longPoll struct {
 	detached bool             // a poll's client went away before its answer
 	quiet    bool             // adopted from another node: its hello and its replay's synced are not sent (pollmove.go)
 	endSeen  atomic.Bool      // the transport has seen the session end
+	// held are frames taken off the session's queue outside a poll (a
+	// relayed read's dedup, pollmove.go), for the next poll to take first.
+	held []realtime.Frame
+	// handover, for an adopted session, counts the reads it got here and
+	// from its old copy's relay (pollmove.go); nil when none are matched.
+	handover *readHandover
 }
 
 // pollWaiter is one poll in charge of a session.
@@ -295,7 +301,8 @@ func (lp *longPoll) ackLocked(cursor int64) []realtime.Frame {
 // session's queue may hold: the client does not acknowledge, and the session
 // is ended as a slow consumer.
 func (lp *longPoll) takeLocked() (fresh []realtime.Frame, overflow bool) {
-	fresh = lp.s.Take()
+	fresh = append(lp.held, lp.dedupLocked(lp.s.Take())...)
+	lp.held = nil
 	if lp.quiet {
 		fresh = lp.quietLocked(fresh)
 	}

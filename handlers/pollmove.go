@@ -23,6 +23,12 @@ import (
 // (reasonMoved); if it had ended already and its bye had not reached the
 // client (kicked, heartbeat_timeout), it sends that reason back, and the
 // adopting node ends the new session with it, so the bye reaches the client.
+//
+// A `read` queued on the old copy (committed while no poll waited there) is
+// not in the replay, which carries notifications only: the old node relays
+// each one to the adopted session (store.ControlRelay), which queues it for
+// its next poll. A read committed while both copies were registered reaches
+// both; the adopted session sends it once (readHandover).
 
 // reasonMoved ends a long-poll session whose client polls another node now;
 // it sends no bye (no poll of the client waits here any more).
@@ -116,6 +122,7 @@ func (p *pollTransport) adopt(r *http.Request, cr connectRequest) (*longPoll, er
 	}
 	lp := newLongPoll(a.Hub, a.Recorder, s, cr.cursor)
 	lp.quiet = true
+	lp.handover = &readHandover{until: time.Now().Add(handoverFor), here: map[string]int{}, relayed: map[string]int{}}
 	lp.onAck = func() { a.Negotiate.Delivered(s) }
 	a.replay(s, cr.cursor)
 	p.track(lp)
@@ -138,6 +145,8 @@ func (p *pollTransport) adopt(r *http.Request, cr connectRequest) (*longPoll, er
 //
 // end: the adopted session is ended for the reason its old copy ended with.
 //
+// relay: a read queued on the old copy goes to the adopted session, once.
+//
 // It runs on the listener's goroutine, which delivers every commit: the end
 // it sends back goes out from a goroutine of its own (bounded by
 // moveTimeout), so no round trip holds the listener up.
@@ -149,6 +158,8 @@ func (p *pollTransport) onMove(m store.ControlMessage) {
 		return
 	}
 	switch m.Kind {
+	case store.ControlRelay:
+		st.relay(realtime.ReadFrame(m.IDs, m.Unread))
 	case store.ControlEnd:
 		if reason := realtime.Reason(m.Reason); reason.SendsBye() {
 			p.api.Hub.End(st.s, reason)
@@ -157,8 +168,10 @@ func (p *pollTransport) onMove(m store.ControlMessage) {
 		if cur, ok := p.api.Hub.Session(m.Session); ok && cur == st.s {
 			st.mu.Lock()
 			st.ackLocked(m.Cursor)
+			reads := st.takeReadsLocked()
 			st.mu.Unlock()
 			p.api.Hub.End(st.s, reasonMoved)
+			p.relayReads(m, reads)
 			return
 		}
 		if !st.handOverBye() {
@@ -173,6 +186,124 @@ func (p *pollTransport) onMove(m store.ControlMessage) {
 				p.api.Log.Warn("long-poll move: could not pass the bye on", "session", m.Session, "to", m.To, "err", err)
 			}
 		}()
+	}
+}
+
+// relayReads sends the reads taken off a moved session's old copy to the
+// session adopting it (m.To), in their order, from a goroutine of its own
+// (each NOTIFY bounded by moveTimeout), so that no round trip holds the
+// listener up.
+func (p *pollTransport) relayReads(m store.ControlMessage, reads []realtime.Frame) {
+	if len(reads) == 0 {
+		return
+	}
+	msgs := make([]store.ControlMessage, 0, len(reads))
+	for _, f := range reads {
+		var r struct {
+			IDs    []string `json:"ids"`
+			Unread int64    `json:"unread"`
+		}
+		_ = json.Unmarshal(f.JSON, &r) // the hub's own frame
+		msgs = append(msgs, store.ControlMessage{Kind: store.ControlRelay, Session: m.To, User: m.User, Unread: r.Unread, IDs: r.IDs})
+	}
+	go func() {
+		for _, rm := range msgs {
+			ctx, cancel := context.WithTimeout(context.Background(), moveTimeout)
+			err := p.api.Moves.Send(ctx, rm)
+			cancel()
+			if err != nil {
+				p.api.Log.Warn("long-poll move: could not relay a read", "session", m.Session, "to", m.To, "err", err)
+				return
+			}
+		}
+	}()
+}
+
+// takeReadsLocked takes the reads queued on a session that moved away; its
+// other frames stay for a poll that may still wait here.
+func (lp *longPoll) takeReadsLocked() []realtime.Frame {
+	var reads, rest []realtime.Frame
+	for _, f := range append(lp.held, lp.dedupLocked(lp.s.Take())...) {
+		if f.Type == realtime.TypeRead {
+			reads = append(reads, f)
+		} else {
+			rest = append(rest, f)
+		}
+	}
+	lp.held = rest
+	return reads
+}
+
+// handoverFor bounds how long an adopted session matches the reads relayed
+// from its old copy against those it got here: a relay follows the move
+// within a control round trip or two.
+const handoverFor = 10 * time.Second
+
+// readHandover counts, by frame, the reads an adopted session got from this
+// node's broadcasts (here) and from its old copy's relay (relayed). A read
+// committed while both copies were registered arrives both ways: the client
+// gets each frame as often as the more frequent way carries it, so once.
+// (Two distinct reads with the same ids and count in the handover window
+// count as one: the client's state after them is the same.)
+type readHandover struct {
+	until         time.Time
+	here, relayed map[string]int
+}
+
+// activeHandover returns lp's handover while it runs; it drops one that ended.
+func (lp *longPoll) activeHandover() *readHandover {
+	if lp.handover != nil && time.Now().After(lp.handover.until) {
+		lp.handover = nil
+	}
+	return lp.handover
+}
+
+// dedupLocked passes frames taken off the session's queue, dropping a read
+// from this node that the relay already carried. A relayed read is marked
+// Replayed (it comes from the old copy, not from this node's broadcast) and
+// was counted when it arrived.
+func (lp *longPoll) dedupLocked(frames []realtime.Frame) []realtime.Frame {
+	h := lp.activeHandover()
+	if h == nil {
+		return frames
+	}
+	out := frames[:0]
+	for _, f := range frames {
+		if f.Type == realtime.TypeRead && !f.Replayed {
+			k := string(f.JSON)
+			h.here[k]++
+			if h.here[k] <= h.relayed[k] {
+				continue
+			}
+		}
+		out = append(out, f)
+	}
+	clear(frames[len(out):])
+	return out
+}
+
+// relay queues a read relayed from the session's old copy unless this node
+// sent the same read already. The session's queue is taken into held first,
+// so that every read from this node queued before the relay is counted.
+func (lp *longPoll) relay(f realtime.Frame) {
+	lp.mu.Lock()
+	send := true
+	var overflow bool
+	if h := lp.activeHandover(); h != nil {
+		lp.held = append(lp.held, lp.dedupLocked(lp.s.Take())...)
+		overflow = len(lp.held) > lp.hub.Config().QueueLimit
+		k := string(f.JSON)
+		h.relayed[k]++
+		send = h.relayed[k] > h.here[k]
+	}
+	lp.mu.Unlock()
+	if overflow {
+		lp.hub.End(lp.s, realtime.ReasonSlowConsumer)
+		return
+	}
+	if send {
+		f.Replayed = true
+		lp.s.Send(f)
 	}
 }
 

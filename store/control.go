@@ -52,6 +52,10 @@ const (
 	// node; the node holding Session judges them as it judges a local ack
 	// (only ids it sent the session, at the session's ack rate).
 	ControlAck
+	// ControlRelay: a `read` (IDs, Unread) that was queued on the old copy of
+	// a long-poll session when it moved, for the adopted Session (of User) to
+	// send; the node holding Session queues it unless it sent the same read.
+	ControlRelay
 )
 
 // ControlMessage is one line of the control channel.
@@ -79,6 +83,7 @@ type ControlMessage struct {
 //	moved<TAB>session<TAB>to<TAB>cursor<TAB>user
 //	end<TAB>session<TAB>reason<TAB>user
 //	ack<TAB>session<TAB>id,id,…<TAB>user
+//	relay<TAB>session<TAB>unread<TAB>id,id,…<TAB>user
 var controlFields = map[string]struct {
 	kind ControlKind
 	n    int // fields after the type, the user included
@@ -86,6 +91,7 @@ var controlFields = map[string]struct {
 	"read": {ControlRead, 3}, "readrange": {ControlReadRange, 6},
 	"kick": {ControlKick, 2}, "replace": {ControlReplace, 2}, "touch": {ControlTouch, 1},
 	"moved": {ControlMoved, 4}, "end": {ControlEnd, 3}, "ack": {ControlAck, 3},
+	"relay": {ControlRelay, 4},
 }
 
 // ParseControl parses a control payload: lines separated by newlines, empty
@@ -147,6 +153,11 @@ func parseControlLine(line string) (ControlMessage, error) {
 		m.Session, m.IDs, m.User = f[0], splitList(f[1]), f[2]
 		if m.Session == "" || len(m.IDs) == 0 {
 			err = fmt.Errorf("ack: no session or ids")
+		}
+	case ControlRelay:
+		m.Session, m.Unread, m.IDs, m.User = f[0], num(f[1]), splitList(f[2]), f[3]
+		if err == nil && m.Session == "" {
+			err = fmt.Errorf("relay: no session")
 		}
 	}
 	if err == nil && m.Unread < 0 {
@@ -215,6 +226,15 @@ func (m ControlMessage) appendLine(b []byte) []byte {
 	case ControlAck:
 		b = append(b, "ack\t"...)
 		b = append(b, m.Session...)
+		b = append(b, '\t')
+		b = append(b, strings.Join(m.IDs, ",")...)
+		b = append(b, '\t')
+		b = append(b, m.User...)
+	case ControlRelay:
+		b = append(b, "relay\t"...)
+		b = append(b, m.Session...)
+		b = append(b, '\t')
+		b = strconv.AppendInt(b, m.Unread, 10)
 		b = append(b, '\t')
 		b = append(b, strings.Join(m.IDs, ",")...)
 		b = append(b, '\t')
@@ -357,18 +377,38 @@ func (c *Control) Replace(ctx context.Context, id, user string) (bool, error) {
 	return n > 0, nil
 }
 
-// Move tells every node of a long-poll move: m is a ControlMoved or a
-// ControlEnd. Only the node that holds m.Session acts; the rest ignore it.
-// A move that a node misses (its listener was reconnecting) is lost, and
-// then the session it names ends on that node at its heartbeat timeout.
+// Move tells every node of a long-poll move: m is a ControlMoved, a
+// ControlEnd or a ControlRelay. Only the node that holds m.Session acts; the
+// rest ignore it. A move that a node misses (its listener was reconnecting)
+// is lost, and then the session it names ends on that node at its heartbeat
+// timeout. A relay whose ids do not fit in one payload, or hold a
+// separator, goes with no ids: the unread count alone (PROTOCOL.md allows a
+// `read` without ids).
 func (c *Control) Move(ctx context.Context, m ControlMessage) error {
-	if m.Kind != ControlMoved && m.Kind != ControlEnd {
+	if m.Kind != ControlMoved && m.Kind != ControlEnd && m.Kind != ControlRelay {
 		return fmt.Errorf("store: send move: kind %d is no move", m.Kind)
 	}
 	if strings.ContainsAny(m.Session+m.To+m.Reason, "\t\n") || strings.Contains(m.User, "\n") {
 		return fmt.Errorf("store: send move: session or user holds a separator")
 	}
+	if m.Kind == ControlRelay {
+		m = fitRelay(m)
+	}
 	return c.send(ctx, []ControlMessage{m})
+}
+
+// fitRelay drops the ids of a relay that would not fit in one payload or
+// would not parse back (an id holding a separator or empty).
+func fitRelay(m ControlMessage) ControlMessage {
+	size := len(m.appendLine(nil))
+	bad := size > maxControlPayload
+	for _, id := range m.IDs {
+		bad = bad || id == "" || strings.ContainsAny(id, "\t\n,")
+	}
+	if bad {
+		m.IDs = nil
+	}
+	return m
 }
 
 // Ack forwards the acks of ids by the client of session (of user) to the

@@ -137,6 +137,7 @@ func FuzzParseControl(f *testing.F) {
 		"read\t-1\ta\tu", "bogus", "\n\n", "read\t1\ta",
 		"moved\tabc\tdef\t1\tu", "end\tabc\tkicked\tu",
 		"ack\tabc\tn1,n2\tu\tv", "ack\tabc\t\tu", "ack\t\tn1\tu", "ack\tabc\tn1,,n2\tu", "ack\tabc\tn1",
+		"relay\tabc\t2\tn1,n2\tu\tv", "relay\tabc\t0\t\tu", "relay\t\t1\tn1\tu", "relay\tabc\t-1\tn1\tu", "relay\tabc\t1\tn1",
 	} {
 		f.Add(seed)
 	}
@@ -184,6 +185,31 @@ func TestControlParseAcks(t *testing.T) {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
 	for _, bad := range []string{"ack", "ack\tsess-1\t\tu", "ack\t\tn1\tu", "ack\tsess-1\tn1"} {
+		if got, err := store.ParseControl(bad); err == nil || len(got) != 0 {
+			t.Errorf("ParseControl(%q) = %+v, %v: want an error and no message", bad, got, err)
+		}
+	}
+}
+
+// TestControlParseRelay: a relayed read formats to its wire line and parses
+// back to itself; one without a session, with a negative count or missing
+// a field is refused.
+func TestControlParseRelay(t *testing.T) {
+	t.Parallel()
+	for _, m := range []store.ControlMessage{
+		{Kind: store.ControlRelay, Session: "sess-1", Unread: 2, IDs: []string{"n1", "n2"}, User: "u\twith tab"},
+		{Kind: store.ControlRelay, Session: "sess-1", Unread: 5, User: "u"},
+	} {
+		payloads := store.FormatControl([]store.ControlMessage{m})
+		got, err := store.ParseControl(payloads[0])
+		if err != nil || len(got) != 1 || !reflect.DeepEqual(got[0], m) {
+			t.Fatalf("round trip of %q: %+v, %v", payloads, got, err)
+		}
+	}
+	if p := store.FormatControl([]store.ControlMessage{{Kind: store.ControlRelay, Session: "s", Unread: 1, IDs: []string{"a", "b"}, User: "u"}}); len(p) != 1 || p[0] != "relay\ts\t1\ta,b\tu" {
+		t.Fatalf("payloads = %q", p)
+	}
+	for _, bad := range []string{"relay", "relay\t\t1\tn1\tu", "relay\ts\t-1\tn1\tu", "relay\ts\t1\tn1", "relay\ts\tx\tn1\tu"} {
 		if got, err := store.ParseControl(bad); err == nil || len(got) != 0 {
 			t.Errorf("ParseControl(%q) = %+v, %v: want an error and no message", bad, got, err)
 		}
@@ -264,13 +290,26 @@ func TestControlMove(t *testing.T) {
 	want := []store.ControlMessage{
 		{Kind: store.ControlMoved, Session: "old", To: "new", Cursor: 7, User: "u\twith tab"},
 		{Kind: store.ControlEnd, Session: "new", Reason: "kicked", User: "u\twith tab"},
+		{Kind: store.ControlRelay, Session: "new", Unread: 3, IDs: []string{"n1", "n2"}, User: "u\twith tab"},
 	}
 	for _, m := range want {
 		if err := c.Move(ctx, m); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if got := cl.wait(t, 2); !reflect.DeepEqual(got, want) {
+	// A relay too large for a payload, or with an id that would not parse
+	// back, goes as the count alone.
+	var many []string
+	for i := range 1000 {
+		many = append(many, fmt.Sprintf("%08d-0000-4000-8000-000000000000", i))
+	}
+	for _, ids := range [][]string{many, {"a,b"}} {
+		if err := c.Move(ctx, store.ControlMessage{Kind: store.ControlRelay, Session: "new", Unread: 4, IDs: ids, User: "u"}); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, store.ControlMessage{Kind: store.ControlRelay, Session: "new", Unread: 4, User: "u"})
+	}
+	if got := cl.wait(t, len(want)); !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v\nwant %+v", got, want)
 	}
 }

@@ -635,11 +635,6 @@ func testClusterCap(t *testing.T, bin string) {
 // holding node shows the read has reached that node before the next poll is sent. The case is
 // repeated until a next poll lands on another node (a move).
 func testClusterReadBetweenPolls(t *testing.T, c *cluster) {
-	// The server fails this case: the old node ends its copy as moved with the read still
-	// queued, and the move carries only the replay of notifications and an owed bye, so the
-	// moved poll answers [] (every run: the next poll on another node waits out its 2 s empty).
-	// Remove the Skip to reproduce it.
-	t.Skip("known failure: a long-poll move drops the read queued on the old node; the poll on the new node answers without it")
 	const user = "lb-read-between"
 	tok, err := c.lb.auth.NewToken(user, "between", time.Hour)
 	if err != nil {

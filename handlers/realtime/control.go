@@ -24,12 +24,13 @@ type ReadResolver interface {
 //   - kick and replace: the local session with that id and user ends with
 //     `bye kicked` or `bye replaced`; a node that does not hold it does nothing;
 //   - touch: the local sessions named are refreshed (Hub.Touch);
-//   - moved and end: handed to OnMove (the long-poll transport's);
+//   - moved, end and relay: handed to OnMove (the long-poll transport's);
 //   - ack: the ids go to OnAck with the local session of that id and user, to
 //     be admitted as a local ack is; a node that does not hold it does nothing.
 type Control struct {
 	// OnMove, when set before the listener runs, receives the long-poll moves
-	// (store.ControlMoved, store.ControlEnd), from the listener's goroutine in
+	// (store.ControlMoved, store.ControlEnd) and the reads relayed with them
+	// (store.ControlRelay), from the listener's goroutine in
 	// arrival order; it must not block. Nil drops them.
 	OnMove func(store.ControlMessage)
 	// OnAck, when set before the listener runs, receives the acks another
@@ -71,7 +72,7 @@ func (c *Control) Apply(msgs []store.ControlMessage) {
 					c.hub.Touch(s)
 				}
 			}
-		case store.ControlMoved, store.ControlEnd:
+		case store.ControlMoved, store.ControlEnd, store.ControlRelay:
 			if c.OnMove != nil {
 				c.OnMove(m)
 			}

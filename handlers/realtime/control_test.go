@@ -126,7 +126,7 @@ func TestControlEndsAndTouchesLocalSessions(t *testing.T) {
 	}
 }
 
-// TestControlHandsMovesOn: moved and end go to OnMove, in their order, and
+// TestControlHandsMovesOn: moved, end and relay go to OnMove, in their order, and
 // end no local session themselves; without OnMove they are dropped.
 func TestControlHandsMovesOn(t *testing.T) {
 	h, s, _ := annOnline(t)
@@ -134,12 +134,14 @@ func TestControlHandsMovesOn(t *testing.T) {
 	moves := []store.ControlMessage{
 		{Kind: store.ControlMoved, Session: s.ID, To: "new", Cursor: 3, User: "ann"},
 		{Kind: store.ControlEnd, Session: s.ID, Reason: "kicked", User: "ann"},
+		{Kind: store.ControlRelay, Session: s.ID, Unread: 2, IDs: []string{"n1"}, User: "ann"},
 	}
 	c.Apply(moves) // no OnMove: dropped
 	var got []store.ControlMessage
 	c.OnMove = func(m store.ControlMessage) { got = append(got, m) }
 	c.Apply(append([]store.ControlMessage{{Kind: store.ControlTouch, IDs: []string{s.ID}}}, moves...))
-	if len(got) != 2 || got[0].Kind != store.ControlMoved || got[0].To != "new" || got[1].Kind != store.ControlEnd || got[1].Reason != "kicked" {
+	if len(got) != 3 || got[0].Kind != store.ControlMoved || got[0].To != "new" || got[1].Kind != store.ControlEnd || got[1].Reason != "kicked" ||
+		got[2].Kind != store.ControlRelay || got[2].Unread != 2 || len(got[2].IDs) != 1 {
 		t.Fatalf("OnMove got %+v", got)
 	}
 	if s.isClosed() {
