@@ -116,19 +116,7 @@ func (a *API) remoteSessionUser(r *http.Request, id string) (string, bool, error
 // sent it (and keeps its ack rate), and the session is refreshed on its node.
 // Nothing of an ack is recorded here.
 func (a *API) handleRemoteMessages(ctx context.Context, user, session string, msgs []realtime.ClientMessage) []realtime.Frame {
-	var replies []realtime.Frame
-	for _, m := range msgs {
-		switch m.Type {
-		case realtime.ClientPing:
-			replies = append(replies, realtime.PongFrame(time.Now()))
-		case realtime.ClientAck:
-			a.forwardAcks(ctx, user, session, m.IDs)
-		case realtime.ClientRead:
-			if _, _, err := a.applyRead(ctx, user, m.IDs, m.UpToSeq); err != nil {
-				replies = append(replies, realtime.ErrorFrame("unavailable", "could not mark read; retry"))
-			}
-		}
-	}
+	replies := a.applyMessages(ctx, user, msgs, func(ids []string) { a.forwardAcks(ctx, user, session, ids) })
 	a.Control.Touch(session)
 	return replies
 }

@@ -17,15 +17,23 @@ import (
 // returns the replies a WebSocket would carry (pong, error). A read reaches
 // every session of the user, s included, through the read trigger (applyRead).
 func (a *API) handleMessages(ctx context.Context, s *realtime.Session, msgs []realtime.ClientMessage) []realtime.Frame {
+	return a.applyMessages(ctx, s.User, msgs, func(ids []string) { a.applyAcks(s, ids) })
+}
+
+// applyMessages applies client messages of a session of user, wherever it
+// lives: a ping is answered, a read applied in the database (its `read`
+// reaches every session through the read trigger), and acks handed to ack.
+// It returns the replies (pong, error).
+func (a *API) applyMessages(ctx context.Context, user string, msgs []realtime.ClientMessage, ack func(ids []string)) []realtime.Frame {
 	var replies []realtime.Frame
 	for _, m := range msgs {
 		switch m.Type {
 		case realtime.ClientPing:
 			replies = append(replies, realtime.PongFrame(time.Now()))
 		case realtime.ClientAck:
-			a.applyAcks(s, m.IDs)
+			ack(m.IDs)
 		case realtime.ClientRead:
-			if _, _, err := a.applyRead(ctx, s.User, m.IDs, m.UpToSeq); err != nil {
+			if _, _, err := a.applyRead(ctx, user, m.IDs, m.UpToSeq); err != nil {
 				replies = append(replies, realtime.ErrorFrame("unavailable", "could not mark read; retry"))
 			}
 		}

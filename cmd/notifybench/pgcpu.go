@@ -39,6 +39,25 @@ func ownBackends(pids ...int) []int {
 	if len(ports) == 0 {
 		return nil
 	}
+	var out []int
+	for _, pid := range postgresPIDs() {
+		title, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil {
+			continue
+		}
+		m := backendTitle.FindSubmatch(title)
+		if m == nil {
+			continue
+		}
+		if port, err := strconv.Atoi(string(m[1])); err == nil && ports[port] {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// postgresPIDs returns the pids of the machine's postgres processes.
+func postgresPIDs() []int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
@@ -50,18 +69,7 @@ func ownBackends(pids ...int) []int {
 			continue
 		}
 		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-		if err != nil || strings.TrimSpace(string(comm)) != "postgres" {
-			continue
-		}
-		title, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err != nil {
-			continue
-		}
-		m := backendTitle.FindSubmatch(title)
-		if m == nil {
-			continue
-		}
-		if port, err := strconv.Atoi(string(m[1])); err == nil && ports[port] {
+		if err == nil && strings.TrimSpace(string(comm)) == "postgres" {
 			out = append(out, pid)
 		}
 	}

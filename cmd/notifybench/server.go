@@ -346,20 +346,8 @@ func machineCPU() (busy, total int64) {
 // the CPU of the children they reaped: a backend that exits (the tool's SQL
 // publishers close theirs as the phase ends) is counted in its postmaster's.
 func postgresTicks() int64 {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return 0
-	}
 	var sum int64
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-		if err != nil || strings.TrimSpace(string(comm)) != "postgres" {
-			continue
-		}
+	for _, pid := range postgresPIDs() {
 		if s, err := readProc(pid); err == nil {
 			sum += s.CPUTick + s.ChildTick
 		}
