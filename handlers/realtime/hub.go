@@ -292,10 +292,12 @@ func (h *Hub) Sweep(now time.Time) int {
 			h.sweepBuf = due[:0]
 		}
 	}()
-	late := keepAll(due, func(s *Session) bool {
+	// One pass over the cores rechecks each deadline and closes the late
+	// ones (as endAll does); retire then finishes them as a batch.
+	ended := keepAll(due, func(s *Session) bool {
 		deadline := s.lastSeen.Load() + int64(h.cfg.PingTimeout)
 		if deadline <= now.UnixNano() {
-			return true
+			return s.close(ReasonHeartbeat)
 		}
 		// Touched between the slot's expiry and now: put it back.
 		h.wheel.mu.Lock()
@@ -305,7 +307,8 @@ func (h *Hub) Sweep(now time.Time) int {
 		h.wheel.mu.Unlock()
 		return false
 	})
-	return h.endAll(late, ReasonHeartbeat)
+	h.retire(ended, ReasonHeartbeat)
+	return len(ended)
 }
 
 // Run sweeps every SweepEvery until ctx ends.
