@@ -168,17 +168,6 @@ func (h *Hub) End(s *Session, reason Reason) {
 	}
 }
 
-// endAll ends a batch of sessions for reason as End ends one, and returns
-// how many this call ended (one already ended is skipped). It closes them
-// over several cores (closing one costs a cache miss on its done channel,
-// which the cores take in parallel). ss is reused: on return it starts with
-// the sessions this call ended.
-func (h *Hub) endAll(ss []*Session, reason Reason) int {
-	ended := keepAll(ss, func(s *Session) bool { return s.close(reason) })
-	h.retire(ended, reason)
-	return len(ended)
-}
-
 // retire finishes ending sessions that this caller's close has just ended
 // (close marks the reason and lets the session's writer say bye): each is
 // removed from presence and from the wheel, counted when evicted, and
@@ -278,7 +267,9 @@ func (h *Hub) Unpin(s *Session) {
 // Sweep evicts every session whose heartbeat deadline has passed at now and
 // returns how many it evicted. Its cost grows with the sessions that expire.
 // A session touched since its slot came due goes back in the wheel; the
-// others are ended as End would, in one batch (endAll).
+// others are ended as End would, in one batch: closed over several cores
+// (closing one costs a cache miss on its done channel, which the cores take
+// in parallel), then retired together.
 func (h *Hub) Sweep(now time.Time) int {
 	h.sweepMu.Lock()
 	defer h.sweepMu.Unlock()
@@ -293,7 +284,7 @@ func (h *Hub) Sweep(now time.Time) int {
 		}
 	}()
 	// One pass over the cores rechecks each deadline and closes the late
-	// ones (as endAll does); retire then finishes them as a batch.
+	// ones; retire then finishes them as a batch.
 	ended := keepAll(due, func(s *Session) bool {
 		deadline := s.lastSeen.Load() + int64(h.cfg.PingTimeout)
 		if deadline <= now.UnixNano() {
