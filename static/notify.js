@@ -527,6 +527,8 @@ export class NotifyClient {
     this._onceOf = new WeakMap();
     this._seen = new Map();
     this._maxSeq = Math.max(0, Number(this.opts.cursor) || 0);
+    /** the cursor as of the last replay or catch-up: what came after it may not be whole */
+    this._syncBase = this._maxSeq;
     /** @type {Array<[number, number]>} live seq ranges missing, being fetched */
     this._gaps = [];
     this._synced = false;
@@ -810,9 +812,13 @@ export class NotifyClient {
   /** Called by TabShare: another tab leads; this one catches up from the inbox. */
   _follow() {
     this._record({ event: 'share', role: 'follow' });
+    // A tab that was never synced may already hold notifications the leader
+    // passed on (its cursor moved past what it never got): catch up from its
+    // last synced cursor; repeats are dropped by id.
+    const from = this._synced ? this.cursor : this._syncBase;
     this._synced = false;
     this._setState(this.state === 'idle' || this.state === 'closed' ? 'connecting' : this.state, this.transport, 'shared');
-    this._syncInbox(this._pass);
+    this._syncInbox(this._pass, from);
   }
 
   /**
@@ -871,21 +877,23 @@ export class NotifyClient {
    * inbox (a fresh connection's replay, without a connection), then `synced`.
    * What the leader passes on meanwhile is dropped by id where it repeats.
    * @param {number} pass
+   * @param {number} from the cursor to catch up from
    */
-  async _syncInbox(pass) {
+  async _syncInbox(pass, from) {
     try {
-      const { found, unread } = await this._inbox(this.cursor + 1, 0);
+      const { found, unread } = await this._inbox(from + 1, 0);
       if (!this.follower || pass !== this._pass) return;
       this._emitFetched(found, false);
       this._synced = true;
       for (const n of found) if (n.seq > this._maxSeq) this._maxSeq = n.seq;
+      this._syncBase = this.cursor;
       if (typeof unread === 'number') this.unread = unread;
       this._emit('synced', { cursor: this.cursor, unread: this.unread ?? 0, truncated: false });
       this._emit('unread', this.unread);
     } catch (err) {
       this._emit('error', { code: 'inbox_sync', message: String(err) });
       if (this.follower && pass === this._pass) {
-        this._timers.sync = setTimeout(() => { delete this._timers.sync; if (this.follower) this._syncInbox(pass); }, 1000);
+        this._timers.sync = setTimeout(() => { delete this._timers.sync; if (this.follower) this._syncInbox(pass, from); }, 1000);
       }
     }
   }
@@ -1345,6 +1353,7 @@ export class NotifyClient {
     // The replay covered everything unread above the cursor this connection sent.
     this._gaps = [];
     if (m.cursor > this._maxSeq) this._maxSeq = m.cursor;
+    this._syncBase = this.cursor;
     this.unread = m.unread;
     this._emit('synced', { cursor: m.cursor, unread: m.unread, truncated: !!m.truncated });
     this._emit('unread', this.unread);
