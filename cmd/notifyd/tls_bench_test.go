@@ -1,17 +1,14 @@
 package main
 
 import (
-	"bufio"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -58,46 +55,9 @@ func measureIdleTLS(b *testing.B, s *tlsTestServer, proto string, n int) idleCos
 	if err := os.WriteFile(ca, s.cert.certPEM, 0o600); err != nil {
 		b.Fatal(err)
 	}
-	before := serverMemory()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestTLSBenchClient$", "-test.timeout=10m")
-	cmd.Env = append(os.Environ(), benchTLSClientEnv+"="+proto, benchTLSCAEnv+"="+ca,
-		benchURLEnv+"="+s.URL, benchCountEnv+"="+strconv.Itoa(n))
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		b.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		_ = stdin.Close() // the child exits when its stdin closes
-		_ = cmd.Wait()
-	}()
-	lines := bufio.NewScanner(stdout)
-	ready := false
-	for lines.Scan() {
-		if strings.HasPrefix(lines.Text(), "ready") {
-			ready = true
-			break
-		}
-	}
-	if !ready {
-		b.Fatalf("the client process did not get %d sessions ready over %s", n, proto)
-	}
-	go func() { _, _ = io.Copy(io.Discard, stdout) }()
-	if got := s.statsNow(b).ByTransport["sse"]; got != int64(n) {
-		b.Fatalf("%d sse sessions live, want %d", got, n)
-	}
-	time.Sleep(time.Second)
-	after := serverMemory()
-	per := func(a, b uint64) float64 { return (float64(a) - float64(b)) / float64(n) }
-	return idleCost{heap: per(after.heap, before.heap), stack: per(after.stack, before.stack),
-		goroutines: per(after.goroutines, before.goroutines)}
+	return measureIdleChild(b, "TestTLSBenchClient", n,
+		[]string{benchTLSClientEnv + "=" + proto, benchTLSCAEnv + "=" + ca, benchURLEnv + "=" + s.URL, benchCountEnv + "=" + strconv.Itoa(n)},
+		func() int64 { return s.statsNow(b).ByTransport["sse"] })
 }
 
 // TestTLSBenchClient is the child process of BenchmarkIdleSSEOverTLSMemory:

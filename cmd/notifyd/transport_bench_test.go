@@ -63,9 +63,20 @@ type idleCost struct {
 // the server's live heap, goroutine stack bytes and goroutines per session.
 func measureIdle(b *testing.B, ts *testServer, tr string, n int) idleCost {
 	b.Helper()
+	return measureIdleChild(b, "TestTransportBenchClient", n,
+		[]string{benchClientEnv + "=" + tr, benchURLEnv + "=" + ts.URL, benchCountEnv + "=" + strconv.Itoa(n)},
+		func() int64 { return ts.statsNow(b).ByTransport[tr] })
+}
+
+// measureIdleChild runs the test run of this binary as the client process
+// (with env added), which opens n sessions, prints "ready" and holds them
+// until its stdin closes; live must then count n sessions. It returns what
+// each session costs the server: live heap, goroutine stacks, goroutines.
+func measureIdleChild(b *testing.B, run string, n int, env []string, live func() int64) idleCost {
+	b.Helper()
 	before := serverMemory()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestTransportBenchClient$", "-test.timeout=10m")
-	cmd.Env = append(os.Environ(), benchClientEnv+"="+tr, benchURLEnv+"="+ts.URL, benchCountEnv+"="+strconv.Itoa(n))
+	cmd := exec.Command(os.Args[0], "-test.run=^"+run+"$", "-test.timeout=10m")
+	cmd.Env = append(os.Environ(), env...)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		b.Fatal(err)
@@ -91,11 +102,11 @@ func measureIdle(b *testing.B, ts *testServer, tr string, n int) idleCost {
 		}
 	}
 	if !ready {
-		b.Fatalf("the client process did not get %d %s sessions ready", n, tr)
+		b.Fatalf("the client process (%s %v) did not get %d sessions ready", run, env, n)
 	}
 	go func() { _, _ = io.Copy(io.Discard, stdout) }()
-	if got := ts.statsNow(b).ByTransport[tr]; got != int64(n) {
-		b.Fatalf("%d %s sessions live, want %d", got, tr, n)
+	if got := live(); got != int64(n) {
+		b.Fatalf("%d sessions live, want %d (%v)", got, n, env)
 	}
 	time.Sleep(time.Second) // let the last polls reach the server and settle
 	after := serverMemory()
