@@ -85,7 +85,9 @@ func (a *API) kickRemote(r *http.Request, id, user string) (bool, error) {
 // another node holds it for user: the new session takes its place (with an id
 // of this node). Failures are logged; the connect goes on as a new session.
 func (a *API) replaceRemote(ctx context.Context, resume, user string) {
-	if a.Control == nil || resume == "" {
+	// Alone (no other node holds a lease, or none can see sessions without
+	// history rows), no other node can hold it: no round trip on the connect.
+	if a.Control == nil || resume == "" || a.Presence == nil || !a.Presence.OthersLive() {
 		return
 	}
 	if s, ok := a.Hub.Session(resume); ok && s.User == user {
