@@ -78,7 +78,7 @@ func TestOtherUsersSessionIsUnknown(t *testing.T) {
 }
 
 // TestSecurityHeaders: the static pages carry a CSP that forbids framing and
-// inline scripts, nosniff and a Referrer-Policy; JSON answers carry nosniff.
+// inline scripts, nosniff, X-Frame-Options and a Referrer-Policy; JSON answers carry nosniff.
 // Failed before the fix: none of these headers were set.
 func TestSecurityHeaders(t *testing.T) {
 	pages := fstest.MapFS{"index.html": {Data: []byte("<html></html>")}, "dashboard.html": {Data: []byte("<html></html>")}}
@@ -88,7 +88,7 @@ func TestSecurityHeaders(t *testing.T) {
 		hd := rec.Header()
 		if rec.Code != http.StatusOK || !strings.Contains(hd.Get("Content-Security-Policy"), "frame-ancestors 'none'") ||
 			!strings.Contains(hd.Get("Content-Security-Policy"), "script-src 'self'") ||
-			hd.Get("X-Content-Type-Options") != "nosniff" || hd.Get("Referrer-Policy") == "" {
+			hd.Get("X-Content-Type-Options") != "nosniff" || hd.Get("Referrer-Policy") == "" || hd.Get("X-Frame-Options") != "DENY" {
 			t.Errorf("GET %s: %d, headers %v", path, rec.Code, hd)
 		}
 	}
