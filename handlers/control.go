@@ -12,8 +12,6 @@ import (
 // Control reaches sessions held by other nodes of the cluster: *store.Control.
 // A session is known there by its open session_history row.
 type Control interface {
-	// SessionUser returns the user of the open session id, on any node.
-	SessionUser(ctx context.Context, id string) (user string, ok bool, err error)
 	// SessionOf returns the user and transport of the open session id, on any node.
 	SessionOf(ctx context.Context, id string) (user, transport string, ok bool, err error)
 	// Kick asks the node holding session id (of user, unless user is "") to end it
@@ -108,7 +106,8 @@ func (a *API) remoteSessionUser(r *http.Request, id string) (string, bool, error
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), controlTimeout)
 	defer cancel()
-	return a.Control.SessionUser(ctx, id)
+	user, _, ok, err := a.Control.SessionOf(ctx, id)
+	return user, ok, err
 }
 
 // handleRemoteMessages applies client messages of a session held by another

@@ -315,16 +315,9 @@ const controlChannelSQL = `'` + ControlChannelPrefix + `' || current_schema()`
 const liveSessionRow = `s.ended_at IS NULL AND (s.node_id IS NULL OR EXISTS (
 	SELECT 1 FROM nodes n WHERE n.node_id = s.node_id AND n.lease_until > now()))`
 
-// SessionUser returns the user of the open session with this id anywhere in
-// the cluster (its open session_history row); ok is false when there is none.
-func (c *Control) SessionUser(ctx context.Context, id string) (user string, ok bool, err error) {
-	user, _, ok, err = c.SessionOf(ctx, id)
-	return user, ok, err
-}
-
 // SessionOf returns the user and transport of the open session with this id
-// anywhere in the cluster (as SessionUser finds it); ok is false when there
-// is none.
+// anywhere in the cluster (its open session_history row, written by a node
+// whose lease runs); ok is false when there is none.
 func (c *Control) SessionOf(ctx context.Context, id string) (user, transport string, ok bool, err error) {
 	err = c.s.pool.QueryRow(ctx, `SELECT s.user_id, s.transport FROM session_history s
 		WHERE s.session_id = $1 AND `+liveSessionRow+` ORDER BY s.connected_at DESC LIMIT 1`, id).Scan(&user, &transport)

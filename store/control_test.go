@@ -436,10 +436,10 @@ func TestControlKickReplaceTouch(t *testing.T) {
 	}
 	_, cl := listenControl(t, s)
 	c := s.NewControl(testLog())
-	if u, ok, err := c.SessionUser(ctx, "live-1"); err != nil || !ok || u != "ann" {
+	if u, _, ok, err := c.SessionOf(ctx, "live-1"); err != nil || !ok || u != "ann" {
 		t.Fatalf("session user: %q %v %v", u, ok, err)
 	}
-	if _, ok, err := c.SessionUser(ctx, "nope"); err != nil || ok {
+	if _, _, ok, err := c.SessionOf(ctx, "nope"); err != nil || ok {
 		t.Fatalf("unknown session found: %v %v", ok, err)
 	}
 	// A session of a node whose lease lapsed is no one's; one of a live node is found.
@@ -450,13 +450,13 @@ func TestControlKickReplaceTouch(t *testing.T) {
 			(gen_random_uuid(), 'on-alive', 'ann', 'websocket', now(), 'alive')`); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok, err := c.SessionUser(ctx, "on-dead"); err != nil || ok {
+	if _, _, ok, err := c.SessionOf(ctx, "on-dead"); err != nil || ok {
 		t.Fatalf("session of a dead node found: %v %v", ok, err)
 	}
 	if ok, err := c.Kick(ctx, "on-dead", ""); err != nil || ok {
 		t.Fatalf("session of a dead node kicked: %v %v", ok, err)
 	}
-	if u, ok, err := c.SessionUser(ctx, "on-alive"); err != nil || !ok || u != "ann" {
+	if u, _, ok, err := c.SessionOf(ctx, "on-alive"); err != nil || !ok || u != "ann" {
 		t.Fatalf("session of a live node: %q %v %v", u, ok, err)
 	}
 	for _, tc := range []struct {
