@@ -7,13 +7,15 @@ import (
 	"time"
 
 	"github.com/notifyd/notifyd/handlers/realtime"
+	"github.com/notifyd/notifyd/store"
 )
 
 // Control reaches sessions held by other nodes of the cluster: *store.Control.
 // A session is known there by its open session_history row.
 type Control interface {
-	// SessionOf returns the user and transport of the open session id, on any node.
-	SessionOf(ctx context.Context, id string) (user, transport string, ok bool, err error)
+	// SessionOf returns the newest history row of session id, on any node,
+	// open or ended; ok is false when there is none.
+	SessionOf(ctx context.Context, id string) (ref store.SessionRef, ok bool, err error)
 	// Kick asks the node holding session id (of user, unless user is "") to end it
 	// with `bye kicked`; false when no open session matches.
 	Kick(ctx context.Context, id, user string) (bool, error)
@@ -106,8 +108,8 @@ func (a *API) remoteSessionUser(r *http.Request, id string) (string, bool, error
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), controlTimeout)
 	defer cancel()
-	user, _, ok, err := a.Control.SessionOf(ctx, id)
-	return user, ok, err
+	ref, ok, err := a.Control.SessionOf(ctx, id)
+	return ref.User, ok && ref.Live, err
 }
 
 // handleRemoteMessages applies client messages of a session held by another

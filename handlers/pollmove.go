@@ -86,16 +86,16 @@ func (p *pollTransport) adoptable(cr connectRequest) bool {
 		return false
 	}
 	// Only a long-poll session of the poll's own user moves. A WebSocket or SSE
-	// session that another node holds is resumed instead: the poll opens a new
-	// connection (hello) and the old one is replaced; another user's session
-	// id opens a new session. A session whose history row is not written yet
-	// (a poll right after its session started) moves; the node holding it
-	// checks the user when it hears of the move.
+	// session, open on another node or ended anywhere, is resumed instead: the
+	// poll opens a new session (hello, replay, synced) and an open one is
+	// replaced; another user's session id opens a new session. A session whose
+	// history row is not written yet (a poll right after its session started)
+	// moves; the node holding it checks the user when it hears of the move.
 	if p.api.Control != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), controlTimeout)
 		defer cancel()
-		user, tr, ok, err := p.api.Control.SessionOf(ctx, cr.resume)
-		if err == nil && ok && (tr != string(realtime.LongPoll) || user != cr.id.User) {
+		ref, ok, err := p.api.Control.SessionOf(ctx, cr.resume)
+		if err == nil && ok && (ref.Transport != string(realtime.LongPoll) || ref.User != cr.id.User) {
 			return false
 		}
 	}

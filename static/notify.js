@@ -289,7 +289,7 @@ class PollConn extends Conn {
         if (!this.session && this.resume && this.role === 'attempt') {
           // A node that did not hold the resumed session took it over without hello (it moved
           // there): this answer continues that session, under the id it has on that node.
-          this.deliver({ type: 'hello', session: body.session, user: this.client.user, transport: 'longpoll' });
+          this.deliver({ type: 'hello', session: body.session, user: this.client.user, transport: 'longpoll', moved: true });
         }
         this.renamed(body.session);
       }
@@ -1213,7 +1213,10 @@ export class NotifyClient {
     this._probeArmed = false;
     this.session = hello.session;
     this.user = hello.user || this.user;
-    this._synced = false;
+    // A long-poll session that moved to another node goes on from the cursor
+    // with no synced of its own: it stays synced if it was.
+    const moved = hello.moved === true;
+    if (!moved) this._synced = false;
     this._failures = 0;
     this._lastGood = conn.transport;
     if (hello.ping_interval_ms > 0) this.pingInterval = hello.ping_interval_ms;
@@ -1224,6 +1227,11 @@ export class NotifyClient {
     this._emit('connect', { session: hello.session, user: hello.user, transport: conn.transport, hello });
     if (conn.transport !== 'longpoll') {
       this._timers.ping = setInterval(() => this._ping(conn), this.pingInterval);
+    }
+    // Probing waits for synced, which a moved session does not get.
+    if (moved) {
+      this._probeArmed = true;
+      this._scheduleProbe();
     }
   }
 

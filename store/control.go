@@ -315,19 +315,27 @@ const controlChannelSQL = `'` + ControlChannelPrefix + `' || current_schema()`
 const liveSessionRow = `s.ended_at IS NULL AND (s.node_id IS NULL OR EXISTS (
 	SELECT 1 FROM nodes n WHERE n.node_id = s.node_id AND n.lease_until > now()))`
 
-// SessionOf returns the user and transport of the open session with this id
-// anywhere in the cluster (its open session_history row, written by a node
-// whose lease runs); ok is false when there is none.
-func (c *Control) SessionOf(ctx context.Context, id string) (user, transport string, ok bool, err error) {
-	err = c.s.pool.QueryRow(ctx, `SELECT s.user_id, s.transport FROM session_history s
-		WHERE s.session_id = $1 AND `+liveSessionRow+` ORDER BY s.connected_at DESC LIMIT 1`, id).Scan(&user, &transport)
+// SessionRef is what the cluster knows of a session id: the user and
+// transport of its newest session_history row, and whether some live node
+// holds it (liveSessionRow).
+type SessionRef struct {
+	User, Transport string
+	Live            bool
+}
+
+// SessionOf returns the newest session_history row of the session with this
+// id, whichever node wrote it, open or ended; ok is false when there is none
+// (never recorded, or its row is not written yet).
+func (c *Control) SessionOf(ctx context.Context, id string) (ref SessionRef, ok bool, err error) {
+	err = c.s.pool.QueryRow(ctx, `SELECT s.user_id, s.transport, `+liveSessionRow+` FROM session_history s
+		WHERE s.session_id = $1 ORDER BY s.connected_at DESC LIMIT 1`, id).Scan(&ref.User, &ref.Transport, &ref.Live)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return "", "", false, nil
+		return SessionRef{}, false, nil
 	}
 	if err != nil {
-		return "", "", false, DBError("store: look up session", err)
+		return SessionRef{}, false, DBError("store: look up session", err)
 	}
-	return user, transport, true, nil
+	return ref, true, nil
 }
 
 // Kick asks the node holding session id to end it with `bye kicked`; user,

@@ -436,10 +436,10 @@ func TestControlKickReplaceTouch(t *testing.T) {
 	}
 	_, cl := listenControl(t, s)
 	c := s.NewControl(testLog())
-	if u, _, ok, err := c.SessionOf(ctx, "live-1"); err != nil || !ok || u != "ann" {
-		t.Fatalf("session user: %q %v %v", u, ok, err)
+	if r, ok, err := c.SessionOf(ctx, "live-1"); err != nil || !ok || r.User != "ann" || r.Transport != "websocket" || !r.Live {
+		t.Fatalf("open session: %+v %v %v", r, ok, err)
 	}
-	if _, _, ok, err := c.SessionOf(ctx, "nope"); err != nil || ok {
+	if _, ok, err := c.SessionOf(ctx, "nope"); err != nil || ok {
 		t.Fatalf("unknown session found: %v %v", ok, err)
 	}
 	// A session of a node whose lease lapsed is no one's; one of a live node is found.
@@ -450,14 +450,22 @@ func TestControlKickReplaceTouch(t *testing.T) {
 			(gen_random_uuid(), 'on-alive', 'ann', 'websocket', now(), 'alive')`); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, ok, err := c.SessionOf(ctx, "on-dead"); err != nil || ok {
-		t.Fatalf("session of a dead node found: %v %v", ok, err)
+	if r, ok, err := c.SessionOf(ctx, "on-dead"); err != nil || !ok || r.Live {
+		t.Fatalf("session of a dead node: %+v %v %v, want found and not live", r, ok, err)
 	}
 	if ok, err := c.Kick(ctx, "on-dead", ""); err != nil || ok {
 		t.Fatalf("session of a dead node kicked: %v %v", ok, err)
 	}
-	if u, _, ok, err := c.SessionOf(ctx, "on-alive"); err != nil || !ok || u != "ann" {
-		t.Fatalf("session of a live node: %q %v %v", u, ok, err)
+	if r, ok, err := c.SessionOf(ctx, "on-alive"); err != nil || !ok || r.User != "ann" || !r.Live {
+		t.Fatalf("session of a live node: %+v %v %v", r, ok, err)
+	}
+	// An ended session is found as ended, with its transport: a poll naming it does not adopt it.
+	if _, err := app.Exec(ctx, `INSERT INTO session_history (id, session_id, user_id, transport, connected_at, ended_at, end_reason)
+		VALUES (gen_random_uuid(), 'ended-1', 'ann', 'sse', now(), now(), 'closed')`); err != nil {
+		t.Fatal(err)
+	}
+	if r, ok, err := c.SessionOf(ctx, "ended-1"); err != nil || !ok || r.Live || r.Transport != "sse" {
+		t.Fatalf("ended session: %+v %v %v, want found, sse, not live", r, ok, err)
 	}
 	for _, tc := range []struct {
 		id, user string

@@ -94,3 +94,28 @@ func TestPollMoveCarriesTheBye(t *testing.T) {
 		t.Fatalf("poll on a after the bye went through b: %+v, want a new session", again)
 	}
 }
+
+// A poll naming an SSE session that ended (its proxy went away, its history row closed) is a
+// resume, not a move: only long-poll sessions move. The answer opens a new session with hello,
+// the replay above the cursor and synced, which the browser client waits for before it probes
+// for a better transport.
+func TestPollResumesAnEndedStream(t *testing.T) {
+	a := startServer(t)
+	c := a.dialSSE(t, "resumer", nil, nil)
+	x := c.expect(t, "hello").Session
+	c.expect(t, "synced")
+	a.waitRecorded(t, x)
+	c.drop()
+	eventually(t, 10*time.Second, "the stream's history row closed", func() bool {
+		return a.scalar(t, `SELECT count(*) FROM session_history WHERE session_id = $1 AND ended_at IS NOT NULL`, x) == 1
+	})
+	n := a.publish(t, "resumer", "t", nil)
+	r := a.poll(t, a.token(t, "resumer"), url.Values{"session": {x}, "cursor": {"0"}})
+	var types []string
+	for _, m := range r.Messages {
+		types = append(types, m.Type)
+	}
+	if len(r.Messages) != 3 || r.Messages[0].Type != "hello" || r.Messages[1].ID != n.ID || r.Messages[2].Type != "synced" || r.Session == x {
+		t.Fatalf("poll naming the ended stream %s: session %s, messages %v, want a new session: hello, %s, synced", x, r.Session, types, n.ID)
+	}
+}

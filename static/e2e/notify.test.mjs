@@ -191,6 +191,68 @@ test('a client on the top of its ladder never probes', async (t) => {
   assert.equal(n.history.filter((h) => h.event === 'probe_scheduled' || h.role === 'probe').length, 0);
 });
 
+/**
+ * A long-poll stand-in for a cluster without sticky sessions: the first poll
+ * says hello and synced as session s1, the second fails (503), and the
+ * reconnect's poll naming s1 lands on a node that adopts it: the answer
+ * carries the new id s2 and the notification above the cursor, with no
+ * hello and no synced. Later polls hold a while and answer empty.
+ */
+async function movesOnReconnect() {
+  const stats = { polls: 0, resumed: '' };
+  const server = createServer((req, res) => {
+    const reply = (status, body) => {
+      res.writeHead(status, { 'Content-Type': 'application/json' });
+      res.end(JSON.stringify(body));
+    };
+    if (req.url.startsWith('/v1/poll')) {
+      stats.polls++;
+      const q = new URL(req.url, 'http://x').searchParams;
+      if (stats.polls === 1) {
+        return reply(200, { session: 's1', cursor: 0, messages: [
+          { type: 'hello', session: 's1', user: 'u', transport: 'longpoll', ping_interval_ms: 20000, ping_timeout_ms: 60000 },
+          { type: 'synced', cursor: 0, unread: 0 },
+        ] });
+      }
+      if (stats.polls === 2) return reply(503, { error: { code: 'unavailable', message: 'down' } });
+      if (q.get('session') === 's1') {
+        stats.resumed = 's1';
+        return reply(200, { session: 's2', cursor: 1, messages: [
+          { type: 'notification', id: 'n1', seq: 1, topic: 't', data: {}, replayed: true },
+        ] });
+      }
+      const t = setTimeout(() => reply(200, { session: 's2', cursor: 1, messages: [] }), 200);
+      req.on('close', () => clearTimeout(t));
+      return undefined;
+    }
+    if (req.method === 'DELETE') return reply(204, {});
+    if (req.url === '/readyz') return reply(200, { ok: true });
+    return reply(404, { error: { code: 'not_found', message: 'no' } });
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const url = `http://127.0.0.1:${/** @type {any} */ (server.address()).port}`;
+  return { url, stats, stop: () => { server.closeAllConnections(); server.close(); } };
+}
+
+test('a long-poll session that moved on a reconnect goes on under its new id and still probes', async (t) => {
+  const srv = await movesOnReconnect();
+  t.after(srv.stop);
+  const n = new NotifyClient(srv.url, {
+    token: 't', negotiate: false, transports: ['sse', 'longpoll'], probeDelays: [100], backoffBase: 10, share: false,
+  });
+  t.after(() => n.close());
+  const got = [];
+  n.on('notification', (m) => got.push(m.id));
+  const connects = () => n.history.filter((h) => h.event === 'state' && h.state === 'connected');
+  await until(() => connects().length >= 2 && got.length === 1, 'reconnected onto the moved session');
+  assert.equal(srv.stats.resumed, 's1', 'the reconnect named the old session');
+  assert.equal(n.session, 's2');
+  assert.deepEqual(got, ['n1']);
+  const reconnectedAt = n.history.indexOf(connects()[1]);
+  await until(() => n.history.slice(reconnectedAt).some((h) => h.event === 'attempt' && h.role === 'probe'), 'a probe after the move');
+  n.close();
+});
+
 /** The string literals of a union type alias of notify.d.ts, following the aliases it names. */
 function unionOf(dts, name) {
   const m = dts.match(new RegExp(`export type ${name} =([^;]+);`));
