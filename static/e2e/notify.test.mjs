@@ -42,17 +42,30 @@ test('a once() listener is called once', () => {
 });
 
 /**
+ * Starts a stand-in for notifyd on a loopback port: handle(req, reply)
+ * answers each request; reply(status, body) sends JSON.
+ * @param {(req: import('node:http').IncomingMessage, reply: (status: number, body: any) => void) => void} handle
+ */
+async function standIn(handle) {
+  const server = createServer((req, res) => {
+    handle(req, (status, body) => {
+      res.writeHead(status, { 'Content-Type': 'application/json' });
+      res.end(JSON.stringify(body));
+    });
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const url = `http://127.0.0.1:${/** @type {any} */ (server.address()).port}`;
+  return { url, stop: () => { server.closeAllConnections(); server.close(); } };
+}
+
+/**
  * A stand-in for notifyd's long-poll side on a loopback port: the first poll
  * says hello and synced, the second says bye (shutdown, retry in 5 ms), and
  * every later poll and /readyz answer 503, so the client keeps reconnecting.
  */
 async function byeThenDown() {
   let polls = 0;
-  const server = createServer((req, res) => {
-    const reply = (status, body) => {
-      res.writeHead(status, { 'Content-Type': 'application/json' });
-      res.end(JSON.stringify(body));
-    };
+  const srv = await standIn((req, reply) => {
     if (req.url.startsWith('/v1/poll')) {
       polls++;
       if (polls === 1) {
@@ -66,9 +79,7 @@ async function byeThenDown() {
     if (req.method === 'DELETE') return reply(204, {});
     return reply(503, { error: { code: 'unavailable', message: 'down' } });
   });
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const url = `http://127.0.0.1:${/** @type {any} */ (server.address()).port}`;
-  return { url, stop: () => { server.closeAllConnections(); server.close(); } };
+  return srv;
 }
 
 test('state events fire only when the state or the transport changes', async (t) => {
@@ -118,16 +129,35 @@ test('probeInterval replaces the schedule; 0 turns probing off', () => {
 });
 
 /**
+ * Holds a poll for 200 ms and answers it with no messages.
+ * @param {import('node:http').IncomingMessage} req
+ * @param {(status: number, body: any) => void} reply
+ * @param {string} session
+ * @param {number} cursor
+ */
+function holdEmpty(req, reply, session, cursor) {
+  const t = setTimeout(() => reply(200, { session, cursor, messages: [] }), 200);
+  req.on('close', () => clearTimeout(t));
+}
+
+/**
+ * Answers what a stand-in does not model: a kick (DELETE) 204, /readyz 200, anything else 404.
+ * @param {import('node:http').IncomingMessage} req
+ * @param {(status: number, body: any) => void} reply
+ */
+function answerRest(req, reply) {
+  if (req.method === 'DELETE') return reply(204, {});
+  if (req.url === '/readyz') return reply(200, { ok: true });
+  return reply(404, { error: { code: 'not_found', message: 'no' } });
+}
+
+/**
  * A long-poll stand-in that says hello and synced and then holds each poll
  * for a while (empty answers), counting polls.
  */
 async function pollOnly() {
   const stats = { polls: 0 };
-  const server = createServer((req, res) => {
-    const reply = (status, body) => {
-      res.writeHead(status, { 'Content-Type': 'application/json' });
-      res.end(JSON.stringify(body));
-    };
+  const srv = await standIn((req, reply) => {
     if (req.url.startsWith('/v1/poll')) {
       stats.polls++;
       if (stats.polls === 1) {
@@ -136,17 +166,11 @@ async function pollOnly() {
           { type: 'synced', cursor: 0, unread: 0 },
         ] });
       }
-      const t = setTimeout(() => reply(200, { session: 's1', cursor: 0, messages: [] }), 200);
-      req.on('close', () => clearTimeout(t));
-      return undefined;
+      return holdEmpty(req, reply, 's1', 0);
     }
-    if (req.method === 'DELETE') return reply(204, {});
-    if (req.url === '/readyz') return reply(200, { ok: true });
-    return reply(404, { error: { code: 'not_found', message: 'no' } });
+    return answerRest(req, reply);
   });
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const url = `http://127.0.0.1:${/** @type {any} */ (server.address()).port}`;
-  return { url, stats, stop: () => { server.closeAllConnections(); server.close(); } };
+  return { ...srv, stats };
 }
 
 test('a client below the top probes after synced, then at each next step while probes fail', async (t) => {
@@ -200,11 +224,7 @@ test('a client on the top of its ladder never probes', async (t) => {
  */
 async function movesOnReconnect() {
   const stats = { polls: 0, resumed: '' };
-  const server = createServer((req, res) => {
-    const reply = (status, body) => {
-      res.writeHead(status, { 'Content-Type': 'application/json' });
-      res.end(JSON.stringify(body));
-    };
+  const srv = await standIn((req, reply) => {
     if (req.url.startsWith('/v1/poll')) {
       stats.polls++;
       const q = new URL(req.url, 'http://x').searchParams;
@@ -221,17 +241,11 @@ async function movesOnReconnect() {
           { type: 'notification', id: 'n1', seq: 1, topic: 't', data: {}, replayed: true },
         ] });
       }
-      const t = setTimeout(() => reply(200, { session: 's2', cursor: 1, messages: [] }), 200);
-      req.on('close', () => clearTimeout(t));
-      return undefined;
+      return holdEmpty(req, reply, 's2', 1);
     }
-    if (req.method === 'DELETE') return reply(204, {});
-    if (req.url === '/readyz') return reply(200, { ok: true });
-    return reply(404, { error: { code: 'not_found', message: 'no' } });
+    return answerRest(req, reply);
   });
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const url = `http://127.0.0.1:${/** @type {any} */ (server.address()).port}`;
-  return { url, stats, stop: () => { server.closeAllConnections(); server.close(); } };
+  return { ...srv, stats };
 }
 
 test('a long-poll session that moved on a reconnect goes on under its new id and still probes', async (t) => {
