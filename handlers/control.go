@@ -11,7 +11,8 @@ import (
 )
 
 // Control reaches sessions held by other nodes of the cluster: *store.Control.
-// A session is known there by its open session_history row.
+// A session is known there by its session_history rows: an open row of a live
+// node is a session that node holds; SessionOf also finds ended ones.
 type Control interface {
 	// SessionOf returns the newest history row of session id, on any node,
 	// open or ended; ok is false when there is none.

@@ -17,8 +17,9 @@ import (
 
 // Metrics is notifyd's Prometheus registry and the few figures /v1/stats adds. Every metric is
 // registered in this file: NewMetrics registers the hub's and the delivery ones, RegisterStore,
-// RegisterDispatch, RegisterNode and RegisterLimits those of the store, the recorder, the
-// dispatcher, the node and the connection and connect limits.
+// RegisterDispatch, RegisterNode, RegisterLimits and RegisterPublishBudget those of the store,
+// the recorder, the dispatcher, the node, the connection and connect limits and the publish
+// bodies in flight.
 type Metrics struct {
 	Registry  *prometheus.Registry
 	published prometheus.Counter
@@ -122,6 +123,14 @@ func (m *Metrics) RegisterStore(st StoreStats, rec RecorderStats) {
 			Help: "Acks that matched no recorded delivery of their session (never sent there, or its record was dropped)."},
 			func() float64 { return float64(rec.Unmatched()) }),
 	)
+}
+
+// RegisterPublishBudget exposes the publish body bytes in flight, as inflight
+// reads them, beside their bound (NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES).
+func (m *Metrics) RegisterPublishBudget(inflight func() int64) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "notifyd_publish_inflight_bytes",
+		Help: "Bytes of publish bodies admitted and not yet answered (bounded by NOTIFY_PUBLISH_MAX_INFLIGHT_BYTES)."},
+		func() float64 { return float64(inflight()) }))
 }
 
 // RegisterDispatch exposes where dispatched notifications were read from.

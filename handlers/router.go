@@ -118,6 +118,9 @@ func New(opt Options) http.Handler {
 	}
 	a := &API{Options: opt, publishBudget: &publishBudget{max: opt.Limits.PublishInflightBytes}}
 	a.sseStreams = newSSEStreams(a)
+	if opt.Metrics != nil {
+		opt.Metrics.RegisterPublishBudget(a.publishBudget.used.Load)
+	}
 	if opt.Acks != nil {
 		opt.Acks.attach(a)
 	}

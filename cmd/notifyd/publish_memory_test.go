@@ -198,21 +198,20 @@ func TestPublishBytesInFlightAreBounded(t *testing.T) {
 		raw, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(raw), resp.Header
 	}
-	// The slow request is charged once the server has read its headers.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		st, raw, h := send()
-		if st == http.StatusTooManyRequests {
-			if !strings.Contains(raw, `"busy"`) || h.Get("Retry-After") != "1" {
-				t.Fatalf("refused publish: %s, Retry-After %q; want code busy and Retry-After 1", raw, h.Get("Retry-After"))
-			}
-			break
+	// The slow request is charged once its handler has read its headers: wait
+	// for that before the second publish, which would otherwise be admitted
+	// first and get the slow one refused.
+	deadline := time.Now().Add(30 * time.Second)
+	for metricValue(t, ts, "notifyd_publish_inflight_bytes") < 80<<10 {
+		if time.Now().After(deadline) {
+			t.Fatal("the slow 80 KiB publish was never charged to the budget")
 		}
-		if st != http.StatusCreated || time.Now().After(deadline) {
-			t.Fatalf("publish beside a slow 80 KiB one within a 100 KiB budget: %d %s, want 429 busy", st, raw)
-		}
-		// Admitted before the slow one was: it committed; try again.
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
+	}
+	st, raw, h := send()
+	if st != http.StatusTooManyRequests || !strings.Contains(raw, `"busy"`) || h.Get("Retry-After") != "1" {
+		t.Fatalf("publish beside a slow 80 KiB one within a 100 KiB budget: %d %s, Retry-After %q; want 429 busy, Retry-After 1",
+			st, raw, h.Get("Retry-After"))
 	}
 	slow.Close()
 	for {
