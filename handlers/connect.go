@@ -95,21 +95,17 @@ func (a *API) openSession(r *http.Request, cr connectRequest, tr realtime.Transp
 	return s, nil
 }
 
-// capQueryTimeout bounds the cluster part of the session cap on a connect's path.
-const capQueryTimeout = 2 * time.Second
-
 // sessionsElsewhere is how many open sessions cr's user has on the cluster's other nodes, for
 // the per-user session cap: at most one query on the connect's path, and none without a cap,
 // without a cluster (no other live node), or when the sessions here alone reach the cap (the
 // hub refuses then, or lets a resume of a session here replace it). When Postgres does not
-// answer, the connect is let through with the cap counted on this node alone.
+// answer (the store bounds the query's time), the connect is let through with the cap
+// counted on this node alone.
 func (a *API) sessionsElsewhere(ctx context.Context, cr connectRequest) int {
 	limit := a.Hub.Config().MaxSessionsPerUser
 	if a.Presence == nil || limit <= 0 || !a.Presence.OthersLive() || a.Hub.UserSessionCount(cr.id.User) >= limit {
 		return 0
 	}
-	ctx, cancel := context.WithTimeout(ctx, capQueryTimeout)
-	defer cancel()
 	n, err := a.Presence.CountElsewhere(ctx, cr.id.User, cr.resume)
 	if err != nil {
 		a.Log.Warn("session cap: could not count the sessions on other nodes; counting this node's only",

@@ -22,6 +22,8 @@ import (
 type Presence struct {
 	s    *Store
 	node *Node
+	// counts batches CountElsewhere: a connect storm asks once per connect.
+	counts *batcher[*countReq]
 
 	statsMu  sync.Mutex // one stats query at a time; guards the cache below
 	statsAt  time.Time
@@ -33,7 +35,11 @@ type Presence struct {
 const statsMaxAge = time.Second
 
 // Presence returns the cluster-wide presence seen from this node.
-func (n *Node) Presence() *Presence { return &Presence{s: n.s, node: n} }
+func (n *Node) Presence() *Presence {
+	p := &Presence{s: n.s, node: n}
+	p.counts = newBatcher(countSlots, countBatchMax, p.countBatch)
+	return p
+}
 
 // Node is this node's id (its own sessions are the caller's to add).
 func (p *Presence) Node() string { return p.node.ID() }
@@ -58,18 +64,69 @@ func (n *Node) refreshPeers(ctx context.Context) error {
 // CountElsewhere is how many open sessions user has on the other live nodes, each session id
 // once (a session resumed from one node to another may have both rows open for a flush), and
 // not counting the session except (the one a connect resumes, which the resume ends). It is
-// the cluster part of the per-user session cap: one indexed read
-// (session_history_user_open) of the user's open rows.
+// the cluster part of the per-user session cap, asked on a connect's path: concurrent calls
+// share one statement (a batcher), which reads each user's open rows through the index
+// session_history_user_open.
 func (p *Presence) CountElsewhere(ctx context.Context, user, except string) (int, error) {
-	var n int
-	err := p.s.pool.QueryRow(ctx, `SELECT count(DISTINCT s.session_id)::int
-		FROM session_history s JOIN nodes n ON n.node_id = s.node_id
-		WHERE s.user_id = $1 AND s.ended_at IS NULL AND s.node_id <> $2 AND s.session_id <> $3
-		  AND n.lease_until > now()`, user, p.node.ID(), except).Scan(&n)
+	r := &countReq{batchItem: newBatchItem(), user: user, except: except}
+	err := p.counts.do(ctx, r)
+	if err == nil {
+		err = r.err
+	}
 	if err != nil {
 		return 0, DBError("store: count the sessions of "+user+" on other nodes", err)
 	}
-	return n, nil
+	return r.n, nil
+}
+
+const (
+	countSlots    = 2
+	countBatchMax = 256
+	countTimeout  = 2 * time.Second // bounds each statement; a connect fails open (counts its node only) then
+)
+
+// countReq is one queued CountElsewhere call; it is completed once n or err is set.
+type countReq struct {
+	batchItem
+	user, except string
+	n            int
+	err          error
+}
+
+// countElsewhereSQL counts, per request (r.i), the open rows of distinct sessions of the
+// request's user on the other live nodes ($3 is this node), leaving out its except session.
+const countElsewhereSQL = `SELECT r.i, (SELECT count(DISTINCT s.session_id)::int
+		FROM session_history s JOIN nodes n ON n.node_id = s.node_id
+		WHERE s.user_id = r.user_id AND s.ended_at IS NULL AND s.node_id <> $3 AND s.session_id <> r.skip
+		  AND n.lease_until > now())
+	FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(user_id, skip, i)`
+
+// countBatch runs one statement for batch and sets every request's count.
+func (p *Presence) countBatch(batch []*countReq) {
+	users := make([]string, len(batch))
+	excepts := make([]string, len(batch))
+	for i, r := range batch {
+		users[i], excepts[i] = r.user, r.except
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), countTimeout)
+	defer cancel()
+	rows, err := p.s.pool.Query(ctx, countElsewhereSQL, users, excepts, p.node.ID())
+	if err == nil {
+		var i int64
+		var n int
+		_, err = pgx.ForEachRow(rows, []any{&i, &n}, func() error {
+			if i < 1 || int(i) > len(batch) {
+				return fmt.Errorf("count row for request %d of %d", i, len(batch))
+			}
+			batch[i-1].n = n
+			return nil
+		})
+	}
+	if err != nil {
+		for _, r := range batch {
+			r.n, r.err = 0, err
+		}
+	}
 }
 
 // RemoteSession is an open session of another live node, as its session_history row has it.

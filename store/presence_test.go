@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -72,6 +73,18 @@ func TestPresenceOtherLiveNodes(t *testing.T) {
 	if n, err := p.CountElsewhere(ctx, "nobody", ""); err != nil || n != 0 {
 		t.Errorf("CountElsewhere(nobody) = %d, %v", n, err)
 	}
+	// Concurrent calls share statements; each still gets its own user's count.
+	want := map[string]int{"uma": 2, "vic": 1, "wes": 1, "nobody": 0}
+	var wg sync.WaitGroup
+	for i := range 200 {
+		user := []string{"uma", "vic", "wes", "nobody"}[i%4]
+		wg.Go(func() {
+			if n, err := p.CountElsewhere(ctx, user, ""); err != nil || n != want[user] {
+				t.Errorf("concurrent CountElsewhere(%s) = %d, %v; want %d", user, n, err, want[user])
+			}
+		})
+	}
+	wg.Wait()
 
 	list, err := p.UserSessions(ctx, "uma")
 	if err != nil {

@@ -7,13 +7,9 @@ import (
 	"time"
 )
 
-// Replays of concurrent connects are combined into one statement: a connect
-// storm or a mass reconnect would otherwise send one query per client and
-// queue for pool connections, while Postgres spends its time on per-statement
-// overhead rather than rows. Replay queues its request; whoever holds one of
-// replaySlots runs everything queued (up to replayBatchMax) in one statement
-// and hands each caller its rows. A lone connect finds a free slot and runs
-// its own request at once, so batching adds no wait when it is quiet.
+// Replays of concurrent connects are combined into one statement (a batcher
+// of replaySlots slots): a connect storm or a mass reconnect would otherwise
+// send one query per client.
 // DefaultReplayMaxBytes is the byte bound of Replay when the caller passes maxBytes <= 0.
 const DefaultReplayMaxBytes = 4 << 20
 
@@ -52,9 +48,10 @@ LEFT JOIN LATERAL (
 	WHERE w.run - w.len <= r.max_bytes OR w.rn <= 2) b ON true
 ORDER BY r.i, b.seq`
 
-// replayReq is one queued Replay call; done is closed once ns, unread,
+// replayReq is one queued Replay call; it is completed once ns, unread,
 // truncated and err are set.
 type replayReq struct {
+	batchItem
 	user      string
 	after     int64
 	limit     int
@@ -63,19 +60,16 @@ type replayReq struct {
 	unread    int64
 	truncated bool
 	err       error
-	done      chan struct{}
 }
 
-// replayQueue holds the Replay requests not yet taken by a batch, and the
-// per-user gate of Replay calls.
+// replayQueue batches the Replay requests and gates them per user.
 type replayQueue struct {
-	slots   chan struct{}
-	pending chan *replayReq
-	users   userGate
+	batch *batcher[*replayReq]
+	users userGate
 }
 
-func newReplayQueue() replayQueue {
-	return replayQueue{slots: make(chan struct{}, replaySlots), pending: make(chan *replayReq, 16*replayBatchMax),
+func newReplayQueue(s *Store) replayQueue {
+	return replayQueue{batch: newBatcher(replaySlots, replayBatchMax, s.replayBatch),
 		users: userGate{per: MaxReplaysPerUser}}
 }
 
@@ -100,56 +94,17 @@ func (s *Store) Replay(ctx context.Context, user string, after int64, limit, max
 		return nil, 0, false, fmt.Errorf("store: replay %q after %d: waiting for the user's other replays: %w", user, after, err)
 	}
 	defer release()
-	r := &replayReq{user: user, after: after, limit: limit, maxBytes: maxBytes, done: make(chan struct{})}
-	select {
-	case s.replays.pending <- r:
-	case <-ctx.Done():
-		return nil, 0, false, fmt.Errorf("store: replay %q after %d: %w", user, after, ctx.Err())
+	r := &replayReq{batchItem: newBatchItem(), user: user, after: after, limit: limit, maxBytes: maxBytes}
+	if err := s.replays.batch.do(ctx, r); err != nil {
+		return nil, 0, false, fmt.Errorf("store: replay %q after %d: %w", user, after, err)
 	}
-	for {
-		select {
-		case <-r.done:
-			if r.err != nil {
-				return nil, 0, false, fmt.Errorf("store: replay %q after %d: %w", user, after, r.err)
-			}
-			return r.ns, r.unread, r.truncated, nil
-		case s.replays.slots <- struct{}{}:
-			batch := s.takeReplays()
-			if len(batch) > 0 {
-				s.replayBatch(batch)
-			}
-			<-s.replays.slots
-			if len(batch) == 0 {
-				// r is in a batch that another caller is running.
-				select {
-				case <-r.done:
-				case <-ctx.Done():
-				}
-			}
-		case <-ctx.Done():
-			// r stays queued or in flight; whoever runs it drops the result.
-			return nil, 0, false, fmt.Errorf("store: replay %q after %d: %w", user, after, ctx.Err())
-		}
+	if r.err != nil {
+		return nil, 0, false, fmt.Errorf("store: replay %q after %d: %w", user, after, r.err)
 	}
+	return r.ns, r.unread, r.truncated, nil
 }
 
-// takeReplays removes up to replayBatchMax queued requests.
-func (s *Store) takeReplays() []*replayReq {
-	var batch []*replayReq
-	for len(batch) < replayBatchMax {
-		select {
-		case r := <-s.replays.pending:
-			batch = append(batch, r)
-		default:
-			return batch
-		}
-	}
-	return batch
-}
-
-// replayBatch runs one statement for batch and completes every request in it.
-// It is detached from the callers' contexts: one caller giving up must not
-// fail the others.
+// replayBatch runs one statement for batch and sets every request's results.
 func (s *Store) replayBatch(batch []*replayReq) {
 	users := make([]string, len(batch))
 	afters := make([]int64, len(batch))
@@ -161,11 +116,10 @@ func (s *Store) replayBatch(batch []*replayReq) {
 	ctx, cancel := context.WithTimeout(context.Background(), replayTimeout)
 	defer cancel()
 	err := s.scanReplays(ctx, batch, users, afters, limits, maxBytes)
-	for _, r := range batch {
-		if err != nil {
+	if err != nil {
+		for _, r := range batch {
 			r.ns, r.unread, r.truncated, r.err = nil, 0, false, err
 		}
-		close(r.done)
 	}
 }
 

@@ -195,8 +195,8 @@ func Open(ctx context.Context, url string, opt Options) (*Store, error) {
 		stop:     make(chan struct{}),
 		loopDone: make(chan struct{}),
 		workers:  make(chan struct{}, nworkers),
-		replays:  newReplayQueue(),
 	}
+	s.replays = newReplayQueue(s)
 	go s.groupLoop()
 	return s, nil
 }

@@ -97,3 +97,41 @@ func TestClusterCompare(t *testing.T) {
 		t.Errorf("failed run judged %+v", c)
 	}
 }
+
+func TestClusterRounds(t *testing.T) {
+	for _, c := range []struct{ procs, nodes, cores, want int }{
+		{-1, 3, 2, 1}, {-1, 3, 8, 3}, {-1, 2, 2, 1}, {-1, 4, 2, 1}, {0, 3, 2, 0}, {2, 3, 2, 2},
+	} {
+		if got := nodeProcs(c.procs, c.nodes, c.cores); got != c.want {
+			t.Errorf("nodeProcs(%d, %d nodes, %d cores) = %d, want %d", c.procs, c.nodes, c.cores, got, c.want)
+		}
+	}
+	round := func(ratio float64) ClusterRound {
+		return ClusterRound{Compare: ClusterCompare{ConnectServerCPU: ratio}}
+	}
+	for _, c := range []struct {
+		ratios []float64
+		want   int
+	}{{[]float64{1.3, 1.1, 1.2}, 2}, {[]float64{1.1}, 0}, {[]float64{1.4, 0, 1.0}, 0}, {[]float64{1.2, 1.0, 1.3, 1.1}, 3}} {
+		var rounds []ClusterRound
+		for _, r := range c.ratios {
+			rounds = append(rounds, round(r))
+		}
+		if got := medianRound(rounds); got != c.want {
+			t.Errorf("medianRound(%v) = %d, want %d", c.ratios, got, c.want)
+		}
+	}
+
+	one, control, many := clusterRun(1, 200, 4000, 100, 1, 9000), clusterRun(3, 210, 3200, 100, 2.4, 7000), clusterRun(3, 220, 3000, 150, 2.5, 6000)
+	control.Separate = true
+	rep := &ClusterReport{Procs: 1, Rounds: []ClusterRound{{Runs: []*ClusterRun{one, control, many}, Compare: compareRuns(one, control, many)},
+		{Runs: []*ClusterRun{one, control, many}, Compare: compareRuns(one, control, many)}}}
+	rep.Runs, rep.Compare = rep.Rounds[0].Runs, rep.Rounds[0].Compare
+	var md strings.Builder
+	writeClusterMarkdown(&md, rep)
+	for _, want := range []string{"each node has GOMAXPROCS=1", "2 rounds ran interleaved", "| 2 | 200 / 210 / 220 µs | 1.10 | 1.05 | yes |"} {
+		if !strings.Contains(md.String(), want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md.String())
+		}
+	}
+}

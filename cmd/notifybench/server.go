@@ -53,6 +53,8 @@ type serverSettings struct {
 	// of a cluster: it joins an existing schema (left for its maker to drop)
 	// with the cluster's secrets and its own NOTIFY_NODE_ID.
 	Schema, APIKey, JWTSecret, NodeID string
+	// GOMAXPROCS, when positive, is the server's GOMAXPROCS.
+	GOMAXPROCS int
 }
 
 // spawnServer starts bin as its own process with NOTIFY_DEV=0, fresh
@@ -90,6 +92,9 @@ func spawnServer(ctx context.Context, bin, baseDB, logPath string, set serverSet
 		"NOTIFY_MAX_CONNS=0", "NOTIFY_MAX_CONNS_PER_IP=0", "NOTIFY_CONNECT_RATE_PER_USER=off", "NOTIFY_CONNECT_RATE_PER_IP=off")
 	if set.NodeID != "" {
 		env = append(env, "NOTIFY_NODE_ID="+set.NodeID)
+	}
+	if set.GOMAXPROCS > 0 {
+		env = append(env, "GOMAXPROCS="+strconv.Itoa(set.GOMAXPROCS))
 	}
 	if set.MaxSessionsPerUser > 0 {
 		env = append(env, "NOTIFY_MAX_SESSIONS_PER_USER="+strconv.Itoa(set.MaxSessionsPerUser))
@@ -382,13 +387,20 @@ type phaseCPU struct {
 	backends         map[int]int64
 	server, bench    procSample
 	serverPID, cores int
+	// clients are the processes whose Postgres backends count: the server
+	// (or the nodes of a cluster), and the tool.
+	clients []int
 }
 
-func startPhaseCPU(serverPID int) *phaseCPU {
-	c := &phaseCPU{at: time.Now(), serverPID: serverPID, cores: runtime.NumCPU()}
+// startPhaseCPU takes a phase's first reading. serverPID is the server whose
+// CPU it reports (0: none, the caller sums a cluster's nodes); the Postgres
+// backends counted are those of the server, of nodes and of the tool.
+func startPhaseCPU(serverPID int, nodes ...int) *phaseCPU {
+	c := &phaseCPU{at: time.Now(), serverPID: serverPID, cores: runtime.NumCPU(),
+		clients: append([]int{serverPID, os.Getpid()}, nodes...)}
 	c.busy, c.total = machineCPU()
 	c.pg = postgresTicks()
-	c.backends = backendTicks(ownBackends(serverPID, os.Getpid()))
+	c.backends = backendTicks(ownBackends(c.clients...))
 	if serverPID > 0 {
 		c.server, _ = readProc(serverPID)
 	}
@@ -414,7 +426,7 @@ func (c *phaseCPU) finish(units int64) {
 		c.Machine = float64(busy-c.busy) / float64(total-c.total) * 100 * float64(c.cores)
 	}
 	c.PostgresAll = float64(postgresTicks()-c.pg) / clockTick / secs * 100
-	own := backendTicks(ownBackends(c.serverPID, os.Getpid()))
+	own := backendTicks(ownBackends(c.clients...))
 	c.Postgres = float64(ticksSince(c.backends, own)) / clockTick / secs * 100
 	if c.serverPID > 0 {
 		if s, err := readProc(c.serverPID); err == nil {
