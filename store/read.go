@@ -73,6 +73,31 @@ func (s *Store) Fetch(ctx context.Context, ranges []SeqRange) ([]Notification, e
 	return slices.CompactFunc(ns, func(a, b Notification) bool { return a.UserID == b.UserID && a.Seq == b.Seq }), nil
 }
 
+// UnreadUpTo returns, for each user of upTo, how many of the user's notifications with seq up
+// to upTo[user] are unread and unexpired: after a catch-up, the count a session that has
+// received everything up to that seq should show (later rows reach it as notifications).
+func (s *Store) UnreadUpTo(ctx context.Context, upTo map[string]int64) (map[string]int64, error) {
+	users := make([]string, 0, len(upTo))
+	seqs := make([]int64, 0, len(upTo))
+	for u, seq := range upTo {
+		users = append(users, u)
+		seqs = append(seqs, seq)
+	}
+	rows, err := s.pool.Query(ctx, `SELECT c.user_id, (SELECT count(*) FROM notifications n
+			WHERE n.user_id = c.user_id AND n.seq <= c.up_to AND n.read_at IS NULL AND `+unexpired+`)
+		FROM unnest($1::text[], $2::bigint[]) AS c(user_id, up_to)`, users, seqs)
+	if err != nil {
+		return nil, DBError(fmt.Sprintf("store: unread counts (%d users)", len(upTo)), err)
+	}
+	out := make(map[string]int64, len(upTo))
+	var user string
+	var n int64
+	if _, err := pgx.ForEachRow(rows, []any{&user, &n}, func() error { out[user] = n; return nil }); err != nil {
+		return nil, DBError(fmt.Sprintf("store: unread counts (%d users)", len(upTo)), err)
+	}
+	return out, nil
+}
+
 // After returns, for catch-up, the unread, unexpired notifications with seq greater than each
 // user's cursor, at most limitPerUser per user (DefaultReplayLimit when <= 0), ordered by user
 // (byte order) then seq. Read ones are left out as in Replay: a session whose cursor is below

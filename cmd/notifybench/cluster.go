@@ -61,7 +61,7 @@ func clusterFlags() *clusterOptions {
 	flag.BoolVar(&o.compare, "cluster-compare", false, "instead of scenarios, run the connect storm, idle WebSocket CPU and single publishes against 1 node and then -nodes nodes on one schema (needs -spawn)")
 	flag.BoolVar(&o.control, "cluster-control", true, "cluster-compare: also run -nodes separate single nodes (own schemas, no cluster mode) as a control")
 	flag.IntVar(&o.nodes, "nodes", 3, "cluster-compare: nodes of the cluster")
-	flag.IntVar(&o.storm, "cluster-storm", 5000, "cluster-compare: WebSocket clients of the connect storm (1 unread each)")
+	flag.IntVar(&o.storm, "cluster-storm", 15000, "cluster-compare: WebSocket clients of the connect storm (1 unread each)")
 	flag.IntVar(&o.idle, "cluster-idle", 19000, "cluster-compare: WebSocket sessions in the idle window (the storm's plus more)")
 	flag.DurationVar(&o.idleFor, "cluster-idle-for", 40*time.Second, "cluster-compare: idle CPU window")
 	flag.IntVar(&o.publishers, "cluster-publishers", 64, "cluster-compare: single-notification publishers, spread over the nodes")

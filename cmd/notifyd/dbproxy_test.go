@@ -321,9 +321,12 @@ func TestCatchUpBeforeNewerSignals(t *testing.T) {
 		insert() // a NOTIFY newer than what the catch-up must bring
 		time.Sleep(200 * time.Millisecond)
 		proxy.hold(false)
-		for range 4 {
-			want++
+		for end := want + 4; want < end; {
 			m := c.next(t, 10*time.Second)
+			if m.Type == "read" && len(m.IDs) == 0 && m.Unread == want {
+				continue // the unread count after the catch-up: every row received so far
+			}
+			want++
 			if m.Type != "notification" || m.Seq != want {
 				t.Fatalf("round %d: got %+v, want seq %d", round, m, want)
 			}

@@ -514,27 +514,100 @@ func TestListenerReconnectCatchUp(t *testing.T) {
 		t.Fatalf("%d rows, inserted %d", n, inserted.Load()+rounds*6)
 	}
 
-	// Connected throughout, everything is live: exactly 1, 2, ..., n in order.
+	// Connected throughout, everything is live: exactly 1, 2, ..., n in order. After each
+	// catch-up comes a `read` with no ids and the unread count of the rows received so far
+	// (nothing was read: all of them).
 	deadline := time.After(15 * time.Second)
-	for want := int64(1); want <= n; want++ {
+	reads := 0
+	for want := int64(1); want <= n; {
 		select {
 		case m, ok := <-c.in:
 			if !ok {
 				t.Fatalf("connection ended: %v", c.closeErr)
 			}
+			if m.Type == "read" {
+				if len(m.IDs) != 0 || m.Unread != want-1 {
+					t.Fatalf("read after a catch-up: %+v, want no ids and unread %d", m, want-1)
+				}
+				reads++
+				continue
+			}
 			if m.Type != "notification" || m.Seq != want || m.Replayed {
 				t.Fatalf("got %+v, want live seq %d of %d", m, want, n)
 			}
+			want++
 		case <-deadline:
 			t.Fatalf("got %d of %d notifications", want-1, n)
 		}
 	}
-	select {
-	case m := <-c.in:
-		t.Fatalf("more than %d: %+v", n, m)
-	case <-time.After(300 * time.Millisecond):
+	for more := true; more; {
+		select {
+		case m := <-c.in:
+			if m.Type != "read" || m.Unread != n {
+				t.Fatalf("more than %d: %+v", n, m)
+			}
+			reads++
+		case <-time.After(300 * time.Millisecond):
+			more = false
+		}
+	}
+	if reads < rounds {
+		t.Fatalf("%d unread counts after %d listener reconnects, want one each", reads, rounds)
 	}
 	t.Logf("%d notifications across %d listener reconnects, none missed", n, rounds)
+}
+
+// TestListenerReconnectSendsReads: a read committed (by SQL) while the server's LISTEN
+// connection is down sends its NOTIFY to no one; once the listener is back, the client still
+// learns the unread count, in a `read` with no ids. It failed before: the count came only with
+// the next read.
+func TestListenerReconnectSendsReads(t *testing.T) {
+	t.Parallel()
+	ts := startServer(t)
+	const user = "read-while-down"
+	for range 3 {
+		ts.publish(t, user, "t", nil)
+	}
+	c := ts.dialWS(t, user, nil)
+	c.expect(t, "hello")
+	for range 3 {
+		c.expect(t, "notification")
+	}
+	if s := c.expect(t, "synced"); s.Unread != 3 {
+		t.Fatalf("synced = %+v, want unread 3", s)
+	}
+	admin := pgConn(t, storetest.BaseURL())
+	direct := pgConn(t, ts.DBURL)
+	schema := schemaOf(t, ts.DBURL)
+	ctx := context.Background()
+	pid := listenerPID(t, admin, schema, 0)
+	if _, err := admin.Exec(ctx, "SELECT pg_terminate_backend($1)", pid); err != nil {
+		t.Fatal(err)
+	}
+	// Once the old backend is gone, nothing can hand the read's NOTIFY to the server.
+	for gone := false; !gone; {
+		if err := admin.QueryRow(ctx, "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", pid).Scan(&gone); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := direct.Exec(ctx, `UPDATE notifications SET read_at = now() WHERE user_id = $1 AND seq <= 2`, user); err != nil {
+		t.Fatal(err)
+	}
+	var committed time.Time
+	if err := direct.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&committed); err != nil {
+		t.Fatal(err)
+	}
+	next := listenerPID(t, admin, schema, pid)
+	var started time.Time
+	if err := admin.QueryRow(ctx, "SELECT backend_start FROM pg_stat_activity WHERE pid = $1", next).Scan(&started); err != nil {
+		t.Fatal(err)
+	}
+	if !started.After(committed) {
+		t.Fatalf("the listener was back (%s) before the read committed (%s): the test shows nothing", started, committed)
+	}
+	if m := c.expect(t, "read"); len(m.IDs) != 0 || m.Unread != 1 {
+		t.Fatalf("after the listener reconnected: %+v, want a read with no ids and unread 1", m)
+	}
 }
 
 // TestCatchUpSkipsReadHistory: a client connected with no cursor to a user whose history is all
@@ -569,6 +642,9 @@ func TestCatchUpSkipsReadHistory(t *testing.T) {
 	listenerPID(t, admin, schema, pid)
 	if m := c.expect(t, "notification"); m.Seq != seq || m.Topic != "while.down" {
 		t.Fatalf("after the listener reconnected: %+v, want only seq %d (while.down)", m, seq)
+	}
+	if m := c.expect(t, "read"); len(m.IDs) != 0 || m.Unread != 1 {
+		t.Fatalf("after the catch-up: %+v, want a read with no ids and unread 1", m)
 	}
 	select {
 	case m := <-c.in:

@@ -16,6 +16,9 @@ type Source interface {
 	// After returns, per user, up to limit unread notifications above the
 	// cursor, ordered by user then seq.
 	After(ctx context.Context, cursors map[string]int64, limit int) ([]store.Notification, error)
+	// UnreadUpTo returns, per user, the count of unread notifications with
+	// seq up to the user's cursor.
+	UnreadUpTo(ctx context.Context, cursors map[string]int64) (map[string]int64, error)
 }
 
 // Dispatcher turns commit signals (Postgres NOTIFY, parsed by store.Listener
@@ -228,6 +231,33 @@ func (d *Dispatcher) runCatchUp(ctx context.Context) {
 			}
 		}
 		cursors = next
+	}
+	d.sendUnread(ctx)
+}
+
+// sendUnread tells the sessions of every online user their unread count, in a
+// `read` with no ids, once a catch-up has delivered what they missed: the
+// NOTIFY of a read committed while the listener was away reached no one. The
+// count covers the rows up to the user's cursor; rows above it come as
+// notifications, which a client counts as they arrive.
+func (d *Dispatcher) sendUnread(ctx context.Context) {
+	cursors := d.hub.Cursors()
+	for attempt := 0; len(cursors) > 0 && ctx.Err() == nil; attempt++ {
+		fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		counts, err := d.src.UnreadUpTo(fctx, cursors)
+		cancel()
+		if err == nil {
+			for user, n := range counts {
+				d.hub.BroadcastRead(user, nil, n)
+			}
+			return
+		}
+		if attempt >= 2 {
+			d.log.Warn("dispatch: unread counts after a catch-up failed; the next read carries them", "err", err)
+			return
+		}
+		d.log.Warn("dispatch: unread counts after a catch-up failed; retrying", "err", err)
+		sleep(ctx, time.Second)
 	}
 }
 

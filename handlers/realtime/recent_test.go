@@ -41,6 +41,10 @@ func (c *countingSource) After(context.Context, map[string]int64, int) ([]store.
 	return nil, errors.New("not used")
 }
 
+func (c *countingSource) UnreadUpTo(context.Context, map[string]int64) (map[string]int64, error) {
+	return nil, errors.New("not used")
+}
+
 // annOnline is a hub with one live session of "ann", and a maker of her notifications.
 func annOnline(t *testing.T) (*Hub, *Session, func(seq int64) store.Notification) {
 	t.Helper()
