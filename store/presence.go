@@ -82,7 +82,7 @@ func (p *Presence) CountElsewhere(ctx context.Context, user, except string) (int
 const (
 	countSlots    = 2
 	countBatchMax = 256
-	countTimeout  = 2 * time.Second // bounds each statement; a connect fails open (counts its node only) then
+	countTimeout  = 2 * time.Second // bounds each statement; past it its connects count their own node only
 )
 
 // countReq is one queued CountElsewhere call; it is completed once n or err is set.
