@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -201,7 +202,8 @@ func presenceBenchData(b *testing.B, s *store.Store) (*store.Node, int) {
 // BenchmarkCountElsewhere is the cluster part of the session cap on a connect's path: one count
 // of a user's open rows on other live nodes (presenceBenchData), with the partial index
 // session_history_user_open and without it (the index on user and connect time that the
-// history already has).
+// history already has); plain-query is the same count as one plain statement, which a lone call
+// would send if it were not shared.
 func BenchmarkCountElsewhere(b *testing.B) {
 	s := storetest.New(b)
 	ctx := testCtx(b)
@@ -217,10 +219,58 @@ func BenchmarkCountElsewhere(b *testing.B) {
 		}
 	}
 	b.Run("index=user_open", run)
+	b.Run("plain-query", func(b *testing.B) { // the statement one lone call would send unshared
+		i := 0
+		for b.Loop() {
+			var n int
+			if err := s.Pool().QueryRow(ctx, `SELECT count(DISTINCT s.session_id)::int
+				FROM session_history s JOIN nodes n ON n.node_id = s.node_id
+				WHERE s.user_id = $1 AND s.ended_at IS NULL AND s.node_id <> $2 AND s.session_id <> ''
+				  AND n.lease_until > now()`, fmt.Sprintf("user-%d", i%users), self.ID()).Scan(&n); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
 	if _, err := s.Pool().Exec(ctx, `DROP INDEX session_history_user_open`); err != nil {
 		b.Fatal(err)
 	}
 	b.Run("index=user_connected", run)
+}
+
+// BenchmarkCountElsewhereConcurrent is CountElsewhere under a connect storm: 64 callers at
+// once, sharing statements, beside the same count sent as one query per call. ns/op is wall
+// time per count over all callers.
+func BenchmarkCountElsewhereConcurrent(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	self, users := presenceBenchData(b, s)
+	p := self.Presence()
+	var next atomic.Int64
+	user := func() string { return fmt.Sprintf("user-%d", next.Add(1)%int64(users)) }
+	storm := func(b *testing.B, count func(user string) error) {
+		b.SetParallelism(32) // 64 callers on 2 cores
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				if err := count(user()); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	b.Run("shared", func(b *testing.B) {
+		storm(b, func(u string) error { _, err := p.CountElsewhere(ctx, u, ""); return err })
+	})
+	b.Run("one-query-each", func(b *testing.B) {
+		storm(b, func(u string) error {
+			var n int
+			return s.Pool().QueryRow(ctx, `SELECT count(DISTINCT s.session_id)::int
+				FROM session_history s JOIN nodes n ON n.node_id = s.node_id
+				WHERE s.user_id = $1 AND s.ended_at IS NULL AND s.node_id <> $2 AND s.session_id <> ''
+				  AND n.lease_until > now()`, u, self.ID()).Scan(&n)
+		})
+	})
 }
 
 // BenchmarkPresenceStats is one read of the cluster's stats for /v1/stats (the per-node counts
