@@ -10,6 +10,7 @@ import (
 // Replays of concurrent connects are combined into one statement (a batcher
 // of replaySlots slots): a connect storm or a mass reconnect would otherwise
 // send one query per client.
+
 // DefaultReplayMaxBytes is the byte bound of Replay when the caller passes maxBytes <= 0.
 const DefaultReplayMaxBytes = 4 << 20
 
