@@ -1,6 +1,11 @@
 package store
 
-import "context"
+import (
+	"context"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
 
 // A batcher combines the requests of concurrent callers into one statement: a
 // connect storm or a mass reconnect would otherwise send one query per client
@@ -83,4 +88,22 @@ func (b *batcher[R]) take() []R {
 		}
 	}
 	return batch
+}
+
+// genericPlanSQL, sent in the same implicit transaction as a batched statement, makes Postgres
+// run the statement's cached generic plan. Left to choose, it plans every execution anew: the
+// generic plan's estimate assumes ten array elements, which looks dearer than a custom plan for
+// one or a few, so a lone call paid its planning every time. A lone count took 550 µs against
+// 230 µs with the generic plan (BenchmarkCountElsewhere); a lone replay planned for 0.26-0.7 ms
+// against 0.02 ms, to execute in 0.1 ms (EXPLAIN ANALYZE). The plans are the same either way:
+// per array element, index probes.
+const genericPlanSQL = `SELECT set_config('plan_cache_mode', 'force_generic_plan', true)`
+
+// queryGeneric runs the batched statement sql with args on its generic plan (genericPlanSQL),
+// handing its rows to scan, in one round trip.
+func queryGeneric(ctx context.Context, pool *pgxpool.Pool, scan func(pgx.Rows) error, sql string, args ...any) error {
+	b := &pgx.Batch{}
+	b.Queue(genericPlanSQL)
+	b.Queue(sql, args...).Query(scan)
+	return pool.SendBatch(ctx, b).Close()
 }

@@ -57,6 +57,27 @@ func BenchmarkPublishBatch1000(b *testing.B) {
 	b.ReportMetric(float64(b.N)*1000/b.Elapsed().Seconds(), "rows/s")
 }
 
+// BenchmarkReplayLone: one quiet-time connect's replay of its one unread, alone, so its
+// statement is not shared: its cost is mostly the statement's, planning included.
+func BenchmarkReplayLone(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	for i := range 200 {
+		mustPublish(b, s, note(fmt.Sprintf("lone-%d", i)))
+	}
+	if _, err := s.Pool().Exec(ctx, "ANALYZE notifications"); err != nil {
+		b.Fatal(err)
+	}
+	i := 0
+	for b.Loop() {
+		got, unread, _, err := s.Replay(ctx, fmt.Sprintf("lone-%d", i%200), 0, 1000, 0)
+		if err != nil || len(got) != 1 || unread != 1 {
+			b.Fatalf("replay: %d rows, unread %d, %v", len(got), unread, err)
+		}
+		i++
+	}
+}
+
 // BenchmarkReplay1000: a connect that replays 1,000 unread notifications.
 func BenchmarkReplay1000(b *testing.B) {
 	s := storetest.New(b)

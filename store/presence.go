@@ -101,14 +101,6 @@ const countElsewhereSQL = `SELECT r.i, (SELECT count(DISTINCT s.session_id)::int
 		  AND n.lease_until > now())
 	FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(user_id, skip, i)`
 
-// genericPlanSQL, sent in the same implicit transaction as a batched statement, makes Postgres
-// run the statement's cached generic plan. Left to choose, it plans every execution anew: the
-// generic plan's estimate assumes ten array elements, which looks dearer than a custom plan for
-// one or a few, so a lone count paid its planning every time (BenchmarkCountElsewhere: 550 µs
-// against 230 µs with the generic plan). The plan is the same either way: per element, one
-// index probe.
-const genericPlanSQL = `SELECT set_config('plan_cache_mode', 'force_generic_plan', true)`
-
 // countBatch runs one statement for batch and sets every request's count.
 func (p *Presence) countBatch(batch []*countReq) {
 	users := make([]string, len(batch))
@@ -118,11 +110,9 @@ func (p *Presence) countBatch(batch []*countReq) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), countTimeout)
 	defer cancel()
-	b := &pgx.Batch{}
-	b.Queue(genericPlanSQL)
 	var i int64
 	var n int
-	b.Queue(countElsewhereSQL, users, excepts, p.node.ID()).Query(func(rows pgx.Rows) error {
+	err := queryGeneric(ctx, p.s.pool, func(rows pgx.Rows) error {
 		_, err := pgx.ForEachRow(rows, []any{&i, &n}, func() error {
 			if i < 1 || int(i) > len(batch) {
 				return fmt.Errorf("count row for request %d of %d", i, len(batch))
@@ -131,8 +121,7 @@ func (p *Presence) countBatch(batch []*countReq) {
 			return nil
 		})
 		return err
-	})
-	err := p.s.pool.SendBatch(ctx, b).Close()
+	}, countElsewhereSQL, users, excepts, p.node.ID())
 	if err != nil {
 		for _, r := range batch {
 			r.n, r.err = 0, err

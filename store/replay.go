@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Replays of concurrent connects are combined into one statement (a batcher
@@ -126,11 +128,11 @@ func (s *Store) replayBatch(batch []*replayReq) {
 
 func (s *Store) scanReplays(ctx context.Context, batch []*replayReq, args ...any) error {
 	s.stats.replayStatements.Add(1)
-	rows, err := s.pool.Query(ctx, replayBatchSQL, args...)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
+	return queryGeneric(ctx, s.pool, func(rows pgx.Rows) error { return scanReplayRows(rows, batch) }, replayBatchSQL, args...)
+}
+
+// scanReplayRows hands the rows of replayBatchSQL to the requests of batch.
+func scanReplayRows(rows pgx.Rows, batch []*replayReq) error {
 	for rows.Next() {
 		var (
 			i      int64
