@@ -254,6 +254,17 @@ func (c *wsClient) next(t testing.TB, timeout time.Duration) msg {
 	return nextFrom(t, c.in, c.ended, timeout)
 }
 
+// nextPastCount returns the next message other than the `read` the server sends after a
+// listener catch-up: no ids, and received unread (every row received so far; none was read).
+func (c *wsClient) nextPastCount(t testing.TB, timeout time.Duration, received int64) msg {
+	t.Helper()
+	m := c.next(t, timeout)
+	for m.Type == "read" && len(m.IDs) == 0 && m.Unread == received {
+		m = c.next(t, timeout)
+	}
+	return m
+}
+
 // expect returns the next message and fails unless it has type typ.
 func (c *wsClient) expect(t testing.TB, typ string) msg {
 	t.Helper()
