@@ -78,7 +78,8 @@ func TestOtherUsersSessionIsUnknown(t *testing.T) {
 }
 
 // TestSecurityHeaders: the static pages carry a CSP that forbids framing and
-// inline scripts, nosniff, X-Frame-Options and a Referrer-Policy; JSON answers carry nosniff.
+// inline scripts, nosniff, X-Frame-Options and a Referrer-Policy; JSON answers carry nosniff,
+// and the API's are uncacheable.
 // Failed before the fix: none of these headers were set.
 func TestSecurityHeaders(t *testing.T) {
 	pages := fstest.MapFS{"index.html": {Data: []byte("<html></html>")}, "dashboard.html": {Data: []byte("<html></html>")}}
@@ -97,6 +98,11 @@ func TestSecurityHeaders(t *testing.T) {
 		if rec.Header().Get("X-Content-Type-Options") != "nosniff" || !strings.HasPrefix(rec.Header().Get("Content-Type"), "application/json") {
 			t.Errorf("GET %s: %d, headers %v", path, rec.Code, rec.Header())
 		}
+	}
+	rec := serve(h, http.MethodGet, "/v1/stats", "")
+	if hd := rec.Header(); !strings.Contains(hd.Get("Cache-Control"), "no-store") || hd.Get("Pragma") != "no-cache" ||
+		hd.Get("Expires") != "Thu, 01 Jan 1970 00:00:00 GMT" || hd.Get("X-Accel-Expires") != "0" {
+		t.Errorf("GET /v1/stats: headers %v, want them uncacheable", hd)
 	}
 }
 

@@ -111,7 +111,7 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 	defer release()
 	var req publishRequest
 	limit := int64(a.Limits.MaxDataBytes)*int64(a.Limits.MaxBatch) + 1<<20
-	if err := decodePublish(http.MaxBytesReader(w, r.Body, limit), a.Limits.MaxBatch, &req); err != nil {
+	if err := decodePublish(http.MaxBytesReader(w, r.Body, limit), r.ContentLength, a.Limits.MaxBatch, &req); err != nil {
 		if errors.Is(err, errPublishBusy) {
 			a.Metrics.publishBusy()
 		}

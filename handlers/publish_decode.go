@@ -1,6 +1,7 @@
 package handlers
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,15 +11,44 @@ import (
 	"strings"
 )
 
-// decodePublish reads a publish body from rd token by token, so that the
+// smallPublishBytes is the largest body of known length that decodePublish
+// reads whole and decodes in one pass: a single publish, a small fan-out or
+// batch. Its length bounds what it holds, so the arrays' lengths are checked
+// after the pass; a longer body, or one sent chunked, is decoded as a stream.
+const smallPublishBytes = 16 << 10
+
+// decodePublish reads a publish body of size bytes (-1: unknown) from rd.
+// Unknown fields, wrong types and bad syntax are 400 bad_request naming the
+// field, a body past the reader's byte limit 413 too_large, and user_ids or
+// notifications longer than maxBatch 413 batch_too_large.
+func decodePublish(rd io.Reader, size int64, maxBatch int, req *publishRequest) error {
+	if size < 0 || size > smallPublishBytes {
+		return decodePublishStream(rd, maxBatch, req)
+	}
+	body := make([]byte, size)
+	if _, err := io.ReadFull(rd, body); err != nil {
+		return decoded(nil, io.ErrUnexpectedEOF) // the body ended before its Content-Length
+	}
+	if trimmed := bytes.TrimLeft(body, " \t\r\n"); len(trimmed) == 0 || trimmed[0] != '{' {
+		// Empty, or not an object: the stream decoder's answers for these.
+		return decodePublishStream(bytes.NewReader(body), maxBatch, req)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(req)
+	if err == nil && (len(req.UserIDs) > maxBatch || len(req.Notifications) > maxBatch) {
+		return errBatchTooLarge
+	}
+	return decoded(dec, err)
+}
+
+// decodePublishStream reads a publish body from rd token by token, so that the
 // length of user_ids and notifications is checked while they are read: an
 // array longer than maxBatch is refused (413 batch_too_large) as soon as the
 // decoder passes the limit, having held no more of it than the limit, rather
-// than after the whole array was decoded. Apart from that its answers are
-// decodeJSON's: unknown fields, wrong types and bad syntax are 400
-// bad_request naming the field, and a body past the reader's byte limit 413
-// too_large.
-func decodePublish(rd io.Reader, maxBatch int, req *publishRequest) error {
+// than after the whole array was decoded. Its other answers are
+// decodePublish's.
+func decodePublishStream(rd io.Reader, maxBatch int, req *publishRequest) error {
 	dec := json.NewDecoder(rd)
 	dec.DisallowUnknownFields()
 	return decoded(dec, readPublish(dec, maxBatch, req))

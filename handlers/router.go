@@ -148,7 +148,7 @@ func New(opt Options) http.Handler {
 		r.Post("/sessions/{session}/messages", a.postMessages)
 
 		r.Group(func(r chi.Router) {
-			r.Use(middleware.NoCache)
+			r.Use(noCache)
 			r.Post("/notifications", a.publish)
 			r.Get("/users/{user}/notifications", a.inbox)
 			r.Post("/users/{user}/read", a.markRead)
@@ -196,15 +196,6 @@ func (a *API) publisherOnly(next http.Handler) http.Handler {
 	})
 }
 
-// noSniff tells browsers to take every answer as the Content-Type it declares
-// (JSON stays JSON, never sniffed into HTML or script).
-func noSniff(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("X-Content-Type-Options", "nosniff")
-		next.ServeHTTP(w, r)
-	})
-}
-
 // pageCSP is the Content-Security-Policy of the static pages: scripts,
 // styles and connections from this origin only (their scripts are files, never
 // inline; style attributes are allowed), and no framing by any page, which
@@ -227,6 +218,10 @@ func pageHeaders(next http.Handler) http.Handler {
 // may carry a token).
 func (a *API) logRequests(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !a.Log.Enabled(r.Context(), slog.LevelDebug) {
+			next.ServeHTTP(w, r) // the wrapper and the clock are for the log line alone
+			return
+		}
 		start := time.Now()
 		ww := middleware.NewWrapResponseWriter(w, r.ProtoMajor)
 		next.ServeHTTP(ww, r)
