@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -360,9 +359,8 @@ type pubRes struct {
 }
 
 // PublishOne stores one notification. Concurrent callers are grouped into shared transactions
-// (group commit): a loop takes what is queued, up to Options.GroupCommitMax, waiting at most
-// Options.GroupCommitWait for more only when others are already queued, and each caller returns
-// once its row is committed. A group that fails is retried one request at a time, so a bad
+// (group commit): a loop takes what queued up while the last group committed, up to
+// Options.GroupCommitMax, and each caller returns once its row is committed. A group that fails is retried one request at a time, so a bad
 // request never fails its neighbours. ctx bounds the caller's wait; if it ends after the
 // request was handed to a group, the notification may still be stored.
 func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, error) {
@@ -391,20 +389,22 @@ func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, e
 	}
 }
 
-// groupLoop forms groups of PublishOne requests and stores each in a worker goroutine. It
-// takes a worker slot before forming a group, so while all workers are busy, requests queue up
-// and become the next, larger group.
+// groupLoop forms groups of PublishOne requests and stores them one transaction at a time:
+// while a group commits, requests queue up and become the next, larger group. One at a time
+// because commits that sent a NOTIFY run one at a time anyway (Postgres holds a database-wide
+// lock from the NOTIFY's queueing through the WAL flush): a second transaction in flight only
+// splits the arrivals into smaller groups, more commits and more Postgres CPU per row, and its
+// requests wait as long (cmd/notifybench/PERFORMANCE-NOTES.md has the measurements). A group
+// that waits on a lock (an application's transaction holding a user's counter row) holds up
+// the groups behind it, at most writeTimeout.
 func (s *Store) groupLoop() {
-	var wg sync.WaitGroup
 	defer close(s.loopDone)
-	defer wg.Wait()
 	for {
-		var first *pubReq
 		select {
-		case first = <-s.reqs:
+		case first := <-s.reqs:
+			s.storeGroup(s.collect(first, true))
 		case <-s.stop:
 			// Close holds off new senders; store what is queued.
-			wg.Wait()
 			for {
 				select {
 				case r := <-s.reqs:
@@ -414,19 +414,11 @@ func (s *Store) groupLoop() {
 				}
 			}
 		}
-		s.workers <- struct{}{}
-		group := s.collect(first, true)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-s.workers }()
-			s.storeGroup(group)
-		}()
 	}
 }
 
 // collect returns first plus what is queued, up to GroupCommitMax. With wait, and when others
-// were queued (a busy moment), it waits up to GroupCommitWait for the group to fill.
+// were queued (a busy moment), it waits up to GroupCommitWait (if set) for the group to fill.
 func (s *Store) collect(first *pubReq, wait bool) []*pubReq {
 	group := []*pubReq{first}
 	limit := s.opt.GroupCommitMax
@@ -439,7 +431,7 @@ drain:
 			break drain
 		}
 	}
-	if !wait || len(group) == 1 || len(group) >= limit {
+	if !wait || s.opt.GroupCommitWait <= 0 || len(group) == 1 || len(group) >= limit {
 		return group
 	}
 	t := time.NewTimer(s.opt.GroupCommitWait)

@@ -25,9 +25,8 @@ import (
 
 // Defaults used by Open when the corresponding Options field is zero.
 const (
-	DefaultMaxConns        int32         = 20
-	DefaultGroupCommitMax  int           = 500
-	DefaultGroupCommitWait time.Duration = time.Millisecond
+	DefaultMaxConns       int32 = 20
+	DefaultGroupCommitMax int   = 500
 )
 
 // versionTable is tern's version table, unqualified so it lives in the search_path schema.
@@ -50,8 +49,9 @@ type Options struct {
 	MaxConns int32
 	// GroupCommitMax is the most PublishOne requests stored in one transaction.
 	GroupCommitMax int
-	// GroupCommitWait is how long a group waits for more requests, and only when more are
-	// already queued (a lone caller never waits).
+	// GroupCommitWait, when set, is how long a group waits for more requests, and only when
+	// more are already queued (a lone caller never waits). Zero, the default, waits for none:
+	// the requests that arrive while a group commits make the next group.
 	GroupCommitWait time.Duration
 }
 
@@ -66,7 +66,6 @@ type Store struct {
 	reqs     chan *pubReq
 	stop     chan struct{}
 	loopDone chan struct{}
-	workers  chan struct{} // semaphore of concurrent group transactions
 
 	replays replayQueue // batched Replay (replay.go)
 
@@ -163,9 +162,6 @@ func Open(ctx context.Context, url string, opt Options) (*Store, error) {
 	if opt.GroupCommitMax <= 0 {
 		opt.GroupCommitMax = DefaultGroupCommitMax
 	}
-	if opt.GroupCommitWait <= 0 {
-		opt.GroupCommitWait = DefaultGroupCommitWait
-	}
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("store: parse database url: %w", err)
@@ -182,19 +178,12 @@ func Open(ctx context.Context, url string, opt Options) (*Store, error) {
 		pool.Close()
 		return nil, fmt.Errorf("store: ping: %w", err)
 	}
-	// Two group transactions run at once: one executes while the other commits. More would
-	// only queue at commit: a transaction that sent a NOTIFY commits under a database-wide lock
-	// that it holds through its WAL flush, so such commits run one at a time. Meanwhile new
-	// requests queue up and form the next, larger group: fewer commits and less Postgres CPU
-	// per row (cmd/notifybench/PERFORMANCE-NOTES.md has the measurements).
-	nworkers := max(1, min(2, int(opt.MaxConns)/2))
 	s := &Store{
 		pool:     pool,
 		opt:      opt,
 		reqs:     make(chan *pubReq, 4*opt.GroupCommitMax),
 		stop:     make(chan struct{}),
 		loopDone: make(chan struct{}),
-		workers:  make(chan struct{}, nworkers),
 	}
 	s.replays = newReplayQueue(s)
 	go s.groupLoop()
