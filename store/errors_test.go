@@ -38,8 +38,8 @@ func TestRefusedDataIsInvalid(t *testing.T) {
 	}
 }
 
-// TestErrorCodes: a closed store is ESHUTTINGDOWN, a statement on a closed
-// pool or past its context EUNAVAILABLE (the context's error still matches),
+// TestErrorCodes: a publish to a closed store is ESHUTTINGDOWN, a statement on
+// a closed pool or past its context EUNAVAILABLE (the context's error still matches),
 // validation EINVALID with its own message, and an error with no code
 // EINTERNAL with a message that hides it.
 func TestErrorCodes(t *testing.T) {
@@ -58,9 +58,12 @@ func TestErrorCodes(t *testing.T) {
 	if _, err := s.PublishOne(ctx, note("u")); store.ErrorCode(err) != store.ESHUTTINGDOWN {
 		t.Errorf("PublishOne after Close: %v, want ESHUTTINGDOWN", err)
 	}
-	if _, err := s.Publish(ctx, []store.NewNotification{note("u")}); store.ErrorCode(err) != store.EUNAVAILABLE ||
+	if _, err := s.Publish(ctx, []store.NewNotification{note("u")}); store.ErrorCode(err) != store.ESHUTTINGDOWN {
+		t.Errorf("Publish after Close: %v, want ESHUTTINGDOWN", err)
+	}
+	if _, _, err := s.MarkRead(ctx, "u", nil, 1); store.ErrorCode(err) != store.EUNAVAILABLE ||
 		store.ErrorMessage(err) != "the database is unavailable; retry later" {
-		t.Errorf("Publish on a closed pool: %v (code %q), want EUNAVAILABLE", err, store.ErrorCode(err))
+		t.Errorf("MarkRead on a closed pool: %v (code %q), want EUNAVAILABLE", err, store.ErrorCode(err))
 	}
 	plain := errors.New("secret detail")
 	if store.ErrorCode(plain) != store.EINTERNAL || store.ErrorMessage(plain) != "internal error" {

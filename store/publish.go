@@ -143,13 +143,16 @@ const customPlanSQL = `SELECT set_config('plan_cache_mode', 'force_custom_plan',
 // Publish stores all of ns in one transaction (all or nothing) and returns their results in
 // input order. Rows are inserted sorted by user id (deadlock-free against concurrent batches)
 // with one INSERT ... SELECT FROM unnest statement, so one NOTIFY goes out for the batch.
+// Concurrent calls share transactions as PublishOne's do (enqueue): each call still commits
+// whole or not at all, since a shared transaction that fails is retried one call at a time.
 //
 // Idempotency: a row whose (UserID, IdempotencyKey) already exists, or repeats an earlier row
 // of the same batch, is not inserted and comes back with Duplicate set and the first result.
 // A concurrent insert of the same key (23505) or a deadlock retries the statement, bounded.
 // Errors are *Error: an invalid notification fails the whole call with EINVALID (before
 // touching the database when Go can tell, else when Postgres rejects the data); EUNAVAILABLE
-// means the database failed.
+// means the database failed. ctx bounds the caller's wait; if it ends after the call was
+// handed to a transaction, the notifications may still be stored.
 func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published, error) {
 	if len(ns) == 0 {
 		return nil, nil
@@ -161,7 +164,7 @@ func (s *Store) Publish(ctx context.Context, ns []NewNotification) ([]Published,
 			return nil, err
 		}
 	}
-	return s.publish(ctx, ns)
+	return s.enqueue(ctx, ns)
 }
 
 // publish is Publish for notifications that passed validate (PublishOne's, checked as each
@@ -346,50 +349,59 @@ func retryable(err error) bool {
 	return false
 }
 
-// pubReq is one queued PublishOne call.
+// pubReq is one queued Publish or PublishOne call.
 type pubReq struct {
 	ctx context.Context
-	n   NewNotification
+	ns  []NewNotification
 	res chan pubRes // buffered(1)
 }
 
 type pubRes struct {
-	p   Published
+	ps  []Published
 	err error
 }
 
-// PublishOne stores one notification. Concurrent callers are grouped into shared transactions
-// (group commit): a loop takes what queued up while the last group committed, up to
-// Options.GroupCommitMax, and each caller returns once its row is committed. A group that fails is retried one request at a time, so a bad
-// request never fails its neighbours. ctx bounds the caller's wait; if it ends after the
-// request was handed to a group, the notification may still be stored.
+// PublishOne stores one notification: Publish of one, for the API's single publishes.
+// Concurrent callers are grouped into shared transactions (group commit, see groupLoop), and
+// each caller returns once its row is committed. A group that fails is retried one request at
+// a time, so a bad request never fails its neighbours. ctx bounds the caller's wait; if it
+// ends after the request was handed to a group, the notification may still be stored.
 func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, error) {
 	if err := validate(&n, true, -1); err != nil {
 		return Published{}, err
 	}
-	r := &pubReq{ctx: ctx, n: n, res: make(chan pubRes, 1)}
+	s.stats.publishOneCalls.Add(1)
+	ps, err := s.enqueue(ctx, []NewNotification{n})
+	if err != nil {
+		return Published{}, err
+	}
+	return ps[0], nil
+}
+
+// enqueue hands validated notifications to groupLoop and waits for their results.
+func (s *Store) enqueue(ctx context.Context, ns []NewNotification) ([]Published, error) {
+	r := &pubReq{ctx: ctx, ns: ns, res: make(chan pubRes, 1)}
 	s.closeMu.RLock()
 	if s.closed {
 		s.closeMu.RUnlock()
-		return Published{}, ErrClosed
+		return nil, ErrClosed
 	}
 	select {
 	case s.reqs <- r:
 		s.closeMu.RUnlock()
 	case <-ctx.Done():
 		s.closeMu.RUnlock()
-		return Published{}, ctxError("store: publish", ctx)
+		return nil, ctxError("store: publish", ctx)
 	}
-	s.stats.publishOneCalls.Add(1)
 	select {
 	case res := <-r.res:
-		return res.p, res.err
+		return res.ps, res.err
 	case <-ctx.Done():
-		return Published{}, ctxError("store: publish", ctx)
+		return nil, ctxError("store: publish", ctx)
 	}
 }
 
-// groupLoop forms groups of PublishOne requests and stores them one transaction at a time:
+// groupLoop forms groups of Publish and PublishOne requests and stores them one transaction at a time:
 // while a group commits, requests queue up and become the next, larger group. One at a time
 // because commits that sent a NOTIFY run one at a time anyway (Postgres holds a database-wide
 // lock from the NOTIFY's queueing through the WAL flush): a second transaction in flight only
@@ -417,29 +429,32 @@ func (s *Store) groupLoop() {
 	}
 }
 
-// collect returns first plus what is queued, up to GroupCommitMax. With wait, and when others
-// were queued (a busy moment), it waits up to GroupCommitWait (if set) for the group to fill.
+// collect returns first plus what is queued, until the group holds GroupCommitMax rows (it
+// may pass that by the last request's rows). With wait, and when others were queued (a busy
+// moment), it waits up to GroupCommitWait (if set) for the group to fill.
 func (s *Store) collect(first *pubReq, wait bool) []*pubReq {
 	group := []*pubReq{first}
-	limit := s.opt.GroupCommitMax
+	rows, limit := len(first.ns), s.opt.GroupCommitMax
 drain:
-	for len(group) < limit {
+	for rows < limit {
 		select {
 		case r := <-s.reqs:
 			group = append(group, r)
+			rows += len(r.ns)
 		default:
 			break drain
 		}
 	}
-	if !wait || s.opt.GroupCommitWait <= 0 || len(group) == 1 || len(group) >= limit {
+	if !wait || s.opt.GroupCommitWait <= 0 || len(group) == 1 || rows >= limit {
 		return group
 	}
 	t := time.NewTimer(s.opt.GroupCommitWait)
 	defer t.Stop()
-	for len(group) < limit {
+	for rows < limit {
 		select {
 		case r := <-s.reqs:
 			group = append(group, r)
+			rows += len(r.ns)
 		case <-t.C:
 			return group
 		case <-s.stop:
@@ -449,15 +464,17 @@ drain:
 	return group
 }
 
-// storeGroup stores the group in one transaction, or one by one if that fails.
+// storeGroup stores the group in one transaction, or request by request if that fails.
 func (s *Store) storeGroup(group []*pubReq) {
 	live := group[:0]
+	rows := 0
 	for _, r := range group {
 		if err := r.ctx.Err(); err != nil {
 			r.res <- pubRes{err: ctxError("store: publish", r.ctx)}
 			continue
 		}
 		live = append(live, r)
+		rows += len(r.ns)
 	}
 	if len(live) == 0 {
 		return
@@ -466,14 +483,18 @@ func (s *Store) storeGroup(group []*pubReq) {
 	// Detached from the callers: one caller giving up must not fail the others.
 	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
 	defer cancel()
-	ns := make([]NewNotification, len(live))
-	for i, r := range live {
-		ns[i] = r.n
+	ns := live[0].ns
+	if len(live) > 1 {
+		ns = make([]NewNotification, 0, rows)
+		for _, r := range live {
+			ns = append(ns, r.ns...)
+		}
 	}
 	ps, err := s.publish(ctx, ns)
 	if err == nil {
-		for i, r := range live {
-			r.res <- pubRes{p: ps[i]}
+		for _, r := range live {
+			r.res <- pubRes{ps: ps[:len(r.ns):len(r.ns)]}
+			ps = ps[len(r.ns):]
 		}
 		return
 	}
@@ -482,11 +503,7 @@ func (s *Store) storeGroup(group []*pubReq) {
 		return
 	}
 	for _, r := range live {
-		ps, err := s.publish(ctx, []NewNotification{r.n})
-		if err != nil {
-			r.res <- pubRes{err: err}
-			continue
-		}
-		r.res <- pubRes{p: ps[0]}
+		ps, err := s.publish(ctx, r.ns)
+		r.res <- pubRes{ps: ps, err: err}
 	}
 }

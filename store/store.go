@@ -96,9 +96,9 @@ type Stats struct {
 	// PublishStatements counts publish statements executed (each is one transaction),
 	// retries included.
 	PublishStatements uint64
-	// PublishOneCalls counts PublishOne calls that were queued.
+	// PublishOneCalls counts PublishOne calls.
 	PublishOneCalls uint64
-	// PublishOneGroups counts group transactions attempted for PublishOne callers.
+	// PublishOneGroups counts group transactions attempted (for PublishOne and Publish callers).
 	PublishOneGroups uint64
 	// ReplayStatements counts the statements that served Replay calls (several calls share
 	// one when they come at once).
