@@ -360,6 +360,87 @@ func TestPublishOneBadNeighbour(t *testing.T) {
 	}
 }
 
+// TestPublishBatchesShareGroups: concurrent batches share group transactions
+// with each other and with single publishes (a few statements for a dozen
+// calls; one each before they shared), and each call still commits whole or
+// not at all: the batch holding a row Postgres refuses fails alone, each
+// other call gets its own rows' results in its own order, and every user's
+// seqs stay dense.
+func TestPublishBatchesShareGroups(t *testing.T) {
+	t.Parallel()
+	s := storetest.NewWithOptions(t, store.Options{GroupCommitWait: 20 * time.Millisecond})
+	ctx := testCtx(t)
+	const calls, rows = 12, 5
+	total := 0
+	round := func(name string, bad int) {
+		var wg sync.WaitGroup
+		res := make([][]store.Published, calls)
+		errs := make([]error, calls)
+		user := func(i, j int) string { return fmt.Sprintf("share-%d", (i+j)%3) }
+		for i := range calls {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if i%4 == 3 { // a single publish among the batches
+					p, err := s.PublishOne(ctx, note(user(i, 0)))
+					res[i], errs[i] = []store.Published{p}, err
+					return
+				}
+				ns := make([]store.NewNotification, rows)
+				for j := range ns {
+					ns[j] = note(user(i, j))
+					ns[j].Topic = fmt.Sprintf("%s-call-%d-row-%d", name, i, j)
+				}
+				if i == bad {
+					ns[2].IdempotencyKey = randomString(10000) // too long for the btree: refused by Postgres
+				}
+				res[i], errs[i] = s.Publish(ctx, ns)
+			}()
+		}
+		wg.Wait()
+		for i := range calls {
+			if i == bad {
+				if !errors.Is(errs[i], store.ErrInvalid) {
+					t.Errorf("%s: call %d: %v, want ErrInvalid", name, i, errs[i])
+				}
+				continue
+			}
+			if errs[i] != nil {
+				t.Fatalf("%s: call %d: %v", name, i, errs[i])
+			}
+			total += len(res[i])
+			for j, p := range res[i] {
+				if p.UserID != user(i, j) || p.Seq <= 0 || p.Duplicate {
+					t.Errorf("%s: call %d row %d: %+v, want a fresh row of %s", name, i, j, p, user(i, j))
+				}
+				if i%4 == 3 {
+					continue
+				}
+				var topic string
+				if err := s.Pool().QueryRow(ctx, "SELECT topic FROM notifications WHERE id = $1", p.ID).Scan(&topic); err != nil ||
+					topic != fmt.Sprintf("%s-call-%d-row-%d", name, i, j) {
+					t.Errorf("%s: call %d row %d: stored topic %q (%v)", name, i, j, topic, err)
+				}
+			}
+		}
+	}
+	before := s.Stats().PublishStatements
+	round("shared", -1)
+	if n := s.Stats().PublishStatements - before; n > calls/3 {
+		t.Errorf("%d publish statements for %d concurrent calls: too few shared", n, calls)
+	}
+	round("bad", 6)
+	stored := 0
+	for u := range 3 {
+		n := len(seqsOf(t, s, fmt.Sprintf("share-%d", u)))
+		checkDense(t, s, fmt.Sprintf("share-%d", u), n)
+		stored += n
+	}
+	if stored != total {
+		t.Errorf("%d rows stored, %d published", stored, total)
+	}
+}
+
 func randomString(n int) string {
 	const letters = "abcdefghijklmnopqrstuvwxyz0123456789"
 	b := make([]byte, n)
