@@ -40,9 +40,7 @@ func noSniff(next http.Handler) http.Handler {
 func noCache(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		for _, k := range conditionalHeaders {
-			if _, ok := r.Header[k]; ok {
-				delete(r.Header, k)
-			}
+			delete(r.Header, k)
 		}
 		h := w.Header()
 		for _, c := range noCacheHeaders {

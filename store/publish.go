@@ -401,14 +401,16 @@ func (s *Store) enqueue(ctx context.Context, ns []NewNotification) ([]Published,
 	}
 }
 
-// groupLoop forms groups of Publish and PublishOne requests and stores them one transaction at a time:
-// while a group commits, requests queue up and become the next, larger group. One at a time
-// because commits that sent a NOTIFY run one at a time anyway (Postgres holds a database-wide
-// lock from the NOTIFY's queueing through the WAL flush): a second transaction in flight only
-// splits the arrivals into smaller groups, more commits and more Postgres CPU per row, and its
-// requests wait as long (cmd/notifybench/PERFORMANCE-NOTES.md has the measurements). A group
-// that waits on a lock (an application's transaction holding a user's counter row) holds up
-// the groups behind it, at most writeTimeout.
+// groupLoop forms groups of Publish and PublishOne requests and stores them one transaction
+// at a time: while a group commits, requests queue up and become the next, larger group. One
+// at a time because commits that sent a NOTIFY run one at a time anyway (Postgres holds a
+// database-wide lock from the NOTIFY's queueing through the WAL flush): a second transaction
+// in flight only splits the arrivals into smaller groups, more commits and more Postgres CPU
+// per row, and its requests wait as long (cmd/notifybench/PERFORMANCE-NOTES.md has the
+// measurements). The cost: what queues behind a long group waits for it (a batch of 1,000 is
+// about 20 ms of Postgres time), and a group that waits on a lock (an application's
+// transaction holding a user's counter row) holds up the groups behind it, at most
+// writeTimeout.
 func (s *Store) groupLoop() {
 	defer close(s.loopDone)
 	for {
