@@ -2,8 +2,10 @@ package handlers
 
 import (
 	"bufio"
+	"errors"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -38,7 +40,8 @@ import (
 // (park answering a ping, SSE's keep-alive) and that writes once and gives
 // the claim back (unclaim, flushClaimed), leaving whatever was queued since
 // to a flush goroutine. A claim that fails means a writer runs: the pong is
-// queued behind the frames it writes. When the session ends, the holder of
+// queued behind the frames it writes. park's pong arms no write deadline
+// unless the socket is full (sendAll). When the session ends, the holder of
 // busy finishes the connection (frames left, bye, close) and keeps busy:
 // nothing is written after bye. gorilla writes only control frames (the
 // keep-alive ping, pongs to pings it reads, the close frame) through
@@ -214,7 +217,6 @@ func (c *wsConn) answerPing() {
 	}
 	var pong, b [64]byte
 	frame := appendTextFrame(b[:0], realtime.AppendPong(pong[:0], time.Now()))
-	c.w.armDeadline()
 	ok := c.sendAll(frame)
 	c.w.unclaim()
 	if !ok {
@@ -224,13 +226,25 @@ func (c *wsConn) answerPing() {
 
 // sendAll writes b to the socket in raw sends, waiting for room (until the
 // write deadline) when the socket is full, and holds the socket's write lock
-// throughout, so no other frame gets between its parts.
+// throughout, so no other frame gets between its parts. The deadline is armed
+// only when the write must wait: a pong that the socket takes at once (nearly
+// always) sets no timer. Setting it was an idle connection's largest cost
+// after the syscalls, with the stack growth it caused in park. A deadline
+// that an earlier write left behind (wsConn.write and gorilla's WriteControl
+// arm one for every write) and that has passed refuses the write before
+// anything is sent; then it is armed and the write tried again. A write that
+// armed one clears it once done, so that the next pong finds none to refuse
+// it.
 func (c *wsConn) sendAll(b []byte) bool {
-	failed := false
-	err := c.raw.Write(func(fd uintptr) bool {
+	failed, armed := false, false
+	send := func(fd uintptr) bool {
 		for len(b) > 0 {
 			n, errno := sendNow(fd, b)
 			if errno == syscall.EAGAIN {
+				if !armed {
+					c.w.armDeadline() // SetWriteDeadline does not take the write lock held here
+					armed = true
+				}
 				return false
 			}
 			if errno != 0 {
@@ -240,8 +254,19 @@ func (c *wsConn) sendAll(b []byte) bool {
 			b = b[n:]
 		}
 		return true
-	})
-	return err == nil && !failed
+	}
+	err := c.raw.Write(send)
+	if !armed && errors.Is(err, os.ErrDeadlineExceeded) {
+		c.w.armDeadline()
+		armed = true // a wait in this try runs to the deadline just set
+		err = c.raw.Write(send)
+	}
+	ok := err == nil && !failed
+	if armed && ok {
+		// Leave no deadline behind to pass and make the next pong arm one again.
+		_ = c.w.deadline(time.Time{})
+	}
+	return ok
 }
 
 // pingMessage is the client ping as clients send it; it is answered without

@@ -240,6 +240,88 @@ func TestAnswerPingRawPong(t *testing.T) {
 	w.quiet(t)
 }
 
+// countDeadlines makes w's writer count the write deadlines it arms, each
+// set to d from now, and those it clears.
+func (w *idleWS) countDeadlines(d time.Duration) (armed, cleared *atomic.Int32) {
+	armed, cleared = new(atomic.Int32), new(atomic.Int32)
+	nc := w.c.conn.NetConn()
+	w.c.w.deadline = func(at time.Time) error {
+		if at.IsZero() {
+			cleared.Add(1)
+			return nc.SetWriteDeadline(at)
+		}
+		armed.Add(1)
+		return nc.SetWriteDeadline(time.Now().Add(d))
+	}
+	return armed, cleared
+}
+
+// A pong the socket takes at once arms no write deadline (no timer per
+// ping); one that meets a deadline an earlier write left behind, passed,
+// arms a new one, goes out and clears it, so the pong after arms nothing.
+// Failed before: every pong armed the deadline.
+func TestAnswerPingDeadlineOnlyWhenNeeded(t *testing.T) {
+	w := newIdleWS(t)
+	armed, cleared := w.countDeadlines(writeWait)
+	w.c.s.SetNotify(w.c.w.kick)
+	w.c.answerPing()
+	w.readPong(t)
+	if n := armed.Load(); n != 0 {
+		t.Fatalf("a pong the socket took at once armed %d write deadlines", n)
+	}
+	_ = w.c.conn.NetConn().SetWriteDeadline(time.Now().Add(-time.Second)) // an earlier write's, passed
+	w.c.answerPing()
+	w.readPong(t)
+	if a, c := armed.Load(), cleared.Load(); a != 1 || c != 1 {
+		t.Fatalf("a pong past an old deadline armed %d and cleared %d write deadlines, want 1 and 1", a, c)
+	}
+	w.c.answerPing()
+	w.readPong(t)
+	if a := armed.Load(); a != 1 {
+		t.Fatalf("the pong after armed a deadline again (%d in all)", a)
+	}
+	if chanClosed(w.c.s.Done()) {
+		t.Fatalf("the session ended (%s)", w.c.s.Reason())
+	}
+}
+
+// A pong to a client that reads nothing, its socket full, waits for room
+// until the deadline it arms, then ends the session.
+func TestAnswerPingFullSocketEnds(t *testing.T) {
+	w := newIdleWS(t)
+	nc := w.c.conn.NetConn()
+	// Fill the client's receive window and the server's send buffer, until not
+	// even a byte fits, again after what was in flight was acknowledged.
+	_ = w.client.(*net.TCPConn).SetReadBuffer(4 << 10)
+	_ = nc.(*net.TCPConn).SetWriteBuffer(4 << 10)
+	for _, size := range []int{64 << 10, 1, 1, 1} {
+		junk := make([]byte, size)
+		for {
+			_ = nc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			if _, err := nc.Write(junk); err != nil {
+				break
+			}
+		}
+	}
+	_ = nc.SetWriteDeadline(time.Time{})
+	armed, _ := w.countDeadlines(200 * time.Millisecond)
+	w.c.s.SetNotify(w.c.w.kick)
+	done := make(chan struct{})
+	go func() {
+		w.c.answerPing()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the pong to a full socket never gave up")
+	}
+	if n := armed.Load(); n != 1 {
+		t.Fatalf("the pong armed %d write deadlines, want 1", n)
+	}
+	waitFor(t, "the session ended", func() bool { return chanClosed(w.c.s.Done()) })
+}
+
 // A ping answered while a flush is writing does not wait for it: the pong is
 // queued behind the frames being written and goes out by that writer, after
 // them, and nothing reaches the socket from answerPing itself.
