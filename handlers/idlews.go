@@ -40,10 +40,10 @@ import (
 // (park answering a ping, SSE's keep-alive) and that writes once and gives
 // the claim back (unclaim, flushClaimed), leaving whatever was queued since
 // to a flush goroutine. A claim that fails means a writer runs: the pong is
-// queued behind the frames it writes. park's pong arms no write deadline
-// unless the socket is full (sendAll). When the session ends, the holder of
-// busy finishes the connection (frames left, bye, close) and keeps busy:
-// nothing is written after bye. gorilla writes only control frames (the
+// queued behind the frames it writes. A write on a plain socket arms no
+// write deadline unless the socket is full (sendAll). When the session ends,
+// the holder of busy finishes the connection (frames left, bye, close) and
+// keeps busy: nothing is written after bye. gorilla writes only control frames (the
 // keep-alive ping, pongs to pings it reads, the close frame) through
 // WriteControl. Every write, ours (net.Conn.Write, RawConn.Write) and
 // gorilla's, holds the socket's write lock for its whole frame, so frames
@@ -226,15 +226,15 @@ func (c *wsConn) answerPing() {
 
 // sendAll writes b to the socket in raw sends, waiting for room (until the
 // write deadline) when the socket is full, and holds the socket's write lock
-// throughout, so no other frame gets between its parts. The deadline is armed
-// only when the write must wait: a pong that the socket takes at once (nearly
-// always) sets no timer. Setting it was an idle connection's largest cost
-// after the syscalls, with the stack growth it caused in park. A deadline
-// that an earlier write left behind (wsConn.write and gorilla's WriteControl
-// arm one for every write) and that has passed refuses the write before
-// anything is sent; then it is armed and the write tried again. A write that
-// armed one clears it once done, so that the next pong finds none to refuse
-// it.
+// throughout, so no other frame gets between its parts. It writes park's
+// pongs and wsConn.write's frames on a plain socket. The deadline is armed
+// only when the write must wait: a write that the socket takes at once
+// (nearly always) sets no timer. Setting it was an idle connection's largest
+// cost after the syscalls, with the stack growth it caused in park. A
+// deadline that an earlier write left behind (gorilla's WriteControl arms one)
+// and that has passed refuses the write before anything is sent; then it is
+// armed and the write tried again. A write that armed one clears it once
+// done, so that the next write finds none to refuse it.
 func (c *wsConn) sendAll(b []byte) bool {
 	failed, armed := false, false
 	send := func(fd uintptr) bool {

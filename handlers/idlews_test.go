@@ -285,6 +285,28 @@ func TestAnswerPingDeadlineOnlyWhenNeeded(t *testing.T) {
 	}
 }
 
+// A delivery written on a plain socket arms no write deadline either, and
+// leaves none behind to refuse the next pong. Failed before: every write
+// armed one, which passed and made the next pong arm and clear one.
+func TestWriteArmsNoDeadline(t *testing.T) {
+	w := newIdleWS(t)
+	armed, cleared := w.countDeadlines(writeWait)
+	w.c.s.SetNotify(w.c.w.kick)
+	if !w.c.write([]realtime.Frame{testFrame(0, 0), testFrame(0, 1)}) {
+		t.Fatal("write failed")
+	}
+	for range 2 {
+		if b0, _ := w.read(t); b0 != 0x81 {
+			t.Fatalf("frame starts % x", b0)
+		}
+	}
+	w.c.answerPing()
+	w.readPong(t)
+	if a, c := armed.Load(), cleared.Load(); a != 0 || c != 0 {
+		t.Fatalf("a delivery and a pong armed %d and cleared %d write deadlines, want none", a, c)
+	}
+}
+
 // A pong to a client that reads nothing, its socket full, waits for room
 // until the deadline it arms, then ends the session.
 func TestAnswerPingFullSocketEnds(t *testing.T) {

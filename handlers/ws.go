@@ -194,20 +194,31 @@ func (c *wsConn) pingTick() {
 // the connection failed. Frames from the server are unmasked and never
 // compressed, so each is a short header and the JSON. Every Write to the
 // socket is whole (the socket's own lock), so these never interleave with
-// the control frames gorilla writes (ping, pong, close).
+// the control frames gorilla writes (ping, pong, close). Over a plain socket
+// the writes are sendAll's, which arm the write deadline only when the socket
+// is full and leave none behind; over TLS they go through the connection,
+// under a deadline armed for each call.
 func (c *wsConn) write(frames []realtime.Frame) bool {
 	if len(frames) == 0 {
 		return true
 	}
 	conn := c.conn.NetConn()
-	c.w.armDeadline()
+	if c.raw == nil {
+		c.w.armDeadline()
+	}
 	bp := wsBuffers.Get().(*[]byte)
 	b := (*bp)[:0]
-	var err error
+	ok := true
 	for i, f := range frames {
 		b = appendTextFrame(b, f.JSON)
 		if len(b) >= wsWriteChunk || i == len(frames)-1 {
-			if _, err = conn.Write(b); err != nil {
+			if c.raw != nil {
+				ok = c.sendAll(b)
+			} else {
+				_, err := conn.Write(b)
+				ok = err == nil
+			}
+			if !ok {
 				break
 			}
 			b = b[:0]
@@ -217,7 +228,7 @@ func (c *wsConn) write(frames []realtime.Frame) bool {
 		*bp = b
 		wsBuffers.Put(bp)
 	}
-	if err != nil {
+	if !ok {
 		return false // how much reached the client is unknown: nothing is recorded
 	}
 	c.api.Hub.Written(c.s, frames)
