@@ -240,6 +240,22 @@ func TestAnswerPingRawPong(t *testing.T) {
 	w.quiet(t)
 }
 
+// answerPingWithin answers a ping on another goroutine and fails with msg
+// unless that returns within d.
+func (w *idleWS) answerPingWithin(t *testing.T, d time.Duration, msg string) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		w.c.answerPing()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatal(msg)
+	}
+}
+
 // countDeadlines makes w's writer count the write deadlines it arms, each
 // set to d from now, and those it clears.
 func (w *idleWS) countDeadlines(d time.Duration) (armed, cleared *atomic.Int32) {
@@ -328,16 +344,7 @@ func TestAnswerPingFullSocketEnds(t *testing.T) {
 	_ = nc.SetWriteDeadline(time.Time{})
 	armed, _ := w.countDeadlines(200 * time.Millisecond)
 	w.c.s.SetNotify(w.c.w.kick)
-	done := make(chan struct{})
-	go func() {
-		w.c.answerPing()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the pong to a full socket never gave up")
-	}
+	w.answerPingWithin(t, 10*time.Second, "the pong to a full socket never gave up")
 	if n := armed.Load(); n != 1 {
 		t.Fatalf("the pong armed %d write deadlines, want 1", n)
 	}
@@ -354,16 +361,7 @@ func TestAnswerPingWhileFlushRuns(t *testing.T) {
 	w.c.s.SetNotify(w.c.w.kick)
 	w.c.s.Send(testFrame(0, 0)) // starts a flush, which blocks in write
 	<-rec.entered
-	done := make(chan struct{})
-	go func() {
-		w.c.answerPing()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("answerPing waited for the running flush")
-	}
+	w.answerPingWithin(t, 5*time.Second, "answerPing waited for the running flush")
 	close(rec.hold)
 	select {
 	case <-rec.entered: // the flush's second write: the pong
