@@ -47,7 +47,8 @@ var ErrInvalid = &Error{Code: EINVALID, Message: "invalid notification"}
 type Options struct {
 	// MaxConns is the pool size.
 	MaxConns int32
-	// GroupCommitMax is the most PublishOne requests stored in one transaction.
+	// GroupCommitMax is the most rows of Publish and PublishOne calls that a group gathers
+	// for one transaction (the last call may take it past; a larger call goes alone).
 	GroupCommitMax int
 	// GroupCommitWait, when set, is how long a group waits for more requests, and only when
 	// more are already queued (a lone caller never waits). Zero, the default, waits for none:
