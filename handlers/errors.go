@@ -120,7 +120,13 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // decodeJSON reads a JSON body of at most limit bytes into v.
 func decodeJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) error {
 	r.Body = http.MaxBytesReader(w, r.Body, limit)
-	dec := json.NewDecoder(r.Body)
+	return decodeStrict(r.Body, v)
+}
+
+// decodeStrict decodes the one JSON value rd holds into v, refusing unknown
+// fields, with decoded's answers.
+func decodeStrict(rd io.Reader, v any) error {
+	dec := json.NewDecoder(rd)
 	dec.DisallowUnknownFields()
 	return decoded(dec, dec.Decode(v))
 }

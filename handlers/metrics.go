@@ -109,7 +109,7 @@ func (m *Metrics) RegisterStore(st StoreStats, rec RecorderStats) {
 			func() float64 { return float64(st.Stats().PublishOneCalls) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_publish_groups_total",
 			Help: "Group-commit transactions of API publishes, single and batched (under single publishes alone, single_total / groups_total is the mean group size)."},
-			func() float64 { return float64(st.Stats().PublishOneGroups) }),
+			func() float64 { return float64(st.Stats().PublishGroups) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_replay_statements_total",
 			Help: "Statements that served connect replays (concurrent connects share one)."},
 			func() float64 { return float64(st.Stats().ReplayStatements) }),

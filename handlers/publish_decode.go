@@ -33,13 +33,13 @@ func decodePublish(rd io.Reader, size int64, maxBatch int, req *publishRequest) 
 		// Empty, or not an object: the stream decoder's answers for these.
 		return decodePublishStream(bytes.NewReader(body), maxBatch, req)
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	err := dec.Decode(req)
-	if err == nil && (len(req.UserIDs) > maxBatch || len(req.Notifications) > maxBatch) {
+	if err := decodeStrict(bytes.NewReader(body), req); err != nil {
+		return err
+	}
+	if len(req.UserIDs) > maxBatch || len(req.Notifications) > maxBatch {
 		return errBatchTooLarge
 	}
-	return decoded(dec, err)
+	return nil
 }
 
 // decodePublishStream reads a publish body from rd token by token, so that the

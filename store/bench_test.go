@@ -31,7 +31,7 @@ func BenchmarkPublishOne(b *testing.B) {
 	b.StopTimer()
 	reportGoCPU(b, cpu, b.N)
 	st := s.Stats()
-	b.ReportMetric(float64(st.PublishOneCalls)/float64(max(st.PublishOneGroups, 1)), "calls/tx")
+	b.ReportMetric(float64(st.PublishOneCalls)/float64(max(st.PublishGroups, 1)), "calls/tx")
 }
 
 // BenchmarkPublishBatch1000: one Publish of 1,000 notifications for random users per op.

@@ -3,6 +3,8 @@ package store_test
 import (
 	"fmt"
 	"math/rand/v2"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -49,7 +51,58 @@ func BenchmarkPublishOneGroupWait(b *testing.B) {
 			reportGoCPU(b, cpu, b.N)
 			reportBackendCPU(b, s, pg, b.N)
 			st := s.Stats()
-			b.ReportMetric(float64(st.PublishOneCalls)/float64(max(st.PublishOneGroups, 1)), "calls/tx")
+			b.ReportMetric(float64(st.PublishOneCalls)/float64(max(st.PublishGroups, 1)), "calls/tx")
 		})
 	}
+}
+
+// BenchmarkPublishBatchesConcurrent: four closed-loop publishers of batches of
+// 100 random users (the publish-batch-100 scenario's load, without HTTP or
+// delivery), 25 batches each per op: how tight the store keeps their request
+// times, the mean and the p99 over every batch of the run.
+func BenchmarkPublishBatchesConcurrent(b *testing.B) {
+	s := storetest.New(b)
+	ctx := testCtx(b)
+	const publishers, batches, rows = 4, 25, 100
+	var (
+		mu  sync.Mutex
+		lat []time.Duration
+	)
+	b.ResetTimer()
+	for b.Loop() {
+		var wg sync.WaitGroup
+		for range publishers {
+			wg.Go(func() {
+				for range batches {
+					ns := make([]store.NewNotification, rows)
+					for i := range ns {
+						ns[i] = note(fmt.Sprintf("user-%d", rand.IntN(5000)))
+					}
+					start := time.Now()
+					if _, err := s.Publish(ctx, ns); err != nil {
+						b.Error(err)
+						return
+					}
+					d := time.Since(start)
+					mu.Lock()
+					lat = append(lat, d)
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+	}
+	b.StopTimer()
+	if len(lat) == 0 {
+		return
+	}
+	slices.Sort(lat)
+	var sum time.Duration
+	for _, d := range lat {
+		sum += d
+	}
+	b.ReportMetric(float64(sum.Microseconds())/float64(len(lat))/1000, "mean-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+	st := s.Stats()
+	b.ReportMetric(float64(len(lat))/float64(max(st.PublishGroups, 1)), "batches/tx")
 }

@@ -481,7 +481,7 @@ func (s *Store) storeGroup(group []*pubReq) {
 	if len(live) == 0 {
 		return
 	}
-	s.stats.publishOneGroups.Add(1)
+	s.stats.publishGroups.Add(1)
 	// Detached from the callers: one caller giving up must not fail the others.
 	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
 	defer cancel()

@@ -303,7 +303,7 @@ func TestPublishOneGroups(t *testing.T) {
 	}
 	stmts := after.PublishStatements - before.PublishStatements
 	t.Logf("%d PublishOne calls in %d groups, %d statements", after.PublishOneCalls-before.PublishOneCalls,
-		after.PublishOneGroups-before.PublishOneGroups, stmts)
+		after.PublishGroups-before.PublishGroups, stmts)
 	if stmts >= callers {
 		t.Fatalf("%d transactions for %d calls: no grouping", stmts, callers)
 	}

@@ -75,7 +75,7 @@ type Store struct {
 	stats struct {
 		publishStatements atomic.Uint64
 		publishOneCalls   atomic.Uint64
-		publishOneGroups  atomic.Uint64
+		publishGroups     atomic.Uint64
 		replayStatements  atomic.Uint64
 	}
 }
@@ -99,8 +99,8 @@ type Stats struct {
 	PublishStatements uint64
 	// PublishOneCalls counts PublishOne calls.
 	PublishOneCalls uint64
-	// PublishOneGroups counts group transactions attempted (for PublishOne and Publish callers).
-	PublishOneGroups uint64
+	// PublishGroups counts group transactions attempted (for PublishOne and Publish callers).
+	PublishGroups uint64
 	// ReplayStatements counts the statements that served Replay calls (several calls share
 	// one when they come at once).
 	ReplayStatements uint64
@@ -111,7 +111,7 @@ func (s *Store) Stats() Stats {
 	return Stats{
 		PublishStatements: s.stats.publishStatements.Load(),
 		PublishOneCalls:   s.stats.publishOneCalls.Load(),
-		PublishOneGroups:  s.stats.publishOneGroups.Load(),
+		PublishGroups:     s.stats.publishGroups.Load(),
 		ReplayStatements:  s.stats.replayStatements.Load(),
 	}
 }
