@@ -861,7 +861,9 @@ export class NotifyClient {
         const sm = m.m;
         if (!sm) return;
         if (sm.type === 'notification') this._onNotification(sm);
-        else if (sm.type === 'synced') this._onSynced(sm);
+        // The leader's synced says its own replay is whole; this tab is whole only once it has
+        // caught up itself (a tab that joined during that replay heard only its end).
+        else if (sm.type === 'synced') { if (this._synced) this._onSynced(sm); }
         else if (sm.type === 'read') this._onRead(sm);
         break;
       }
@@ -887,6 +889,7 @@ export class NotifyClient {
       this._synced = true;
       for (const n of found) if (n.seq > this._maxSeq) this._maxSeq = n.seq;
       this._syncBase = this.cursor;
+      this._record({ event: 'share', role: 'caught_up', from, found: found.length });
       if (typeof unread === 'number') this.unread = unread;
       this._emit('synced', { cursor: this.cursor, unread: this.unread ?? 0, truncated: false });
       this._emit('unread', this.unread);

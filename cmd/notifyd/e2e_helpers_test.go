@@ -338,6 +338,8 @@ func (s demoState) brief() string {
 			h = append(h, fmt.Sprintf("%s %s ok=%v %s %.0fms", e.Role, e.Transport, e.OK, e.Reason, e.Ms))
 		case "state":
 			h = append(h, fmt.Sprintf("[%s %s: %s %q]", e.State, e.Transport, e.Reason, e.Message))
+		case "share":
+			h = append(h, "share "+e.Role)
 		default:
 			h = append(h, e.Event)
 		}

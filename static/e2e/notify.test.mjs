@@ -267,6 +267,31 @@ test('a long-poll session that moved on a reconnect goes on under its new id and
   n.close();
 });
 
+test('a tab that hears the leading tab\'s synced before it follows still catches up from its own cursor', async (t) => {
+  const inbox = [
+    { id: 'n2', seq: 2, topic: 't', data: {}, created_at: '2026-01-01T00:00:00Z' },
+    { id: 'n1', seq: 1, topic: 't', data: {}, created_at: '2026-01-01T00:00:00Z' },
+  ];
+  const srv = await standIn((req, reply) => {
+    if (req.url.startsWith('/v1/users/u/notifications')) return reply(200, { notifications: inbox, unread: 2, truncated: false });
+    return answerRest(req, reply);
+  });
+  t.after(srv.stop);
+  const n = new NotifyClient(srv.url, { token: 't', autoConnect: false, negotiate: false, transports: ['longpoll'] });
+  t.after(() => n.close());
+  const got = [];
+  n.on('notification', (m) => got.push(m.id));
+  // What TabShare does for a tab that joins while the leader relays the end of its replay: the
+  // channel is open (so the leader's synced arrives) before the lock says this tab follows.
+  n._wantOpen = true;
+  n.user = 'u';
+  n._share = /** @type {any} */ ({ leader: false, post() {}, leave() {} });
+  n._onShared({ t: 'msg', m: { type: 'synced', cursor: 2, unread: 2 } });
+  n._follow();
+  await until(() => n.history.some((h) => h.event === 'share' && h.role === 'caught_up'), 'the catch-up');
+  assert.deepEqual(got.sort(), ['n1', 'n2'], 'the notifications of the replay this tab did not see');
+});
+
 /** The string literals of a union type alias of notify.d.ts, following the aliases it names. */
 function unionOf(dts, name) {
   const m = dts.match(new RegExp(`export type ${name} =([^;]+);`));
