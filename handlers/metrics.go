@@ -81,9 +81,11 @@ func NewMetrics(hub *realtime.Hub) *Metrics {
 	return m
 }
 
-// StoreStats is what RegisterStore reads of the store: its publish and replay counters.
+// StoreStats is what RegisterStore reads of the store: its publish and replay counters, and
+// its group commits as they happen.
 type StoreStats interface {
 	Stats() store.Stats
+	SetGroupObserver(store.GroupObserver)
 }
 
 // RecorderStats is what RegisterStore reads of the delivery recorder.
@@ -98,8 +100,39 @@ type DispatchStats interface {
 	Stats() realtime.DispatchStats
 }
 
-// RegisterStore exposes the store's publish and replay counters and the recorder's.
+// groupBuckets are the bounds of the group-commit time histograms, in seconds: fine where a
+// group of a healthy database takes (a few ms), so that their percentiles can be read off.
+var groupBuckets = []float64{.0005, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .25, .5, 1, 2.5}
+
+// groupMetrics observe the store's group commits (store.GroupObserver).
+type groupMetrics struct {
+	wait, took, rows prometheus.Histogram
+}
+
+func (g *groupMetrics) Queued(wait time.Duration) { g.wait.Observe(wait.Seconds()) }
+
+func (g *groupMetrics) Stored(rows int, took time.Duration) {
+	g.took.Observe(took.Seconds())
+	g.rows.Observe(float64(rows))
+}
+
+// RegisterStore exposes the store's publish and replay counters and the recorder's, and
+// observes the store's group commits: how long calls wait for their group, how long a group
+// takes and how many rows it holds.
 func (m *Metrics) RegisterStore(st StoreStats, rec RecorderStats) {
+	g := &groupMetrics{
+		wait: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "notifyd_publish_queue_wait_seconds",
+			Help:    "How long a publish call waited in the group-commit queue before its group started (behind the groups before it).",
+			Buckets: groupBuckets}),
+		took: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "notifyd_publish_group_seconds",
+			Help:    "How long storing one group-commit transaction took: its statement and commit (a retry call by call included).",
+			Buckets: groupBuckets}),
+		rows: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "notifyd_publish_group_rows",
+			Help:    "Rows in one group-commit transaction.",
+			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000}}),
+	}
+	m.Registry.MustRegister(g.wait, g.took, g.rows)
+	st.SetGroupObserver(g)
 	m.Registry.MustRegister(
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "notifyd_publish_statements_total",
 			Help: "Publish statements run (one transaction each, retries included)."},

@@ -353,6 +353,7 @@ func retryable(err error) bool {
 type pubReq struct {
 	ctx context.Context
 	ns  []NewNotification
+	at  time.Time   // when it was queued
 	res chan pubRes // buffered(1)
 }
 
@@ -380,7 +381,7 @@ func (s *Store) PublishOne(ctx context.Context, n NewNotification) (Published, e
 
 // enqueue hands validated notifications to groupLoop and waits for their results.
 func (s *Store) enqueue(ctx context.Context, ns []NewNotification) ([]Published, error) {
-	r := &pubReq{ctx: ctx, ns: ns, res: make(chan pubRes, 1)}
+	r := &pubReq{ctx: ctx, ns: ns, at: time.Now(), res: make(chan pubRes, 1)}
 	s.closeMu.RLock()
 	if s.closed {
 		s.closeMu.RUnlock()
@@ -482,6 +483,13 @@ func (s *Store) storeGroup(group []*pubReq) {
 		return
 	}
 	s.stats.publishGroups.Add(1)
+	started := time.Now()
+	obs := s.groupObs.Load()
+	if obs != nil {
+		for _, r := range live {
+			(*obs).Queued(started.Sub(r.at))
+		}
+	}
 	// Detached from the callers: one caller giving up must not fail the others.
 	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
 	defer cancel()
@@ -493,6 +501,9 @@ func (s *Store) storeGroup(group []*pubReq) {
 		}
 	}
 	ps, err := s.publish(ctx, ns)
+	if obs != nil {
+		(*obs).Stored(rows, time.Since(started))
+	}
 	if err == nil {
 		for _, r := range live {
 			r.res <- pubRes{ps: ps[:len(r.ns):len(r.ns)]}

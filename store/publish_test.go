@@ -424,6 +424,8 @@ func TestPublishBatchesShareGroups(t *testing.T) {
 			}
 		}
 	}
+	obs := &groupLog{}
+	s.SetGroupObserver(obs)
 	before := s.Stats().PublishStatements
 	round("shared", -1)
 	if n := s.Stats().PublishStatements - before; n > calls/3 {
@@ -439,6 +441,41 @@ func TestPublishBatchesShareGroups(t *testing.T) {
 	if stored != total {
 		t.Errorf("%d rows stored, %d published", stored, total)
 	}
+	// The observer saw every call start and every group end, with all of their rows (the
+	// failed group's too: it was stored call by call).
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if want := 2 * calls; obs.queued != want {
+		t.Errorf("observer: %d calls queued, want %d", obs.queued, want)
+	}
+	if groups := s.Stats().PublishGroups; uint64(obs.groups) != groups || obs.rows != 2*(calls/4*(3*rows+1)) {
+		t.Errorf("observer: %d groups of %d rows, want %d groups (Stats) of %d rows", obs.groups, obs.rows, groups, 2*(calls/4*(3*rows+1)))
+	}
+	if obs.negative {
+		t.Error("observer: a negative wait or duration")
+	}
+}
+
+// groupLog is a store.GroupObserver that counts what it is told.
+type groupLog struct {
+	mu                   sync.Mutex
+	queued, groups, rows int
+	negative             bool
+}
+
+func (g *groupLog) Queued(wait time.Duration) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.queued++
+	g.negative = g.negative || wait < 0
+}
+
+func (g *groupLog) Stored(rows int, took time.Duration) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.groups++
+	g.rows += rows
+	g.negative = g.negative || took <= 0
 }
 
 func randomString(n int) string {

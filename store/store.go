@@ -70,7 +70,8 @@ type Store struct {
 
 	replays replayQueue // batched Replay (replay.go)
 
-	hook atomic.Pointer[PublishHook] // SetPublishHook
+	hook     atomic.Pointer[PublishHook]   // SetPublishHook
+	groupObs atomic.Pointer[GroupObserver] // SetGroupObserver
 
 	stats struct {
 		publishStatements atomic.Uint64
@@ -91,6 +92,20 @@ type PublishHook func(users []string) (done func(committed []Notification))
 
 // SetPublishHook installs h for the publish statements that start after it.
 func (s *Store) SetPublishHook(h PublishHook) { s.hook.Store(&h) }
+
+// GroupObserver is told how group commit goes (notifyd's metrics implement it). Its methods
+// run on the group-commit loop, so they must be quick and must not block.
+type GroupObserver interface {
+	// Queued is called for each Publish or PublishOne call as its group starts, with how
+	// long the call waited in the queue (behind the groups before it).
+	Queued(wait time.Duration)
+	// Stored is called after each group with its rows and how long storing it took: its
+	// statement and commit, a retry call by call included.
+	Stored(rows int, took time.Duration)
+}
+
+// SetGroupObserver installs o for the groups that start after it.
+func (s *Store) SetGroupObserver(o GroupObserver) { s.groupObs.Store(&o) }
 
 // Stats are counters of the publish paths since Open (for tests and metrics).
 type Stats struct {

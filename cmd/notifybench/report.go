@@ -92,6 +92,9 @@ func checks(r *Result) []Check {
 				fmt.Sprintf("machine %.0f µs (%.0f%% of a core): server %.0f µs, Postgres %.0f µs (the machine's Postgres %.0f µs), tool %.0f µs%s",
 					c.MachineUS, c.Machine, c.ServerUS, c.PostgresUS, c.PostgresAllUS, c.BenchUS, grouped), true)
 		}
+		if g := p.Groups; g != nil {
+			add("group commit in the store", "reported", g.String(), true)
+		}
 		target, pass = "reported", true
 		if tg.MaxP99Ms > 0 {
 			target = fmt.Sprintf("p99 <= %g ms", tg.MaxP99Ms)

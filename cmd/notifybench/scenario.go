@@ -188,6 +188,8 @@ type PublishResult struct {
 	// server's notifyd_publish_single_total over notifyd_publish_groups_total);
 	// 0 when not known.
 	CallsPerTx float64 `json:"calls_per_tx,omitempty"`
+	// Groups is the server's group commit meanwhile (nil when its metrics lack it).
+	Groups *GroupStats `json:"groups,omitempty"`
 }
 
 // ReconnectResult is the mass reconnect.
@@ -372,6 +374,7 @@ func run(ctx context.Context, cfg runConfig, t *target, sc Scenario, res *Result
 		after := t.runtimeMetrics(ctx)
 		pr.ReadBack = readBack(before, after)
 		pr.CallsPerTx = callsPerTx(before, after)
+		pr.Groups = groupStats(before, after)
 		res.Publish = pr
 		log.Info("published", "delivered_per_sec", int(pr.DeliveredPerSec), "lost", pr.Lost, "p99_ms", pr.Latency.P99)
 	}
