@@ -1,6 +1,9 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -107,5 +110,55 @@ func TestGoalsUnknown(t *testing.T) {
 	}
 	if len(gs) == 0 {
 		t.Fatal("no goals for an empty run")
+	}
+}
+
+// TestGoalsRatePairs: with rate pairs, the rate target is the ratio of the medians of this
+// build's and the baseline's runs, whatever the scenario run measured.
+func TestGoalsRatePairs(t *testing.T) {
+	rep, f := goalRun() // the scenario run: 8,000/s
+	for _, c := range []struct {
+		pairs    []RatePair
+		met      bool
+		measured string
+	}{
+		{[]RatePair{{4000, 7000}, {5000, 9000}, {3000, 8000}}, true, "2.00× (median 8,000/s"},
+		{[]RatePair{{4000, 7000}, {5000, 9000}}, false, "1.78× (median 8,000/s"}, // 8,000 / 4,500
+	} {
+		gs := goals(rep, f, &Baseline{SinglePerSec: 1, From: "test", Pairs: c.pairs})
+		g := gs[2]
+		if g.What != "committed notifications/s" || !g.Known || g.Met != c.met || !strings.HasPrefix(g.Measured, c.measured) {
+			t.Errorf("%v: %+v, want met %v measured %q...", c.pairs, g, c.met, c.measured)
+		}
+	}
+}
+
+// TestRatePairs: pairs are read in order while both runs of a pair are there.
+func TestRatePairs(t *testing.T) {
+	dir := t.TempDir()
+	run := func(name string, rate float64) {
+		rep := &Report{Results: []*Result{{Scenario: Scenario{Name: "publish-single"},
+			Publish: &PublishResult{PublishedPerSec: rate, CPU: &phaseCPU{}}}}}
+		if err := os.MkdirAll(filepath.Join(dir, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := writeJSON(filepath.Join(dir, name, "results.json"), rep); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run("1-baseline", 100)
+	run("1-current", 200)
+	run("2-baseline", 110)
+	run("2-current", 190)
+	run("3-baseline", 120) // its current run is missing: not a pair
+	ps, err := ratePairs(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []RatePair{{100, 200}, {110, 190}}; !slices.Equal(ps, want) {
+		t.Errorf("pairs %v, want %v", ps, want)
+	}
+	if ps, err := ratePairs(filepath.Join(dir, "none")); err != nil || len(ps) != 0 {
+		t.Errorf("no rate dir: %v, %v", ps, err)
 	}
 }

@@ -116,7 +116,7 @@ func mainErr() error {
 		commit   = flag.String("commit", "", "commit measured (default: git rev-parse of the working directory)")
 		cpuProf  = flag.String("cpuprofile", "", "write the load tool's own CPU profile to this file")
 		echo     = flag.Bool("echo-floor", false, "instead of scenarios, measure the floors of a bare gorilla and net/http server: a storm of 5,000 handshakes, 10 s of single publishes from 64 publishers, and -ws idle connections (default 19000) pinging every -ping, CPU over -idle (default 40s)")
-		goalsOut = flag.Bool("goals", false, "instead of scenarios, judge the run in -out (results.json and echo-floor.json) against the targets of issue 16: print the table and write it into results.md and goals.json")
+		goalsOut = flag.Bool("goals", false, "instead of scenarios, judge the run in -out (results.json and echo-floor.json) against the targets of issue 16 (with rate pairs in -out/rate, N-baseline and N-current publish-single runs, the rate target compares their medians): print the table and write it into results.md and goals.json")
 		baseline = flag.String("baseline", "", "with -goals: an earlier results.json, whose single-publish rate the rate target compares with and whose figures the no-regression rows show")
 		baseRate = flag.Float64("baseline-rate", 0, "with -goals: the single-publish rate (committed/s) the rate target compares with, instead of -baseline's")
 		echoAt   = flag.String("echo-serve", "", "run the bare echo server on this address (started by -echo-floor)")

@@ -21,7 +21,8 @@ export NOTIFYD_TEST_DATABASE_URL=${NOTIFYD_TEST_DATABASE_URL:-postgres://127.0.0
 mkdir -p "$OUT/bin"
 # The single-publish rate target is a ratio to a baseline: with
 # BENCH_BASELINE_BIN (a notifyd binary of the commit to compare with) the
-# publish-single scenario runs against it in this run, before the others;
+# publish-single scenario runs against it and against this build in turn
+# (the rate pairs, below), before the others;
 # else BENCH_BASELINE names an earlier results.json, by default the previous
 # run in $OUT; BENCH_BASELINE_RATE gives the rate as a number.
 if [ -f "$OUT/results.json" ]; then mv "$OUT/results.json" "$OUT/previous-results.json"; fi
@@ -55,11 +56,20 @@ fi
 
 pprof=()
 if [ "${BENCH_PPROF:-0}" = 1 ]; then pprof=(-pprof); fi
+# The rate pairs: publish-single against the baseline binary and against this
+# build right after it, BENCH_RATE_PAIRS times (default 2), so that what this
+# shared machine does in a given minute weighs on both alike; the rate target
+# compares the medians (notifybench -goals reads $OUT/rate).
+rm -rf "$OUT/rate"
 if [ -n "${BENCH_BASELINE_BIN:-}" ]; then
-  echo "== baseline: publish-single against $BENCH_BASELINE_BIN" >&2
-  "$OUT/bin/notifybench" -spawn "$BENCH_BASELINE_BIN" -scenarios publish-single -out "$OUT/baseline" \
-    -commit "baseline $BENCH_BASELINE_BIN" >/dev/null
-  BASELINE=$OUT/baseline/results.json
+  for i in $(seq 1 "${BENCH_RATE_PAIRS:-2}"); do
+    echo "== rate pair $i: publish-single against $BENCH_BASELINE_BIN, then this build" >&2
+    "$OUT/bin/notifybench" -spawn "$BENCH_BASELINE_BIN" -scenarios publish-single -out "$OUT/rate/$i-baseline" \
+      -commit "baseline $BENCH_BASELINE_BIN" >/dev/null
+    "$OUT/bin/notifybench" -spawn "$OUT/bin/notifyd" -scenarios publish-single -out "$OUT/rate/$i-current" \
+      -commit "$(git rev-parse --short HEAD)" >/dev/null
+  done
+  BASELINE=$OUT/rate/1-baseline/results.json
 fi
 echo "== notifybench scenarios: $SCENARIOS" >&2
 "$OUT/bin/notifybench" -spawn "$OUT/bin/notifyd" -scenarios "$SCENARIOS" -out "$OUT" \
