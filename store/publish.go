@@ -484,11 +484,11 @@ func (s *Store) storeGroup(group []*pubReq) {
 	}
 	s.stats.publishGroups.Add(1)
 	started := time.Now()
-	obs := s.groupObs.Load()
-	if obs != nil {
+	if obs := s.groupObs.Load(); obs != nil {
 		for _, r := range live {
 			(*obs).Queued(started.Sub(r.at))
 		}
+		defer func() { (*obs).Stored(rows, time.Since(started)) }() // after a retry call by call too
 	}
 	// Detached from the callers: one caller giving up must not fail the others.
 	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
@@ -501,9 +501,6 @@ func (s *Store) storeGroup(group []*pubReq) {
 		}
 	}
 	ps, err := s.publish(ctx, ns)
-	if obs != nil {
-		(*obs).Stored(rows, time.Since(started))
-	}
 	if err == nil {
 		for _, r := range live {
 			r.res <- pubRes{ps: ps[:len(r.ns):len(r.ns)]}
