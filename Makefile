@@ -61,6 +61,6 @@ bench-report: pg-up
 	NOTIFYD_BENCH_REPORT=1 NOTIFYD_BENCH_OUT=$(CURDIR)/bench-report.md $(GO) test -run '^TestReportAtScale$$' -count=1 -timeout 60m -v ./store/
 	$(GO) test -run '^$$' -bench 'BenchmarkRecording' -benchtime 5s -count 3 -timeout 20m ./cmd/notifyd/
 
-## bench: Go benchmarks, the notifybench scenarios and the echo floor (cmd/notifybench/suite.sh; about 7 min)
+## bench: Go benchmarks, the notifybench scenarios and the echo floor (cmd/notifybench/suite.sh; about 9 min)
 bench: pg-up
 	GO=$(GO) cmd/notifybench/suite.sh
