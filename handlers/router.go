@@ -148,7 +148,7 @@ func New(opt Options) http.Handler {
 		r.Post("/sessions/{session}/messages", a.postMessages)
 
 		r.Group(func(r chi.Router) {
-			r.Use(noCache)
+			r.Use(middleware.NoCache)
 			r.Post("/notifications", a.publish)
 			r.Get("/users/{user}/notifications", a.inbox)
 			r.Post("/users/{user}/read", a.markRead)
