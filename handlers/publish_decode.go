@@ -27,7 +27,7 @@ func decodePublish(rd io.Reader, size int64, maxBatch int, req *publishRequest) 
 	}
 	body := make([]byte, size)
 	if _, err := io.ReadFull(rd, body); err != nil {
-		return decoded(nil, io.ErrUnexpectedEOF) // the body ended before its Content-Length
+		return decoded(nil, err) // empty, or ended before its Content-Length
 	}
 	if trimmed := bytes.TrimLeft(body, " \t\r\n"); len(trimmed) == 0 || trimmed[0] != '{' {
 		// Empty, or not an object: the stream decoder's answers for these.

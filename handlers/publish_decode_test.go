@@ -49,6 +49,7 @@ func TestDecodePublishSmallBodies(t *testing.T) {
 		{`{"notifications":[{},{},{},{}]}`, -2, 413, "batch_too_large", ""},
 		{`{"user_id":"a","topic":"t"}`, 40, 400, "bad_request", "the body ends before the JSON value does"},
 		{``, 0, 400, "bad_request", "the body is empty"},
+		{``, 10, 400, "bad_request", "the body is empty"}, // a Content-Length and no body
 		{`  [1]`, -2, 400, "bad_request", "the body: must be an object"},
 		{`{"user_id":"a","bogus":1}`, -2, 400, "bad_request", `unknown field "bogus"`},
 		{`{"user_ids":[1]}`, -2, 400, "bad_request", "user_ids: must be a string"},
