@@ -229,9 +229,9 @@ func (c *wsConn) answerPing() {
 // throughout, so no other frame gets between its parts. It writes park's
 // pongs and wsConn.write's frames on a plain socket. The deadline is armed
 // only when the write must wait: a write that the socket takes at once
-// (nearly always) sets no timer. Setting it was an idle connection's largest
-// cost after the syscalls, with the stack growth it caused in park. A
-// deadline that an earlier write left behind (gorilla's WriteControl arms one)
+// (nearly always) sets no timer, which costs an idle connection more than
+// anything but the syscalls, with the stack it grows in park
+// (BenchmarkWSWriteDeadline compares). A deadline that an earlier write left behind (gorilla's WriteControl arms one)
 // and that has passed refuses the write before anything is sent; then it is
 // armed and the write tried again. A write that armed one clears it once
 // done, so that the next write finds none to refuse it.

@@ -35,7 +35,7 @@ func testHub() *realtime.Hub {
 
 // liveSession registers a session on hub and takes its hello and synced off
 // its queue, with their wake signal, as a writer that wrote them leaves it.
-func liveSession(t *testing.T, hub *realtime.Hub) *realtime.Session {
+func liveSession(t testing.TB, hub *realtime.Hub) *realtime.Session {
 	t.Helper()
 	s := hub.NewSession(realtime.SessionInfo{User: "alice", Device: "d", Transport: realtime.WebSocket}, 0)
 	if err := hub.Register(s, ""); err != nil {
@@ -61,7 +61,7 @@ type idleWS struct {
 	br     *bufio.Reader // the client's reads
 }
 
-func newIdleWS(t *testing.T) *idleWS {
+func newIdleWS(t testing.TB) *idleWS {
 	t.Helper()
 	hub := testHub()
 	a := &API{Options: Options{Hub: hub, Log: slog.New(slog.DiscardHandler), Limits: Limits{MaxMessageBytes: 64 << 10}}}
@@ -824,5 +824,31 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting until %s", what)
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// BenchmarkWSWriteDeadline: a pong written by sendAll, which arms the write
+// deadline only when the socket is full, against the same write with the
+// deadline armed before each write (make bench runs it).
+func BenchmarkWSWriteDeadline(b *testing.B) {
+	var pong, buf [64]byte
+	frame := appendTextFrame(buf[:0], realtime.AppendPong(pong[:0], time.Now()))
+	for _, c := range []struct {
+		name string
+		arm  bool
+	}{{"when-full", false}, {"every-write", true}} {
+		b.Run(c.name, func(b *testing.B) {
+			w := newIdleWS(b)
+			go func() { _, _ = io.Copy(io.Discard, w.client) }() // the client reads everything
+			b.ReportAllocs()
+			for b.Loop() {
+				if c.arm {
+					w.c.w.armDeadline()
+				}
+				if !w.c.sendAll(frame) {
+					b.Fatal("write failed")
+				}
+			}
+		})
 	}
 }

@@ -35,8 +35,9 @@ $GO build -o "$OUT/bin/" ./cmd/notifyd ./cmd/notifybench
 # store's publish paths, and the side-by-side benchmarks of the low-level
 # tricks, each with and without it in one run: the sweep's read-ahead
 # (BenchmarkSweepReadAhead, in the Sweep run), the recorder's queue
-# (BenchmarkRecorderQueue, in the store run) and growStack
-# (BenchmarkAuthClientConnect). BENCH_GO_ALL=1 runs every package's
+# (BenchmarkRecorderQueue, in the store run), growStack
+# (BenchmarkAuthClientConnect) and sendAll's write deadline armed only when
+# the socket is full (BenchmarkWSWriteDeadline). BENCH_GO_ALL=1 runs every package's
 # benchmarks (cmd/notifyd's alone take several minutes).
 if [ "$GOBENCH" = 1 ]; then
   echo "== Go benchmarks" >&2
@@ -49,7 +50,7 @@ if [ "$GOBENCH" = 1 ]; then
     # else the machine does (report the median).
     { $GO test -run '^$' -bench 'Sweep' -benchtime 30x -benchmem -count=3 -timeout 10m ./handlers/realtime
       $GO test -run '^$' -bench . -benchtime 20x -benchmem -count=1 -timeout 10m ./store
-      $GO test -run '^$' -bench 'AuthClientConnect' -benchmem -count=3 -timeout 10m ./handlers; } | tee "$OUT/gobench.txt" ||
+      $GO test -run '^$' -bench 'AuthClientConnect|WSWriteDeadline' -benchmem -count=3 -timeout 10m ./handlers; } | tee "$OUT/gobench.txt" ||
       echo "== a Go benchmark failed (see $OUT/gobench.txt); the scenarios run anyway" >&2
   fi
 fi
