@@ -249,6 +249,7 @@ func run(ctx context.Context, cfg runConfig, t *target, sc Scenario, res *Result
 	log := cfg.log.With("scenario", sc.Name)
 	b := newBench(ctx, t, cfg.sources, sc.PingInterval, sc.PingTimeout)
 	defer b.close()
+	var profiled sync.Mutex // the publish phase takes its CPU and allocation profiles at once
 	profile := func(kind, name string) {
 		if !cfg.pprof || cfg.outDir == "" {
 			return
@@ -258,7 +259,9 @@ func run(ctx context.Context, cfg runConfig, t *target, sc Scenario, res *Result
 			log.Warn("profile", "kind", kind, "err", err)
 			return
 		}
+		profiled.Lock()
 		res.Profiles = append(res.Profiles, path)
+		profiled.Unlock()
 	}
 
 	// One user per session; tokens are minted before the clock starts.
@@ -494,10 +497,15 @@ func publishPhase(ctx context.Context, t *target, b *bench, sc Scenario, users [
 	p := newPublisher(t, online)
 	var wg sync.WaitGroup
 	if profile != nil {
-		wg.Add(1)
+		secs := max(1, int(sc.PublishFor.Seconds())-1)
+		wg.Add(2)
 		go func() {
 			defer wg.Done()
-			profile(fmt.Sprintf("profile?seconds=%d", max(1, int(sc.PublishFor.Seconds())-1)), "publish.cpu")
+			profile(fmt.Sprintf("profile?seconds=%d", secs), "publish.cpu")
+		}()
+		go func() {
+			defer wg.Done()
+			profile(fmt.Sprintf("allocs?seconds=%d", secs), "publish.allocs")
 		}()
 	}
 	c0, _ := readProc(t.PID)
