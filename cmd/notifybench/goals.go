@@ -132,14 +132,15 @@ func goals(rep *Report, f *Floors, base *Baseline) []Goal {
 			r := c / b
 			add(Goal{Scenario: single, What: what,
 				Floor:    fmt.Sprintf("baseline %s/s, median of %d runs alternated with this build's (%s)", num(b), len(base.Pairs), base.From),
-				Measured: fmt.Sprintf("%.2f× (median %s/s; pairs %s/s; the scenario run %s/s)", r, num(c), strings.Join(runs, ", "), num(p.PublishedPerSec)),
+				Measured: fmt.Sprintf("%.2f× (median %s/s; pairs %s/s; the scenario run %s/s%s)", r, num(c), strings.Join(runs, ", "), num(p.PublishedPerSec), ceiling(p.CPU, "notification", b, "baseline")),
 				Target:   target, Known: b > 0, Met: b > 0 && r >= singleRateVsBaseline})
 		} else if base == nil || base.SinglePerSec <= 0 {
 			missing(single, what, "baseline (-baseline)", target, fmt.Sprintf("%s/s; no baseline", num(p.PublishedPerSec)))
 		} else {
 			r := p.PublishedPerSec / base.SinglePerSec
 			add(Goal{Scenario: single, What: what, Floor: fmt.Sprintf("baseline %s/s (%s)", num(base.SinglePerSec), base.From),
-				Measured: fmt.Sprintf("%.2f× (%s/s)", r, num(p.PublishedPerSec)), Target: target, Known: true, Met: r >= singleRateVsBaseline})
+				Measured: fmt.Sprintf("%.2f× (%s/s%s)", r, num(p.PublishedPerSec), ceiling(p.CPU, "notification", base.SinglePerSec, "baseline")),
+				Target:   target, Known: true, Met: r >= singleRateVsBaseline})
 		}
 		add(Goal{Scenario: single, What: "publish-to-receive p99",
 			Measured: fmt.Sprintf("%.1f ms (p50 %.1f; request p50 %.1f / p99 %.1f%s)", p.Latency.P99, p.Latency.P50, p.Request.P50, p.Request.P99, storeShare(p)),
@@ -181,7 +182,8 @@ func goals(rep *Report, f *Floors, base *Baseline) []Goal {
 		ok := c.Errors == 0 && c.ReplayBad == 0
 		rate := c.PerSecond / f.Storm.PerSecond
 		add(Goal{Scenario: storm, What: "connects/s, each replay checked", Floor: fmt.Sprintf("bare handshakes %s/s", num(f.Storm.PerSecond)),
-			Measured: fmt.Sprintf("%.2f× (%s/s, %d errors, %d bad replays)", rate, num(c.PerSecond), c.Errors, c.ReplayBad),
+			Measured: fmt.Sprintf("%.2f× (%s/s, %d errors, %d bad replays%s)", rate, num(c.PerSecond), c.Errors, c.ReplayBad,
+				ceiling(c.CPU, "connect", f.Storm.PerSecond, "floor")),
 			Target:   fmt.Sprintf(">= %g×", stormRateVsFloor), Known: true, Met: ok && rate >= stormRateVsFloor})
 		cpu := c.CPU.ServerUS + c.CPU.PostgresUS
 		rc := cpu / f.Storm.CPU.ServerUS
@@ -376,6 +378,20 @@ func readJSON(path string, v any) error {
 
 // storeShare says, beside a latency, how long the store took per group and how long calls
 // queued for one (empty when the server's metrics lack them).
+// ceiling says how many units per second the machine's cores could make at
+// the CPU per unit c measured (the server's, Postgres's and the tool's, all
+// sharing the cores), as a multiple of ref (refName: the baseline or floor
+// the target is a ratio of): a rate target past it cannot be met on this machine without
+// spending less CPU per unit. Empty when c lacks the figures.
+func ceiling(c *phaseCPU, unit string, ref float64, refName string) string {
+	if c == nil || c.Cores <= 0 || c.MachineUS <= 0 || ref <= 0 {
+		return ""
+	}
+	most := float64(c.Cores) * 1e6 / c.MachineUS
+	return fmt.Sprintf("; at this run's %.0f µs of machine CPU per %s (server %.0f, Postgres %.0f, tool %.0f) %d cores make at most %s/s, %.2f× the %s",
+		c.MachineUS, unit, c.ServerUS, c.PostgresUS, c.BenchUS, c.Cores, num(most), most/ref, refName)
+}
+
 func storeShare(p *PublishResult) string {
 	g := p.Groups
 	if g == nil {

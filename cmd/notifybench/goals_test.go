@@ -162,3 +162,26 @@ func TestRatePairs(t *testing.T) {
 		t.Errorf("no rate dir: %v, %v", ps, err)
 	}
 }
+
+func TestCeiling(t *testing.T) {
+	// 2 cores at 200 µs a notification make at most 10,000/s: 1.25× a baseline of 8,000/s.
+	c := &phaseCPU{Cores: 2, MachineUS: 200, ServerUS: 90, PostgresUS: 50, BenchUS: 60}
+	got := ceiling(c, "notification", 8000, "baseline")
+	want := "; at this run's 200 µs of machine CPU per notification (server 90, Postgres 50, tool 60) 2 cores make at most 10,000/s, 1.25× the baseline"
+	if got != want {
+		t.Errorf("ceiling = %q, want %q", got, want)
+	}
+	for _, c := range []*phaseCPU{nil, {MachineUS: 200}, {Cores: 2}} {
+		if got := ceiling(c, "connect", 1000, "floor"); got != "" {
+			t.Errorf("ceiling(%+v) = %q, want empty (figures missing)", c, got)
+		}
+	}
+	// The rate row carries it when the run has the figures.
+	rep, f := goalRun()
+	rep.Results[0].Publish.CPU = c
+	for _, g := range goals(rep, f, &Baseline{SinglePerSec: 8000, From: "test"}) {
+		if g.What == "committed notifications/s" && !strings.Contains(g.Measured, "make at most 10,000/s, 1.25× the baseline") {
+			t.Errorf("rate row %q lacks the ceiling", g.Measured)
+		}
+	}
+}

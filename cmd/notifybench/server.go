@@ -381,12 +381,14 @@ type phaseCPU struct {
 	PostgresUS    float64 `json:"postgres_us_per_unit,omitempty"`
 	PostgresAllUS float64 `json:"postgres_all_us_per_unit,omitempty"`
 	BenchUS       float64 `json:"bench_us_per_unit,omitempty"`
+	// Cores is how many cores the machine has: Machine is at most Cores × 100.
+	Cores int `json:"cores,omitempty"`
 
-	at               time.Time
-	busy, total, pg  int64
-	backends         map[int]int64
-	server, bench    procSample
-	serverPID, cores int
+	at              time.Time
+	busy, total, pg int64
+	backends        map[int]int64
+	server, bench   procSample
+	serverPID       int
 	// clients are the processes whose Postgres backends count: the server
 	// (or the nodes of a cluster), and the tool.
 	clients []int
@@ -396,7 +398,7 @@ type phaseCPU struct {
 // CPU it reports (0: none, the caller sums a cluster's nodes); the Postgres
 // backends counted are those of the server, of nodes and of the tool.
 func startPhaseCPU(serverPID int, nodes ...int) *phaseCPU {
-	c := &phaseCPU{at: time.Now(), serverPID: serverPID, cores: runtime.NumCPU(),
+	c := &phaseCPU{at: time.Now(), serverPID: serverPID, Cores: runtime.NumCPU(),
 		clients: append([]int{serverPID, os.Getpid()}, nodes...)}
 	c.busy, c.total = machineCPU()
 	c.pg = postgresTicks()
@@ -423,7 +425,7 @@ func (c *phaseCPU) finish(units int64) {
 	secs := time.Since(c.at).Seconds()
 	busy, total := machineCPU()
 	if total > c.total {
-		c.Machine = float64(busy-c.busy) / float64(total-c.total) * 100 * float64(c.cores)
+		c.Machine = float64(busy-c.busy) / float64(total-c.total) * 100 * float64(c.Cores)
 	}
 	c.PostgresAll = float64(postgresTicks()-c.pg) / clockTick / secs * 100
 	own := backendTicks(ownBackends(c.clients...))
