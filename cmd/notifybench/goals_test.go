@@ -1,6 +1,7 @@
 package main
 
 import (
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -122,8 +123,8 @@ func TestGoalsRatePairs(t *testing.T) {
 		met      bool
 		measured string
 	}{
-		{[]RatePair{{4000, 7000}, {5000, 9000}, {3000, 8000}}, true, "2.00× (median 8,000/s"},
-		{[]RatePair{{4000, 7000}, {5000, 9000}}, false, "1.78× (median 8,000/s"}, // 8,000 / 4,500
+		{[]RatePair{{Baseline: 4000, Current: 7000}, {Baseline: 5000, Current: 9000}, {Baseline: 3000, Current: 8000}}, true, "2.00× (median 8,000/s"},
+		{[]RatePair{{Baseline: 4000, Current: 7000}, {Baseline: 5000, Current: 9000}}, false, "1.78× (median 8,000/s"}, // 8,000 / 4,500
 	} {
 		gs := goals(rep, f, &Baseline{SinglePerSec: 1, From: "test", Pairs: c.pairs})
 		g := gs[2]
@@ -138,7 +139,7 @@ func TestRatePairs(t *testing.T) {
 	dir := t.TempDir()
 	run := func(name string, rate float64) {
 		rep := &Report{Results: []*Result{{Scenario: Scenario{Name: "publish-single"},
-			Publish: &PublishResult{PublishedPerSec: rate, CPU: &phaseCPU{}}}}}
+			Publish: &PublishResult{PublishedPerSec: rate, CPU: &phaseCPU{Cores: 2, MachineUS: 1e6 / rate}}}}}
 		if err := os.MkdirAll(filepath.Join(dir, name), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -155,8 +156,18 @@ func TestRatePairs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []RatePair{{100, 200}, {110, 190}}; !slices.Equal(ps, want) {
-		t.Errorf("pairs %v, want %v", ps, want)
+	rates := func(ps []RatePair) (out [][2]float64) {
+		for _, p := range ps {
+			out = append(out, [2]float64{p.Baseline, p.Current})
+		}
+		return out
+	}
+	if got, want := rates(ps), [][2]float64{{100, 200}, {110, 190}}; !slices.Equal(got, want) {
+		t.Errorf("pairs %v, want %v", got, want)
+	}
+	// The current runs' CPU comes along: their median machine CPU is 1e6/190 and 1e6/200 µs.
+	if c := pairCPU(ps); c == nil || c.Cores != 2 || math.Abs(c.MachineUS-(1e6/200+1e6/190)/2) > 1e-6 {
+		t.Errorf("pairCPU = %+v, want 2 cores and the median of the current runs' machine CPU", c)
 	}
 	if ps, err := ratePairs(filepath.Join(dir, "none")); err != nil || len(ps) != 0 {
 		t.Errorf("no rate dir: %v, %v", ps, err)
@@ -166,13 +177,13 @@ func TestRatePairs(t *testing.T) {
 func TestCeiling(t *testing.T) {
 	// 2 cores at 200 µs a notification make at most 10,000/s: 1.25× a baseline of 8,000/s.
 	c := &phaseCPU{Cores: 2, MachineUS: 200, ServerUS: 90, PostgresUS: 50, BenchUS: 60}
-	got := ceiling(c, "notification", 8000, "baseline")
-	want := "; at this run's 200 µs of machine CPU per notification (server 90, Postgres 50, tool 60) 2 cores make at most 10,000/s, 1.25× the baseline"
+	got := ceiling(c, "this run", "notification", 8000, "baseline")
+	want := "; this run spent 200 µs of machine CPU per notification (server 90, Postgres 50, tool 60): at that, 2 cores make about 10,000/s at most, 1.25× the baseline"
 	if got != want {
 		t.Errorf("ceiling = %q, want %q", got, want)
 	}
 	for _, c := range []*phaseCPU{nil, {MachineUS: 200}, {Cores: 2}} {
-		if got := ceiling(c, "connect", 1000, "floor"); got != "" {
+		if got := ceiling(c, "this run", "connect", 1000, "floor"); got != "" {
 			t.Errorf("ceiling(%+v) = %q, want empty (figures missing)", c, got)
 		}
 	}
@@ -180,7 +191,7 @@ func TestCeiling(t *testing.T) {
 	rep, f := goalRun()
 	rep.Results[0].Publish.CPU = c
 	for _, g := range goals(rep, f, &Baseline{SinglePerSec: 8000, From: "test"}) {
-		if g.What == "committed notifications/s" && !strings.Contains(g.Measured, "make at most 10,000/s, 1.25× the baseline") {
+		if g.What == "committed notifications/s" && !strings.Contains(g.Measured, "make about 10,000/s at most, 1.25× the baseline") {
 			t.Errorf("rate row %q lacks the ceiling", g.Measured)
 		}
 	}
