@@ -112,7 +112,7 @@ func mainErr() error {
 		dbURL    = flag.String("dburl", os.Getenv("DATABASE_URL"), "external server database URL (SQL publishing, replay setup)")
 		sources  = flag.Int("sources", 16, "loopback source addresses to spread connections over (127.0.0.2 ...)")
 		outDir   = flag.String("out", "", "directory for results.json, results.md, server logs and profiles")
-		pprof    = flag.Bool("pprof", false, "capture server heap and CPU profiles during the runs (needs -out)")
+		pprof    = flag.Bool("pprof", false, "capture server heap and CPU profiles during the runs, and the allocations of each publish phase (needs -out)")
 		commit   = flag.String("commit", "", "commit measured (default: git rev-parse of the working directory)")
 		cpuProf  = flag.String("cpuprofile", "", "write the load tool's own CPU profile to this file")
 		echo     = flag.Bool("echo-floor", false, "instead of scenarios, measure the floors of a bare gorilla and net/http server: a storm of 5,000 handshakes, 10 s of single publishes from 64 publishers, and -ws idle connections (default 19000) pinging every -ping, CPU over -idle (default 40s)")

@@ -8,8 +8,8 @@
 #
 # Results: $OUT/results.md (the scenario table, the floors and the table of
 # issue 16's targets, each a ratio to a floor of the same run), $OUT/results.json, $OUT/goals.json,
-# $OUT/gobench.txt, $OUT/echo-floor.md (the bare server's floors), server logs, and with BENCH_PPROF=1 CPU and heap profiles
-# in $OUT/pprof (read them with `go tool pprof $OUT/bin/notifyd FILE`).
+# $OUT/gobench.txt, $OUT/echo-floor.md (the bare server's floors), server logs, and with BENCH_PPROF=1 CPU and heap profiles,
+# and each publish phase's allocations, in $OUT/pprof (read them with `go tool pprof $OUT/bin/notifyd FILE`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 GO=${GO:-go}
