@@ -150,9 +150,10 @@ func goals(rep *Report, f *Floors, base *Baseline) []Goal {
 			}
 			r := c / b
 			add(Goal{Scenario: single, What: what,
-				Floor:    fmt.Sprintf("baseline %s/s, median of %d runs alternated with this build's (%s)", num(b), len(base.Pairs), base.From),
-				Measured: fmt.Sprintf("%.2f× (median %s/s; pairs %s/s; the scenario run %s/s%s)", r, num(c), strings.Join(runs, ", "), num(p.PublishedPerSec), ceiling(pairCPU(base.Pairs), "this build's pair runs (median)", "notification", b, "baseline")),
-				Target:   target, Known: b > 0, Met: b > 0 && r >= singleRateVsBaseline})
+				Floor: fmt.Sprintf("baseline %s/s, median of %d runs alternated with this build's (%s)", num(b), len(base.Pairs), base.From),
+				Measured: fmt.Sprintf("%.2f× (median %s/s; pairs %s/s; the scenario run %s/s%s)", r, num(c), strings.Join(runs, ", "), num(p.PublishedPerSec),
+					ceiling(pairCPU(base.Pairs), "this build's pair runs (median)", "notification", b, "baseline")),
+				Target: target, Known: b > 0, Met: b > 0 && r >= singleRateVsBaseline})
 		} else if base == nil || base.SinglePerSec <= 0 {
 			missing(single, what, "baseline (-baseline)", target, fmt.Sprintf("%s/s; no baseline", num(p.PublishedPerSec)))
 		} else {
