@@ -32,7 +32,8 @@ BASELINE=${BENCH_BASELINE:-$OUT/previous-results.json}
 $GO build -o "$OUT/bin/" ./cmd/notifyd ./cmd/notifybench
 
 # The Go benchmarks that carry a target (sweep cost at 1M sessions), the
-# store's publish paths, and the side-by-side benchmarks of the low-level
+# store's publish paths, the publish hook's memory of recent rows when full
+# (BenchmarkRememberFull), and the side-by-side benchmarks of the low-level
 # tricks, each with and without it in one run: the sweep's read-ahead
 # (BenchmarkSweepReadAhead, in the Sweep run), the recorder's queue
 # (BenchmarkRecorderQueue, in the store run), growStack
@@ -49,6 +50,7 @@ if [ "$GOBENCH" = 1 ]; then
     # of the sweep, since at a million sessions one run moves with whatever
     # else the machine does (report the median).
     { $GO test -run '^$' -bench 'Sweep' -benchtime 30x -benchmem -count=3 -timeout 10m ./handlers/realtime
+      $GO test -run '^$' -bench 'RememberFull' -benchmem -count=3 -timeout 10m ./handlers/realtime
       $GO test -run '^$' -bench . -benchtime 20x -benchmem -count=1 -timeout 10m ./store
       $GO test -run '^$' -bench 'AuthClientConnect|WSWriteDeadline' -benchmem -count=3 -timeout 10m ./handlers; } | tee "$OUT/gobench.txt" ||
       echo "== a Go benchmark failed (see $OUT/gobench.txt); the scenarios run anyway" >&2

@@ -49,6 +49,43 @@ func BenchmarkExpectCommitted(b *testing.B) {
 		}
 		d.Expect(users)(rows)
 		clear(d.recent.m) // as the dispatcher's take would
-		d.recent.order = d.recent.order[:0]
+		d.recent.order, d.recent.head = d.recent.order[:0], 0
+	}
+}
+
+// BenchmarkRememberFull is the publish hook's cost in a steady state: the
+// memory of recent rows is full (recentMax), so each group of 24 committed
+// rows expires 24 old ones.
+func BenchmarkRememberFull(b *testing.B) {
+	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
+	s := h.NewSession(SessionInfo{User: "ann", Transport: WebSocket}, 0)
+	if err := h.Register(s, ""); err != nil {
+		b.Fatal(err)
+	}
+	d := NewDispatcher(h, &countingSource{}, nil, 100)
+	const group = 24
+	users := make([]string, group)
+	rows := make([]store.Notification, group)
+	for i := range rows {
+		users[i] = "ann"
+		rows[i] = store.Notification{ID: "id" + strconv.Itoa(i), UserID: "ann", Topic: "t", Data: []byte(`{}`), CreatedAt: time.Now()}
+	}
+	seq := int64(0)
+	publish := func() {
+		for j := range rows {
+			seq++
+			rows[j].Seq = seq
+		}
+		d.Expect(users)(rows)
+	}
+	for range recentMax / group {
+		publish()
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		publish()
+	}
+	if n := len(d.recent.m); n != recentMax {
+		b.Fatalf("%d rows remembered, want recentMax (%d)", n, recentMax)
 	}
 }

@@ -27,7 +27,8 @@ import (
 type recent struct {
 	mu       sync.Mutex
 	m        map[recentKey]Notification
-	order    []recentEntry  // insertion order, for expiry
+	order    []recentEntry // insertion order, for expiry: order[head:] are kept, the front expired
+	head     int
 	expected map[string]int // users with publishes in flight here
 	changed  chan struct{}  // closed (and replaced) when rows arrive or a publish ends
 	wait     time.Duration  // the longest a signal waits for an expected publish (expectWait)
@@ -113,14 +114,20 @@ func (c *recent) rememberLocked(ns []Notification) {
 		c.m[k] = n
 		c.order = append(c.order, recentEntry{k, now})
 	}
-	// Expire from the front: the oldest first.
-	drop := 0
-	for drop < len(c.order) && (len(c.order)-drop > recentMax || now.Sub(c.order[drop].at) > recentTTL) {
-		delete(c.m, c.order[drop].key)
-		drop++
+	// Expire from the front, the oldest first, by moving head past them. The kept entries move
+	// to the start only once the expired front is half the slice, so each entry is copied at
+	// most once for every time it was appended and expiring a row costs O(1). (Shifting the
+	// queue at every publish would copy up to recentMax entries, megabytes, per group once the
+	// memory is full: BenchmarkRememberFull.)
+	for c.head < len(c.order) && (len(c.order)-c.head > recentMax || now.Sub(c.order[c.head].at) > recentTTL) {
+		delete(c.m, c.order[c.head].key)
+		c.order[c.head] = recentEntry{} // drops the key's string
+		c.head++
 	}
-	if drop > 0 {
-		c.order = slices.Delete(c.order, 0, drop)
+	if c.head > 0 && c.head >= len(c.order)/2 {
+		n := copy(c.order, c.order[c.head:])
+		clear(c.order[n:])
+		c.order, c.head = c.order[:n], 0
 	}
 }
 

@@ -150,3 +150,54 @@ func TestDispatcherWaitsForExpectedPublish(t *testing.T) {
 		}
 	})
 }
+
+// TestRecentExpiry: past recentMax rows the oldest are forgotten first, and
+// after recentTTL every older row is; the kept rows stay in insertion order
+// when the expired front is dropped from the queue.
+func TestRecentExpiry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := &recent{expected: map[string]int{"ann": 1}}
+		rows := func(from int64, n int) []Notification {
+			ns := make([]Notification, n)
+			for i := range ns {
+				ns[i] = Notification{User: "ann", Seq: from + int64(i)}
+			}
+			return ns
+		}
+		kept := func(seq int64) bool {
+			_, ok := c.m[recentKey{"ann", seq}]
+			return ok
+		}
+		c.rememberLocked(rows(1, recentMax))
+		c.rememberLocked(rows(recentMax+1, 10))
+		if len(c.m) != recentMax || len(c.order)-c.head != recentMax {
+			t.Fatalf("%d rows and %d queued after recentMax+10, want %d of each", len(c.m), len(c.order)-c.head, recentMax)
+		}
+		for seq, want := range map[int64]bool{1: false, 10: false, 11: true, recentMax + 10: true} {
+			if kept(seq) != want {
+				t.Errorf("seq %d kept %v, want %v", seq, kept(seq), want)
+			}
+		}
+		if got := c.order[c.head].key.seq; got != 11 {
+			t.Errorf("oldest queued seq %d, want 11", got)
+		}
+
+		// A second publish later: the first batch's rows expire by age, the second's stay.
+		time.Sleep(recentTTL / 2)
+		c.rememberLocked(rows(recentMax+11, 5))
+		time.Sleep(recentTTL/2 + time.Second)
+		c.rememberLocked(rows(recentMax+16, 1))
+		if len(c.m) != 6 || !kept(recentMax+11) || !kept(recentMax+16) || kept(recentMax+10) {
+			t.Fatalf("after recentTTL %d rows kept, want the last 6", len(c.m))
+		}
+		// The expired front was more than half the queue: it is gone, the rest in order.
+		if c.head != 0 || len(c.order) != 6 {
+			t.Fatalf("queue head %d, length %d; want 0 and 6", c.head, len(c.order))
+		}
+		for i, e := range c.order {
+			if want := int64(recentMax + 11 + i); e.key.seq != want {
+				t.Errorf("queue[%d] is seq %d, want %d", i, e.key.seq, want)
+			}
+		}
+	})
+}
