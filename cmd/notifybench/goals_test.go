@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // goalRun is a run with fixed figures: every target of issue 16 is either
@@ -14,7 +15,7 @@ import (
 func goalRun() (*Report, *Floors) {
 	idle := 2.0
 	rep := &Report{Results: []*Result{
-		{Scenario: Scenario{Name: "publish-single"}, Publish: &PublishResult{Mode: publishSingle, Publishers: 64,
+		{Scenario: Scenario{Name: "publish-single", PublishFor: 10 * time.Second}, Publish: &PublishResult{Mode: publishSingle, Publishers: 64,
 			PublishedPerSec: 8000, Latency: Percentiles{N: 10, P50: 5, P99: 25},
 			CPU: &phaseCPU{ServerUS: 100, PostgresUS: 61}, CallsPerTx: 16}},
 		{Scenario: Scenario{Name: "publish-batch-100"}, Publish: &PublishResult{Mode: publishBatch, Publishers: 4, Batch: 100,
@@ -26,6 +27,9 @@ func goalRun() (*Report, *Floors) {
 		{Scenario: Scenario{Name: "storm"}, Connect: &ConnectResult{Sessions: 5000, PerSecond: 6000,
 			CPU: &phaseCPU{ServerUS: 120, PostgresUS: 41}}},
 		{Scenario: Scenario{Name: "ws-idle"}, IdleCPU: &idle, Memory: &MemoryResult{PerSession: 8<<10 + 1}},
+		{Scenario: Scenario{Name: "publish-long", PublishFor: 45 * time.Second}, Publish: &PublishResult{Mode: publishSingle, Publishers: 64,
+			PublishedPerSec: 9000, Latency: Percentiles{N: 10, P50: 6, P99: 30}, CPU: &phaseCPU{ServerUS: 80}},
+			Checks: []Check{{Pass: true}}},
 		{Scenario: Scenario{Name: "evict"}, Evict: &EvictResult{Silent: 1, Evicted: 1}, Checks: []Check{{Pass: true}}},
 		{Scenario: Scenario{Name: "reconnect"}, Reconnect: &ReconnectResult{AllSynced: 9}, Checks: []Check{{Pass: false}}},
 	}}
@@ -59,6 +63,7 @@ func TestGoals(t *testing.T) {
 		{"storm", "server + Postgres CPU per connect", false, "1.61×"},
 		{"ws-idle", "idle server CPU (0s pings)", true, "0.70×"},
 		{"ws-idle", "server RSS per idle session", false, "8.0 KiB"},
+		{"publish-long", "no regression over 45s: server CPU per notification, p99", true, "server 80 µs, p99 30.0 ms (9,000/s, 0 lost)"},
 		{"reconnect", "no regression: all synced after the reconnect", false, "9.00 s"},
 		{"evict", "no regression: eviction lag", true, "max 0 ms"},
 	}
@@ -77,6 +82,9 @@ func TestGoals(t *testing.T) {
 		if !g.Known || g.Met != w.met || !strings.HasPrefix(g.Measured, w.measured) {
 			t.Errorf("%s / %s: known %v met %v measured %q, want met %v measured %q...", g.Scenario, g.What, g.Known, g.Met, g.Measured, w.met, w.measured)
 		}
+	}
+	if g := gs[14]; !strings.Contains(g.Floor, "publish-single (10s): server 100 µs, p99 25.0 ms") {
+		t.Errorf("publish-long row's floor %q, want the 10 s run's figures", g.Floor)
 	}
 	if g := gs[9]; !strings.Contains(g.Floor, "4,000 rows in flight at 20,000/s wait 200 ms") {
 		t.Errorf("Little's law floor: %q", g.Floor)

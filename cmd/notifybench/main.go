@@ -68,6 +68,12 @@ func presets() []Scenario {
 			WS: 5000, PingInterval: ping, PingTimeout: timeout,
 			Publish: publishSingle, Publishers: 64, PublishFor: 10 * time.Second,
 			Targets: Targets{MinDeliveredPerSec: 10000, MaxP99Ms: 25}},
+		// publish-single for long enough that what the server keeps of recent publishes is
+		// full and expiring (10,000/s fill it in 20 s): the steady state a 10 s phase never
+		// reaches.
+		{Name: "publish-long", Title: "5,000 WebSocket sessions, single-notification API publishes for 45 s",
+			WS: 5000, PingInterval: ping, PingTimeout: timeout,
+			Publish: publishSingle, Publishers: 64, PublishFor: 45 * time.Second},
 		{Name: "publish-sql", Title: "5,000 WebSocket sessions, application SQL inserts",
 			WS: 5000, PingInterval: ping, PingTimeout: timeout,
 			Publish: publishSQL, Publishers: 4, Batch: 1000, PublishFor: 10 * time.Second},
