@@ -2,7 +2,7 @@
 # The default performance suite (`make bench`): the Go benchmarks of every
 # package, then the notifybench scenarios against a freshly built notifyd
 # (one server process per scenario, its own schema, NOTIFY_DEV=0).
-# Fits 2 cores and 24 GiB and takes about 9 minutes (10 with BENCH_BASELINE_BIN).
+# Fits 2 cores and 24 GiB and takes about 11 minutes (12 with BENCH_BASELINE_BIN).
 #
 #   OUT=/tmp/notifyd-bench BENCH_SCENARIOS=default BENCH_PPROF=1 cmd/notifybench/suite.sh
 #
