@@ -484,11 +484,14 @@ func (s *Store) storeGroup(group []*pubReq) {
 	}
 	s.stats.publishGroups.Add(1)
 	started := time.Now()
+	// The observer hears of the group before any of its callers has an answer, so that a
+	// caller that has one finds its group in the metrics.
+	stored := func() {}
 	if obs := s.groupObs.Load(); obs != nil {
 		for _, r := range live {
 			(*obs).Queued(started.Sub(r.at))
 		}
-		defer func() { (*obs).Stored(rows, time.Since(started)) }() // after a retry call by call too
+		stored = func() { (*obs).Stored(rows, time.Since(started)) }
 	}
 	// Detached from the callers: one caller giving up must not fail the others.
 	ctx, cancel := context.WithTimeout(context.Background(), writeTimeout)
@@ -500,20 +503,25 @@ func (s *Store) storeGroup(group []*pubReq) {
 			ns = append(ns, r.ns...)
 		}
 	}
-	ps, err := s.publish(ctx, ns)
-	if err == nil {
-		for _, r := range live {
-			r.res <- pubRes{ps: ps[:len(r.ns):len(r.ns)]}
+	res := make([]pubRes, len(live))
+	if ps, err := s.publish(ctx, ns); err == nil {
+		for i, r := range live {
+			res[i] = pubRes{ps: ps[:len(r.ns):len(r.ns)]}
 			ps = ps[len(r.ns):]
 		}
-		return
+	} else if len(live) == 1 {
+		res[0] = pubRes{err: err}
+	} else {
+		// Call by call, so that a bad call fails alone. A group fails rarely (data Postgres
+		// refuses, a lost race on an idempotency key); its callers are answered once every
+		// call is stored, and the retries count in the group's time.
+		for i, r := range live {
+			ps, err := s.publish(ctx, r.ns)
+			res[i] = pubRes{ps: ps, err: err}
+		}
 	}
-	if len(live) == 1 {
-		live[0].res <- pubRes{err: err}
-		return
-	}
-	for _, r := range live {
-		ps, err := s.publish(ctx, r.ns)
-		r.res <- pubRes{ps: ps, err: err}
+	stored()
+	for i, r := range live {
+		r.res <- res[i]
 	}
 }

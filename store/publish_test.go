@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -454,6 +455,34 @@ func TestPublishBatchesShareGroups(t *testing.T) {
 	if obs.negative {
 		t.Error("observer: a negative wait or duration")
 	}
+}
+
+// TestGroupObservedBeforeAnswer: a caller that has its answer finds its group observed, so
+// that /metrics agrees with what publishers were told. The observer takes its time over
+// Stored: were it told after the answers, PublishOne would return first.
+func TestGroupObservedBeforeAnswer(t *testing.T) {
+	t.Parallel()
+	s := storetest.New(t)
+	obs := &slowObserver{}
+	s.SetGroupObserver(obs)
+	for i := range 3 {
+		if _, err := s.PublishOne(testCtx(t), store.NewNotification{UserID: "observed", Topic: "t"}); err != nil {
+			t.Fatal(err)
+		}
+		if n := obs.stored.Load(); n != int64(i+1) {
+			t.Fatalf("publish %d answered with %d groups observed, want %d", i+1, n, i+1)
+		}
+	}
+}
+
+// slowObserver is a store.GroupObserver that counts the groups stored, pausing before it does.
+type slowObserver struct{ stored atomic.Int64 }
+
+func (o *slowObserver) Queued(time.Duration) {}
+
+func (o *slowObserver) Stored(int, time.Duration) {
+	time.Sleep(50 * time.Millisecond)
+	o.stored.Add(1)
 }
 
 // groupLog is a store.GroupObserver that counts what it is told.

@@ -99,8 +99,8 @@ type GroupObserver interface {
 	// Queued is called for each Publish or PublishOne call as its group starts, with how
 	// long the call waited in the queue (behind the groups before it).
 	Queued(wait time.Duration)
-	// Stored is called after each group with its rows and how long storing it took: its
-	// statement and commit, a retry call by call included.
+	// Stored is called after each group, before any of its callers is answered, with its rows
+	// and how long storing it took: its statement and commit, a retry call by call included.
 	Stored(rows int, took time.Duration)
 }
 
