@@ -26,23 +26,12 @@ func TestExpectKeepsNoExpiringRows(t *testing.T) {
 	}
 }
 
-// annDispatcher is a dispatcher over a hub where "ann" has a live session
-// (so the publish hook keeps her rows), with no rows to fetch.
-func annDispatcher(b *testing.B) *Dispatcher {
-	b.Helper()
-	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
-	s := h.NewSession(SessionInfo{User: "ann", Transport: WebSocket}, 0)
-	if err := h.Register(s, ""); err != nil {
-		b.Fatal(err)
-	}
-	return NewDispatcher(h, &countingSource{}, nil, 100)
-}
-
 // BenchmarkExpectCommitted is the publish hook's cost for a batch of 1,000
 // rows whose user is online: announcing the users, then converting and
 // keeping the committed rows.
 func BenchmarkExpectCommitted(b *testing.B) {
-	d := annDispatcher(b)
+	h, _, _ := annOnline(b)
+	d := NewDispatcher(h, &countingSource{}, nil, 100)
 	users := make([]string, 1000)
 	rows := make([]store.Notification, 1000)
 	for i := range rows {
@@ -64,7 +53,8 @@ func BenchmarkExpectCommitted(b *testing.B) {
 // memory of recent rows is full (recentMax), so each group of 24 committed
 // rows expires 24 old ones.
 func BenchmarkRememberFull(b *testing.B) {
-	d := annDispatcher(b)
+	h, _, _ := annOnline(b)
+	d := NewDispatcher(h, &countingSource{}, nil, 100)
 	const group = 24
 	users := make([]string, group)
 	rows := make([]store.Notification, group)

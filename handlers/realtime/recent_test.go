@@ -46,7 +46,7 @@ func (c *countingSource) UnreadUpTo(context.Context, map[string]int64) (map[stri
 }
 
 // annOnline is a hub with one live session of "ann", and a maker of her notifications.
-func annOnline(t *testing.T) (*Hub, *Session, func(seq int64) store.Notification) {
+func annOnline(t testing.TB) (*Hub, *Session, func(seq int64) store.Notification) {
 	t.Helper()
 	h := NewHub(Config{PingInterval: time.Second, PingTimeout: 3 * time.Second}, Hooks{})
 	s := h.NewSession(SessionInfo{User: "ann", Transport: WebSocket}, 0)
